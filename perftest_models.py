@@ -1,0 +1,2351 @@
+#!/usr/bin/env python3
+"""Compare vLLM models on one GPU box: which is fastest, and did it get slower?
+
+For every model in the table, perftest-models starts the model's Docker Compose
+service, waits until it is healthy, warms it up, measures a single-request
+latency test (short prompt, 500 output tokens) and long-context tests (1K, 8K,
+16K, 32K input tokens, 100 output tokens), repeats each --iterations times,
+stops the service, prints one table per scenario with a winner per metric, and
+saves the text and a JSON report under docs/reports/.
+
+Every request is cold (a unique prefix defeats vLLM's prefix cache), input
+sizes are exact (built with the server's /tokenize), output lengths are fixed
+(max_tokens + min_tokens + ignore_eos), and token counts come from the
+server's usage, never from counting chunks.
+
+examples:
+  perftest_models.py                          # all models, 3 iterations
+  perftest_models.py --iterations 5 --skip qwen3-32b-fp8 | tee out.txt
+  perftest_models.py --only qwen3-30b-a3b-fp8 --context-sizes 1k,8k
+  perftest_models.py --endpoint http://127.0.0.1:8000 --concurrency 1,8
+  perftest_models.py --iterations 5 --baseline docs/reports/baseline.json
+  perftest_models.py compare BASELINE.json CANDIDATE.json --threshold ttft_ms:10%,tps:5%
+
+exit codes: 0 all models ok, 1 a model failed, 2 usage error,
+            3 regression past a threshold (compare, --baseline),
+            130 interrupted (Ctrl-C), 143 terminated (SIGTERM/SIGHUP);
+            what was measured before a failure or interrupt is saved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import datetime as dt
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+# httpx, docker and rich are imported where they are used, so that --help and
+# the usage errors answer in well under 0.3 s.
+
+__version__ = "1.0.0"
+TOOL_NAME = "perftest-models"
+SCHEMA_VERSION = 1
+
+
+# ============================================================================
+# Model table
+# ============================================================================
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model to benchmark, and where to find it.
+
+    `name` is what --skip/--only take; `service` is its Compose service;
+    `model_id` is the name the server lists in /v1/models and expects in
+    requests. Parameter counts are in billions; `bytes_per_weight` is 1 for
+    FP8, 2 for BF16. They feed the decode roofline.
+    """
+
+    name: str
+    service: str | None
+    model_id: str
+    max_context_tokens: int
+    architecture: str = ""
+    params_total_b: float | None = None
+    params_active_b: float | None = None
+    bytes_per_weight: float | None = None
+    chat_template_kwargs: Mapping[str, Any] | None = None
+
+
+MODELS: tuple[ModelSpec, ...] = (
+    ModelSpec(
+        name="qwen3-32b-fp8",
+        service="vllm-qwen3-32b-fp8",
+        model_id="Qwen/Qwen3-32B-FP8",
+        max_context_tokens=32_000,
+        architecture="Dense 32B (baseline)",
+        params_total_b=32.8,
+        params_active_b=32.8,
+        bytes_per_weight=1.0,
+    ),
+    ModelSpec(
+        name="qwen3-30b-a3b-fp8",
+        service="vllm-qwen3-30b-a3b-fp8",
+        model_id="Qwen/Qwen3-30B-A3B-Instruct-2507-FP8",
+        max_context_tokens=32_768,
+        architecture="MoE 30B total, 3B active (efficiency)",
+        params_total_b=30.5,
+        params_active_b=3.3,
+        bytes_per_weight=1.0,
+    ),
+    ModelSpec(
+        name="llama33-70b-fp8",
+        service="vllm-llama33-70b-fp8",
+        model_id="nvidia/Llama-3.3-70B-Instruct-FP8",
+        max_context_tokens=65_536,
+        architecture="Dense 70B (quality)",
+        params_total_b=70.6,
+        params_active_b=70.6,
+        bytes_per_weight=1.0,
+    ),
+)
+
+# Memory bandwidth in GB/s: decoding one token reads every active weight once,
+# so bandwidth / bytes of active weights bounds decode tokens/s from above.
+HARDWARE_BANDWIDTH_GBS: dict[str, float] = {
+    "dgx-spark": 273.0,
+    "h100-sxm": 3350.0,
+    "h100-pcie": 2000.0,
+    "h200": 4800.0,
+    "a100-80gb": 2039.0,
+    "b200": 8000.0,
+    "l40s": 864.0,
+    "rtx-4090": 1008.0,
+    "rtx-5090": 1792.0,
+}
+
+LATENCY_PROMPT = (
+    "Write a detailed technical explanation of how neural network "
+    "backpropagation works, including the chain rule, gradient computation "
+    "for each layer, the role of activation functions, weight updates with "
+    "gradient descent, and common problems such as vanishing gradients."
+)
+WARMUP_TOKENS = 50
+LATENCY_TOKENS_OUT = 500
+CONTEXT_TOKENS_OUT = 100
+TEMPERATURE = 0.7
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+# Filler for context prompts: plain words that tokenize predictably.
+_FILLER_WORDS = (
+    "the system processes each request in order and records the time it "
+    "takes to answer while the model reads every token of the context before "
+    "it writes the first word of its reply"
+).split()
+
+
+# ============================================================================
+# Errors
+# ============================================================================
+
+
+class PerftestError(Exception):
+    """Base of every error the tool reports; carries the exit code.
+
+    Only main() catches these. The message says what went wrong and what to do.
+    """
+
+    exit_code = 1
+
+
+class UsageError(PerftestError):
+    """Bad options or input files: nothing was started."""
+
+    exit_code = 2
+
+
+class SetupError(PerftestError):
+    """The environment cannot run a benchmark (Docker, Compose, port)."""
+
+    exit_code = 1
+
+
+class ModelFailed(PerftestError):
+    """One model failed (timeout, crash, errors); the run goes on."""
+
+    def __init__(self, message: str, details: Mapping[str, Any] | None = None):
+        super().__init__(message)
+        self.details = dict(details or {})
+
+
+class RegressionFound(PerftestError):
+    exit_code = 3
+
+
+class Interrupted(BaseException):
+    """Raised from a signal handler (SIGTERM, SIGHUP); like KeyboardInterrupt
+    it is a BaseException so that no `except Exception` swallows it."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+# ============================================================================
+# Records
+# ============================================================================
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A measured quantity, with its unit and direction declared once."""
+
+    key: str
+    label: str
+    unit: str
+    higher_is_better: bool | None  # None: not ranked (token counts)
+    digits: int = 0
+
+
+METRICS: dict[str, Metric] = {
+    m.key: m
+    for m in (
+        Metric("ttft_ms", "TTFT", "ms", False),
+        Metric("ttfo_ms", "TTFO", "ms", False),
+        Metric("tps", "Decode", "tok/s", True, 1),
+        Metric("tpot_ms", "TPOT", "ms", False, 1),
+        Metric("itl_ms", "ITL", "ms", False, 1),
+        Metric("e2e_tps", "E2E", "tok/s", True, 1),
+        Metric("prefill_tps", "Prefill", "tok/s", True),
+        Metric("total_s", "Total", "s", False, 2),
+        Metric("tokens_in", "Tokens in", "", None),
+        Metric("tokens_out", "Tokens out", "", None),
+    )
+}
+SAMPLE_METRICS = ("ttft_ms", "ttfo_ms", "tps", "tpot_ms", "e2e_tps", "prefill_tps",
+                  "total_s", "tokens_in", "tokens_out")
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """What to send: `requests` requests, `concurrency` at a time.
+
+    `target_tokens_in` is None for the latency test's fixed prompt. A context
+    size that did not fit the model was clamped; `requested_tokens_in` keeps
+    what was asked.
+    """
+
+    name: str
+    kind: str  # "latency" | "context" | "throughput"
+    target_tokens_in: int | None
+    target_tokens_out: int
+    requests: int
+    concurrency: int = 1
+    requested_tokens_in: int | None = None
+
+    @property
+    def clamped(self) -> bool:
+        return self.requested_tokens_in is not None
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One request. A failed request is a sample with `ok` False and an error.
+
+    Times are measured from the moment the request was meant to be sent:
+    `ttft_ms` to the first generated token (reasoning counts), `ttfo_ms` to
+    the first answer token, `total_s` to the last token chunk (never the
+    usage trailer or [DONE]). `tps` is decode tokens/s:
+    (tokens_out - 1) / (total - ttft). `itl_ms` holds the gaps between token
+    chunks, spread evenly over the tokens a chunk carries.
+    """
+
+    ok: bool
+    error: str | None = None
+    ttft_ms: float | None = None
+    ttfo_ms: float | None = None
+    tps: float | None = None
+    tpot_ms: float | None = None
+    e2e_tps: float | None = None
+    prefill_tps: float | None = None
+    total_s: float | None = None
+    tokens_in: int | None = None
+    tokens_out: int | None = None
+    tokens_out_exact: bool | None = None
+    cached_tokens: int | None = None
+    retries: int = 0
+    queued_ms: float = 0.0
+    start_s: float = 0.0
+    itl_ms: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True)
+class Stat:
+    """Summary of one metric over the ok samples of a scenario."""
+
+    n: int
+    mean: float
+    stddev: float | None  # None (not 0) for a single value
+    min: float
+    max: float
+    median: float
+    p90: float
+    p99: float
+    ci95: tuple[float, float] | None  # 95% confidence interval of the mean
+
+
+@dataclass(frozen=True)
+class ScenarioResult:
+    scenario: Scenario
+    samples: tuple[Sample, ...]
+    summary: Mapping[str, Stat]
+    aggregate: Mapping[str, Any] | None = None  # throughput: whole-level figures
+    server: Mapping[str, Any] | None = None  # vLLM /metrics deltas
+
+    @property
+    def failed(self) -> int:
+        return sum(not s.ok for s in self.samples)
+
+
+@dataclass
+class ModelResult:
+    """Everything known about one model's run; filled in as the run goes."""
+
+    spec: ModelSpec
+    status: str = "pending"  # "ok" | "failed" | "skipped" | "interrupted"
+    error: str | None = None
+    failure: dict[str, Any] = field(default_factory=dict)
+    server: dict[str, Any] = field(default_factory=dict)
+    lifecycle: dict[str, Any] = field(default_factory=dict)
+    scenarios: list[ScenarioResult] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The options of one run (never holds secrets: it goes into the report)."""
+
+    iterations: int = 3
+    context_sizes: tuple[int, ...] = (1000, 8000, 16000, 32000)
+    concurrency: tuple[int, ...] = ()
+    throughput_requests: int | None = None
+    throughput_tokens_in: int = 512
+    throughput_tokens_out: int = 256
+    latency_tokens_out: int = LATENCY_TOKENS_OUT
+    context_tokens_out: int = CONTEXT_TOKENS_OUT
+    warmup_tokens: int = WARMUP_TOKENS
+    temperature: float = TEMPERATURE
+    port: int = 8000
+    health_timeout_s: float = 1800.0
+    request_timeout_s: float = 300.0
+    max_failed_samples: int = 3
+    hardware: str = "dgx-spark"
+    bandwidth_gbs: float = HARDWARE_BANDWIDTH_GBS["dgx-spark"]
+    compose_file: str | None = "docker-compose.yml"
+    endpoint: str | None = None
+    models: tuple[str, ...] = ()
+
+
+@dataclass
+class Report:
+    config: RunConfig
+    started_at: str
+    models: list[ModelResult]
+    environment: dict[str, Any] = field(default_factory=dict)
+    finished_at: str | None = None
+    interrupted: str | None = None
+
+
+# ============================================================================
+# Statistics (pure)
+# ============================================================================
+
+# Two-sided 95% Student t quantiles by degrees of freedom; beyond 30 the
+# normal approximation is within 2%.
+_T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
+        2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
+        2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def t95(df: int) -> float:
+    """Two-sided 95% quantile of Student's t with `df` degrees of freedom."""
+    if df < 1:
+        raise ValueError("df must be >= 1")
+    return _T95[df - 1] if df <= len(_T95) else 1.960 + 2.4 / df
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0-100) by linear interpolation, as numpy does."""
+    if not values:
+        raise ValueError("percentile of no values")
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100.0
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def summarize(values: Sequence[float]) -> Stat | None:
+    """Mean, sample stddev, min, max, median, p90, p99 and 95% CI of the mean."""
+    if not values:
+        return None
+    n = len(values)
+    mean = statistics.fmean(values)
+    stddev = statistics.stdev(values) if n > 1 else None
+    ci = None
+    if stddev is not None:
+        half = t95(n - 1) * stddev / math.sqrt(n)
+        ci = (mean - half, mean + half)
+    return Stat(n=n, mean=mean, stddev=stddev, min=min(values), max=max(values),
+                median=statistics.median(values), p90=percentile(values, 90),
+                p99=percentile(values, 99), ci95=ci)
+
+
+def summarize_samples(samples: Iterable[Sample]) -> dict[str, Stat]:
+    """One Stat per metric over the ok samples; ITL pools every token gap."""
+    ok = [s for s in samples if s.ok]
+    out: dict[str, Stat] = {}
+    for key in SAMPLE_METRICS:
+        stat = summarize([getattr(s, key) for s in ok if getattr(s, key) is not None])
+        if stat is not None:
+            out[key] = stat
+    itl = summarize([gap for s in ok for gap in s.itl_ms])
+    if itl is not None:
+        out["itl_ms"] = itl
+    return out
+
+
+def ratio_with_error(a: Stat, b: Stat) -> tuple[float, float | None]:
+    """a.mean / b.mean and its standard deviation by error propagation."""
+    r = a.mean / b.mean
+    if a.stddev is None or b.stddev is None or a.mean == 0:
+        return r, None
+    return r, r * math.hypot(a.stddev / a.mean, b.stddev / b.mean)
+
+
+# ============================================================================
+# Model table loading and validation
+# ============================================================================
+
+
+def _check_name(value: Any, what: str, source: str) -> str:
+    if not isinstance(value, str) or not NAME_RE.match(value):
+        raise UsageError(
+            f"{source}: {what} {value!r} is not a valid name (letters, digits, '.', '_', '-'; "
+            "no spaces or shell characters): fix it in the file")
+    return value
+
+
+_MODEL_FIELDS: dict[str, tuple[type, ...]] = {
+    "name": (str,), "service": (str, type(None)), "model_id": (str,),
+    "max_context_tokens": (int,), "architecture": (str,),
+    "params_total_b": (int, float, type(None)), "params_active_b": (int, float, type(None)),
+    "bytes_per_weight": (int, float, type(None)), "chat_template_kwargs": (dict, type(None)),
+}
+
+
+def model_from_mapping(data: Any, source: str) -> ModelSpec:
+    """Build a ModelSpec from one YAML entry, checking every field's type."""
+    if not isinstance(data, dict):
+        raise UsageError(f"{source}: each model must be a mapping with name, service, model_id, "
+                         "max_context_tokens")
+    unknown = sorted(set(data) - set(_MODEL_FIELDS))
+    if unknown:
+        raise UsageError(f"{source}: unknown field(s) {', '.join(map(str, unknown))}; "
+                         f"known fields: {', '.join(_MODEL_FIELDS)}")
+    for key in ("name", "model_id", "max_context_tokens"):
+        if key not in data:
+            raise UsageError(f"{source}: model {data.get('name', '?')!r} lacks '{key}': add it")
+    for key, value in data.items():
+        types = _MODEL_FIELDS[key]
+        if not isinstance(value, types) or isinstance(value, bool):
+            names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+            raise UsageError(f"{source}: model {data.get('name', '?')!r}: '{key}' must be {names}, "
+                             f"not {type(value).__name__}")
+    name = _check_name(data["name"], "model name", source)
+    service = data.get("service", f"vllm-{name}")
+    if service is not None:
+        _check_name(service, "service", source)
+    if data["max_context_tokens"] < 2:
+        raise UsageError(f"{source}: model {name!r}: max_context_tokens must be >= 2")
+    if not data["model_id"].strip():
+        raise UsageError(f"{source}: model {name!r}: model_id is empty")
+    return ModelSpec(**{**data, "service": service})
+
+
+def load_models_file(path: Path, base: Sequence[ModelSpec]) -> tuple[ModelSpec, ...]:
+    """Models from a YAML file: `models:` entries replace built-ins of the same
+    name and add the others; `replace: true` drops the built-in table."""
+    data = _load_yaml(path, "--models file")
+    if not isinstance(data, dict) or not isinstance(data.get("models"), list):
+        raise UsageError(f"--models file {path}: expected a mapping with a 'models:' list")
+    extra = [model_from_mapping(m, f"--models file {path}") for m in data["models"]]
+    replace = data.get("replace", False)
+    if not isinstance(replace, bool):
+        raise UsageError(f"--models file {path}: 'replace' must be true or false")
+    table = {} if replace else {m.name: m for m in base}
+    for m in extra:
+        table[m.name] = m
+    return tuple(table.values())
+
+
+def _load_yaml(path: Path, what: str) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"{what} {path} not found: check the path") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{what} {path} cannot be read: {exc}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UsageError(f"{what} {path} is not valid YAML ({first}): fix the file") from None
+
+
+def parse_token_count(text: str) -> int:
+    """'8k' -> 8000, '32K' -> 32000, '1500' -> 1500 (k is 1000, as in the seed)."""
+    t = text.strip().lower()
+    mult = 1000 if t.endswith("k") else 1
+    digits = t[:-1] if mult == 1000 else t
+    if not digits.isdigit() or int(digits) * mult < 1:
+        raise ValueError(text)
+    return int(digits) * mult
+
+
+def format_token_count(n: int) -> str:
+    return f"{n // 1000}k" if n % 1000 == 0 else str(n)
+
+
+def plan_scenarios(cfg: RunConfig, spec: ModelSpec) -> list[Scenario]:
+    """The scenarios one model runs, with context sizes clamped to fit
+    (max context - output tokens) and marked as clamped."""
+    plan = [Scenario("latency", "latency", None, cfg.latency_tokens_out, cfg.iterations)]
+    fits = spec.max_context_tokens - cfg.context_tokens_out
+    for size in cfg.context_sizes:
+        target = min(size, fits)
+        plan.append(Scenario(f"context-{format_token_count(size)}", "context", target,
+                             cfg.context_tokens_out, cfg.iterations,
+                             requested_tokens_in=size if target != size else None))
+    for c in cfg.concurrency:
+        n = cfg.throughput_requests or max(4 * c, 8)
+        tin = min(cfg.throughput_tokens_in, spec.max_context_tokens - cfg.throughput_tokens_out)
+        plan.append(Scenario(f"throughput-c{c}", "throughput", tin, cfg.throughput_tokens_out,
+                             n, concurrency=c))
+    return plan
+
+
+# ============================================================================
+# Services: Compose and Docker (I/O)
+# ============================================================================
+
+Runner = Callable[..., "subprocess.CompletedProcess[str]"]
+
+
+@dataclass(frozen=True)
+class ComposeFile:
+    """A compose file, read (never executed) with yaml.safe_load."""
+
+    path: Path
+    project: str
+    services: Mapping[str, Any]
+
+
+def compose_project_name(path: Path, data: Mapping[str, Any]) -> str:
+    """The project name Compose v1 and v2 both derive: COMPOSE_PROJECT_NAME,
+    the file's `name:`, else the folder's name, lower-cased and stripped."""
+    raw = os.environ.get("COMPOSE_PROJECT_NAME") or data.get("name") or path.resolve().parent.name
+    name = re.sub(r"[^a-z0-9_-]", "", str(raw).lower()).lstrip("_-")
+    return name or "default"
+
+
+def load_compose_file(path: Path) -> ComposeFile:
+    data = _load_yaml(path, "compose file")
+    if not isinstance(data, dict):
+        raise UsageError(f"compose file {path} is not a mapping of Compose keys: is it a compose file?")
+    services = data.get("services")
+    if not isinstance(services, dict) or not services:
+        raise UsageError(f"compose file {path} has no 'services:' mapping: add the model services")
+    return ComposeFile(path=path, project=compose_project_name(path, data), services=services)
+
+
+def check_services(compose: ComposeFile, models: Sequence[ModelSpec]) -> None:
+    """Every selected model's service must exist in the compose file."""
+    for m in models:
+        if m.service not in compose.services:
+            have = ", ".join(sorted(compose.services))
+            raise UsageError(f"Service {m.service} not found in {compose.path.name} "
+                             f"(model {m.name}; it has: {have}): add it or fix the model table")
+
+
+def _run(argv: Sequence[str], runner: Runner = subprocess.run, timeout_s: float = 600
+         ) -> subprocess.CompletedProcess[str]:
+    """Run an argv list (never a shell) and capture its output."""
+    try:
+        return runner(list(argv), capture_output=True, text=True, timeout=timeout_s,
+                      stdin=subprocess.DEVNULL)
+    except FileNotFoundError:
+        raise SetupError(f"{argv[0]} is not installed: install Docker with Compose "
+                         "(docker compose v2, or docker-compose v1)") from None
+    except subprocess.TimeoutExpired:
+        raise SetupError(f"{' '.join(argv[:4])} did not finish in {timeout_s:.0f} s") from None
+
+
+def _docker_daemon_hint(stderr: str) -> str | None:
+    if "Cannot connect to the Docker daemon" in stderr or "docker.sock" in stderr:
+        return ("the Docker daemon is not reachable: start it (e.g. `sudo systemctl start docker`), "
+                "or check DOCKER_HOST and that you may use the socket (the docker group)")
+    return None
+
+
+def find_compose_command(runner: Runner = subprocess.run) -> tuple[str, ...]:
+    """`docker compose` (v2) when present, else `docker-compose` (v1)."""
+    for argv in (("docker", "compose"), ("docker-compose",)):
+        if argv[0] == "docker" and shutil.which("docker") is None:
+            continue
+        if argv[0] == "docker-compose" and shutil.which("docker-compose") is None:
+            continue
+        try:
+            proc = runner([*argv, "version"], capture_output=True, text=True, timeout=30,
+                          stdin=subprocess.DEVNULL)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if proc.returncode == 0:
+            return argv
+    raise SetupError("neither `docker compose` (v2) nor `docker-compose` (v1) works here: "
+                     "install the Docker Compose plugin, or use --endpoint URL for a server "
+                     "that is already running")
+
+
+class Compose:
+    """`docker compose` / `docker-compose` for one compose file and project."""
+
+    def __init__(self, file: ComposeFile, command: Sequence[str], runner: Runner = subprocess.run):
+        self.file = file
+        self.command = tuple(command)
+        self.runner = runner
+
+    @property
+    def version_label(self) -> str:
+        return "docker compose (v2)" if self.command == ("docker", "compose") else "docker-compose (v1)"
+
+    def _compose(self, *args: str, timeout_s: float = 600) -> subprocess.CompletedProcess[str]:
+        argv = [*self.command, "-f", str(self.file.path), "-p", self.file.project, *args]
+        proc = _run(argv, self.runner, timeout_s)
+        if proc.returncode != 0:
+            err = (proc.stderr or proc.stdout).strip()
+            hint = _docker_daemon_hint(err)
+            if hint:
+                raise SetupError(hint)
+            raise SetupError(f"`{' '.join(argv)}` failed (exit {proc.returncode}): "
+                             f"{err.splitlines()[-1] if err else 'no output'}")
+        return proc
+
+    def up(self, service: str) -> None:
+        self._compose("up", "-d", service)
+
+    def stop(self, services: Sequence[str]) -> None:
+        if services:
+            self._compose("stop", *services)
+
+    def running(self, services: Sequence[str]) -> list[str]:
+        """Which of `services` have a running container in this project."""
+        proc = self._compose("ps", "--services", "--filter", "status=running")
+        up = set(proc.stdout.split())
+        return [s for s in services if s in up]
+
+
+@dataclass(frozen=True)
+class ContainerState:
+    status: str  # created | running | restarting | exited | dead | absent
+    exit_code: int | None = None
+    oom_killed: bool = False
+    health: str | None = None  # starting | healthy | unhealthy | None
+
+
+class DockerWatch:
+    """Reads one Compose service's container through the Docker SDK.
+
+    The container is found by its Compose labels, since container names differ
+    between Compose v1 (project_service_1) and v2 (project-service-1).
+    """
+
+    def __init__(self, project: str, service: str, client: Any = None):
+        self.project = project
+        self.service = service
+        self._client = client
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            self._client = docker_client()
+        return self._client
+
+    def container(self) -> Any | None:
+        found = self.client.containers.list(all=True, filters={"label": [
+            f"com.docker.compose.project={self.project}",
+            f"com.docker.compose.service={self.service}"]})
+        return found[0] if found else None
+
+    def state(self) -> ContainerState:
+        c = self.container()
+        if c is None:
+            return ContainerState("absent")
+        s = c.attrs.get("State", {})
+        # Status first: a stopped container can still report Health "unhealthy".
+        return ContainerState(status=s.get("Status", "unknown"), exit_code=s.get("ExitCode"),
+                              oom_killed=bool(s.get("OOMKilled")),
+                              health=(s.get("Health") or {}).get("Status"))
+
+    def log_tail(self, lines: int = 20) -> list[str]:
+        c = self.container()
+        if c is None:
+            return []
+        raw = c.logs(tail=lines).decode("utf-8", "replace")
+        return [ln for ln in raw.splitlines() if ln.strip()][-lines:]
+
+    def image(self) -> dict[str, Any]:
+        c = self.container()
+        if c is None:
+            return {}
+        info: dict[str, Any] = {"image": c.attrs.get("Config", {}).get("Image"),
+                                "image_id": c.attrs.get("Image")}
+        with contextlib.suppress(Exception):
+            info["repo_digests"] = list(c.image.attrs.get("RepoDigests") or [])
+        cmd = c.attrs.get("Config", {}).get("Cmd")
+        if cmd:
+            info["command"] = list(cmd)
+        return info
+
+    def check_alive(self) -> None:
+        """Raise ModelFailed with exit code, OOM flag and log tail if the
+        container is no longer running."""
+        st = self.state()
+        if st.status in ("running", "created", "restarting"):
+            return
+        tail = self.log_tail()
+        details = {"container_status": st.status, "exit_code": st.exit_code,
+                   "oom_killed": st.oom_killed, "log_tail": tail}
+        if st.status == "absent":
+            raise ModelFailed(f"container of {self.service} disappeared", details)
+        why = "OOM-killed" if st.oom_killed else f"exited with code {st.exit_code}"
+        last = f"; last log line: {tail[-1]}" if tail else ""
+        raise ModelFailed(f"container of {self.service} {why}{last}", details)
+
+
+def docker_client() -> Any:
+    import docker  # noqa: PLC0415 (lazy: see imports)
+
+    try:
+        client = docker.from_env(timeout=30)
+        client.ping()
+    except Exception as exc:  # the SDK raises several types for the same cause
+        raise SetupError(_docker_daemon_hint(str(exc)) or
+                         f"the Docker daemon is not reachable ({exc}): is Docker running?") from None
+    return client
+
+
+def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(1.0)
+        return s.connect_ex((host, port)) == 0
+
+
+@dataclass(frozen=True)
+class PortHolder:
+    kind: str  # "inference" (ours, may be stopped) | "container" | "process"
+    description: str
+    service: str | None = None
+
+
+def who_holds_port(port: int, client: Any, project: str,
+                   inference_services: Iterable[str]) -> PortHolder:
+    """Name what answers on `port`: one of our inference services, another
+    container, or a process that is not a container."""
+    ours = set(inference_services)
+    for c in client.containers.list():
+        bindings = (c.attrs.get("HostConfig", {}).get("PortBindings") or {})
+        ports = {b.get("HostPort") for bs in bindings.values() for b in (bs or [])}
+        if str(port) not in ports:
+            continue
+        labels = c.labels or {}
+        svc = labels.get("com.docker.compose.service")
+        if labels.get("com.docker.compose.project") == project and svc in ours:
+            return PortHolder("inference", f"service {svc} of this compose project", svc)
+        return PortHolder("container", f"container {c.name} (image "
+                          f"{c.attrs.get('Config', {}).get('Image')})")
+    return PortHolder("process", "a process that is not a container (find it with "
+                      f"`ss -ltnp 'sport = :{port}'`)")
+
+
+# ============================================================================
+# Streaming client: measurement (pure)
+# ============================================================================
+
+Read = tuple[float, bytes]  # (clock time when the bytes arrived, the bytes)
+
+
+def split_sse(reads: Sequence[Read]) -> list[tuple[float, str]]:
+    """SSE `data:` payloads with the time their event was complete.
+
+    An event is complete at its blank line, so its time is that of the network
+    read that delivered the blank line. Comments and other fields are dropped.
+    """
+    events: list[tuple[float, str]] = []
+    buf = b""
+    for t, chunk in reads:
+        buf += chunk
+        if b"\r" in buf:
+            buf = buf.replace(b"\r\n", b"\n")
+        while True:
+            end = buf.find(b"\n\n")
+            if end < 0:
+                break
+            block, buf = buf[:end], buf[end + 2:]
+            data = [ln[5:].removeprefix(b" ") for ln in block.split(b"\n") if ln.startswith(b"data:")]
+            if data:
+                events.append((t, b"\n".join(data).decode("utf-8", "replace")))
+    return events
+
+
+def _delta_tokens(chunk: Mapping[str, Any]) -> tuple[bool, bool]:
+    """(carries a generated token, carries answer text) for a chat chunk.
+
+    A token is reasoning or answer text; vLLM also sends a token whose bytes
+    are an incomplete UTF-8 sequence as `content: ""` (its text follows with
+    the next token), so an empty content delta counts as a token unless it is
+    the role chunk. A delta without content (a final finish chunk) is no token.
+    """
+    choices = chunk.get("choices")
+    if not choices or not isinstance(choices[0], dict):
+        return False, False
+    delta = choices[0].get("delta")
+    if not isinstance(delta, dict):
+        return False, False
+    reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+    content = delta.get("content")
+    answer = isinstance(content, str) and content != ""
+    token = answer or (isinstance(reasoning, str) and reasoning != "") or (
+        isinstance(content, str) and "role" not in delta)
+    return token, answer
+
+
+def measure_stream(t_sent: float, reads: Sequence[Read], target_tokens_out: int | None,
+                   t_scheduled: float | None = None, retries: int = 0) -> Sample:
+    """Turn a finished stream's timed reads into a Sample (pure).
+
+    TTFT runs from `t_scheduled` (when the request was meant to go; defaults
+    to `t_sent`) to the first chunk that carries a generated token, reasoning
+    included (see _delta_tokens); the role chunk does not count. Latency ends
+    at the last token chunk. Token counts come from the usage trailer only.
+    """
+    t0 = t_sent if t_scheduled is None else t_scheduled
+    queued_ms = (t_sent - t0) * 1000
+    fail = lambda why: Sample(ok=False, error=why, retries=retries, queued_ms=queued_ms)  # noqa: E731
+    token_times: list[float] = []
+    token_counts: list[int | None] = []  # per chunk, when the server says (continuous usage)
+    first_answer: float | None = None
+    usage: Mapping[str, Any] | None = None
+    done = False
+    for t, data in split_sse(reads):
+        if data == "[DONE]":
+            done = True
+            break
+        try:
+            chunk = json.loads(data)
+        except ValueError:
+            return fail(f"malformed SSE event: {data[:80]!r}")
+        if not isinstance(chunk, dict):
+            return fail(f"malformed SSE event: {data[:80]!r}")
+        if "error" in chunk:
+            err = chunk["error"]
+            msg = err.get("message") if isinstance(err, dict) else err
+            return fail(f"error event in stream: {str(msg)[:200]}")
+        token, answer = _delta_tokens(chunk)
+        chunk_usage = chunk.get("usage")
+        if token:
+            token_times.append(t)
+            prev = (usage or {}).get("completion_tokens", 0) if usage else 0
+            now = chunk_usage.get("completion_tokens") if isinstance(chunk_usage, dict) else None
+            token_counts.append(now - prev if isinstance(now, int) and isinstance(prev, int) else None)
+            if answer and first_answer is None:
+                first_answer = t
+        if isinstance(chunk_usage, dict):
+            usage = chunk_usage
+    if not done:
+        return fail(f"stream ended before [DONE] after {len(token_times)} token chunk(s)")
+    if not token_times:
+        return fail("stream finished without any generated token")
+    if usage is None:
+        return fail("no usage in the stream: the server ignored stream_options.include_usage")
+    tokens_out, tokens_in = usage.get("completion_tokens"), usage.get("prompt_tokens")
+    if not isinstance(tokens_out, int) or not isinstance(tokens_in, int) or tokens_out < 1:
+        return fail(f"usage without valid token counts: {json.dumps(usage)[:120]}")
+    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
+
+    ttft_s = token_times[0] - t0
+    latency_s = token_times[-1] - t0
+    decode_s = token_times[-1] - token_times[0]
+    itl = spread_gaps(token_times, token_counts, tokens_out)
+    return Sample(
+        ok=True,
+        ttft_ms=ttft_s * 1000,
+        ttfo_ms=(first_answer - t0) * 1000 if first_answer is not None else None,
+        tps=(tokens_out - 1) / decode_s if tokens_out > 1 and decode_s > 0 else None,
+        tpot_ms=decode_s * 1000 / (tokens_out - 1) if tokens_out > 1 else None,
+        e2e_tps=tokens_out / latency_s if latency_s > 0 else None,
+        prefill_tps=tokens_in / ttft_s if ttft_s > 0 else None,
+        total_s=latency_s,
+        tokens_in=tokens_in,
+        tokens_out=tokens_out,
+        tokens_out_exact=None if target_tokens_out is None else tokens_out == target_tokens_out,
+        cached_tokens=cached if isinstance(cached, int) else None,
+        retries=retries,
+        queued_ms=queued_ms,
+        itl_ms=tuple(itl),
+    )
+
+
+def spread_gaps(times: Sequence[float], counts: Sequence[int | None], tokens_out: int
+                ) -> list[float]:
+    """Inter-token latencies in ms: each gap between token chunks is shared
+    evenly by the tokens of the later chunk, so the ITLs sum to the decode
+    time exactly. Per-chunk counts come from continuous usage when the server
+    sends it; otherwise the tokens after the first chunk are spread evenly."""
+    if len(times) < 2:
+        return []
+    known = all(isinstance(c, int) and c > 0 for c in counts[1:])
+    per_chunk = (tokens_out - 1) / (len(times) - 1) if tokens_out > 1 else 1.0
+    itl: list[float] = []
+    for i in range(1, len(times)):
+        k = counts[i] if known else per_chunk
+        gap_ms = (times[i] - times[i - 1]) * 1000
+        whole = max(1, round(k))  # type: ignore[arg-type]
+        itl.extend([gap_ms / whole] * whole)
+    return itl
+
+
+# ============================================================================
+# Streaming client: I/O (thin)
+# ============================================================================
+
+Clock = Callable[[], float]
+RETRYABLE_STATUS = (429, 503)  # refused before any generation: safe to resend
+
+
+def http_client(base_url: str, api_key: str | None, timeout_s: float, streams: int = 1) -> Any:
+    """An httpx.AsyncClient whose pool never makes a stream wait for a
+    connection (so the client adds no queueing of its own)."""
+    import httpx  # noqa: PLC0415 (lazy: see imports)
+
+    headers = {"Accept-Encoding": "identity", "User-Agent": f"{TOOL_NAME}/{__version__}"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    return httpx.AsyncClient(
+        base_url=base_url, headers=headers,
+        timeout=httpx.Timeout(timeout_s, connect=10.0),
+        limits=httpx.Limits(max_connections=streams + 4, max_keepalive_connections=streams + 4))
+
+
+def _error_message(status: int, body: bytes) -> str:
+    text = body.decode("utf-8", "replace").strip()
+    with contextlib.suppress(ValueError, AttributeError, TypeError):
+        obj = json.loads(text)
+        err = obj.get("error", obj)
+        text = err.get("message", text) if isinstance(err, dict) else str(err)
+    return f"HTTP {status}: {text[:200] or 'empty body'}"
+
+
+async def send_chat(client: Any, payload: bytes, target_tokens_out: int | None, *,
+                    clock: Clock = time.perf_counter, t_scheduled: float | None = None,
+                    max_retries: int = 2, retry_wait_s: float = 1.0) -> Sample:
+    """POST one streaming chat completion and measure it.
+
+    The hot loop only stamps and stores each network read; parsing happens
+    after the stream ends, so it cannot delay the next timestamp. A request is
+    retried only when the server refused it before generating (429, 503) or
+    the connection could not be made; the retries are counted in the sample.
+    """
+    import httpx  # noqa: PLC0415
+
+    retries = 0
+    while True:
+        request = client.build_request("POST", "/v1/chat/completions", content=payload,
+                                       headers={"Content-Type": "application/json"})
+        reads: list[Read] = []
+        t_sent = clock()
+        try:
+            response = await client.send(request, stream=True)
+            try:
+                if response.status_code != 200:
+                    body = await response.aread()
+                    if response.status_code in RETRYABLE_STATUS and retries < max_retries:
+                        retries += 1
+                        await asyncio.sleep(_retry_after_s(response, retry_wait_s))
+                        continue
+                    return Sample(ok=False, error=_error_message(response.status_code, body),
+                                  retries=retries)
+                async for chunk in response.aiter_raw():
+                    reads.append((clock(), chunk))
+            finally:
+                await response.aclose()
+        except httpx.ConnectError as exc:
+            if retries < max_retries:
+                retries += 1
+                await asyncio.sleep(retry_wait_s)
+                continue
+            return Sample(ok=False, error=f"cannot connect: {exc}", retries=retries)
+        except httpx.TimeoutException:
+            return Sample(ok=False, retries=retries, error=(
+                f"stalled: no bytes for {client.timeout.read:.0f} s "
+                f"after {len(reads)} read(s) (raise --request-timeout if the server is just slow)"))
+        except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
+            return Sample(ok=False, retries=retries, error=(
+                f"connection broken after {len(reads)} read(s): {type(exc).__name__}: {exc}"))
+        return measure_stream(t_sent, reads, target_tokens_out, t_scheduled, retries)
+
+
+def _retry_after_s(response: Any, default_s: float) -> float:
+    with contextlib.suppress(TypeError, ValueError):
+        return min(30.0, max(0.0, float(response.headers.get("retry-after"))))
+    return default_s
+
+
+def chat_payload(model_id: str, messages: list[dict[str, str]], tokens_out: int,
+                 temperature: float, chat_template_kwargs: Mapping[str, Any] | None,
+                 cache_salt: str) -> bytes:
+    """The request body, encoded before the clock starts.
+
+    `min_tokens` + `ignore_eos` (vLLM extensions) make the output length
+    exact; `cache_salt` keeps each request out of the prefix cache, on top of
+    the unique text at the head of every prompt.
+    """
+    body: dict[str, Any] = {
+        "model": model_id, "messages": messages, "stream": True,
+        "stream_options": {"include_usage": True},
+        "max_tokens": tokens_out, "min_tokens": tokens_out, "ignore_eos": True,
+        "temperature": temperature, "cache_salt": cache_salt,
+    }
+    if chat_template_kwargs:
+        body["chat_template_kwargs"] = dict(chat_template_kwargs)
+    return json.dumps(body).encode()
+
+
+async def get_json(client: Any, path: str) -> Any | None:
+    """GET a JSON document; None when the server does not have it."""
+    import httpx  # noqa: PLC0415
+
+    try:
+        r = await client.get(path)
+    except httpx.HTTPError:
+        return None
+    if r.status_code != 200:
+        return None
+    try:
+        return r.json()
+    except ValueError:
+        return None
+
+
+def served_models(doc: Any) -> list[dict[str, Any]]:
+    """The entries of a /v1/models document (empty when it is not one)."""
+    data = doc.get("data") if isinstance(doc, dict) else None
+    return [m for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)] \
+        if isinstance(data, list) else []
+
+
+# ============================================================================
+# Prompts with exact token counts
+# ============================================================================
+
+
+def filler(n_words: int) -> str:
+    words = _FILLER_WORDS
+    return " ".join(words[i % len(words)] for i in range(n_words))
+
+
+def context_messages(nonce: str, n_words: int) -> list[dict[str, str]]:
+    """A long user message: unique head (defeats prefix caching), filler, task."""
+    return [{"role": "user", "content": (
+        f"Request {nonce}. Read this log:\n{filler(n_words)}\n"
+        "Summarize the log above in one paragraph.")}]
+
+
+def latency_messages(nonce: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": f"Request {nonce}. {LATENCY_PROMPT}"}]
+
+
+def new_nonce() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+class PromptBuilder:
+    """Builds context prompts of an exact token count with the server's
+    /tokenize; where the server has none, calibrates words per token from
+    `usage.prompt_tokens` and gets close."""
+
+    def __init__(self, client: Any, model_id: str, chat_template_kwargs: Mapping[str, Any] | None):
+        self.client = client
+        self.model_id = model_id
+        self.kwargs = dict(chat_template_kwargs or {})
+        self.has_tokenize: bool | None = None
+        self.overhead: float | None = None  # tokens of an empty filler
+        self.per_word: float | None = None  # tokens per filler word
+
+    async def count(self, messages: list[dict[str, str]]) -> int | None:
+        if self.has_tokenize is False:
+            return None
+        body: dict[str, Any] = {"model": self.model_id, "messages": messages,
+                                "add_generation_prompt": True}
+        if self.kwargs:
+            body["chat_template_kwargs"] = self.kwargs
+        r = await self.client.post("/tokenize", json=body)
+        if r.status_code in (404, 405, 501):
+            self.has_tokenize = False
+            return None
+        if r.status_code != 200:
+            raise ModelFailed(f"/tokenize failed: {_error_message(r.status_code, r.content)}")
+        self.has_tokenize = True
+        return int(r.json()["count"])
+
+    async def _count_or_usage(self, messages: list[dict[str, str]]) -> int:
+        n = await self.count(messages)
+        if n is not None:
+            return n
+        body = json.loads(chat_payload(self.model_id, messages, 1, 0.0, self.kwargs, new_nonce()))
+        body.update(stream=False, min_tokens=None)
+        body.pop("stream_options")
+        r = await self.client.post("/v1/chat/completions", json=body)
+        if r.status_code != 200:
+            raise ModelFailed(f"calibration request failed: {_error_message(r.status_code, r.content)}")
+        return int(r.json()["usage"]["prompt_tokens"])
+
+    async def calibrate(self) -> None:
+        probe = 400
+        base = await self._count_or_usage(context_messages(new_nonce(), 0))
+        full = await self._count_or_usage(context_messages(new_nonce(), probe))
+        self.overhead, self.per_word = float(base), max(0.05, (full - base) / probe)
+
+    async def build(self, target: int, nonce: str) -> tuple[list[dict[str, str]], int | None]:
+        """Messages whose chat prompt is `target` tokens (exact with /tokenize;
+        the count is returned, or None when it could only be estimated)."""
+        if self.per_word is None:
+            await self.calibrate()
+        assert self.overhead is not None and self.per_word is not None
+        words = max(0, round((target - self.overhead) / self.per_word))
+        best: tuple[int, list[dict[str, str]], int | None] | None = None
+        for _ in range(8):
+            messages = context_messages(nonce, words)
+            n = await self.count(messages)
+            if n is None:
+                return messages, None
+            if n == target:
+                return messages, n
+            if n < target and (best is None or n > best[2]):  # type: ignore[operator]
+                best = (words, messages, n)
+            step = round((target - n) / self.per_word)
+            words = max(0, words + (step if step else (1 if n < target else -1)))
+        if best is None:  # every try overshot: shrink until under
+            while words > 0:
+                words = max(0, words - max(1, words // 100))
+                messages = context_messages(nonce, words)
+                n = await self.count(messages)
+                if n is not None and n <= target:
+                    return messages, n
+            return context_messages(nonce, 0), await self.count(context_messages(nonce, 0))
+        return best[1], best[2]
+
+
+# ============================================================================
+# Server metrics (vLLM's Prometheus /metrics)
+# ============================================================================
+
+
+def parse_prometheus(text: str) -> dict[str, float]:
+    """Sum each metric over its label sets: {'vllm:generation_tokens_total': 123.0}.
+    Histogram buckets are dropped; _sum and _count are kept."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line[0] == "#":
+            continue
+        name_end = min((i for i in (line.find("{"), line.find(" ")) if i >= 0), default=-1)
+        if name_end <= 0:
+            continue
+        name = line[:name_end]
+        if name.endswith("_bucket") or name.endswith("_created"):
+            continue
+        try:
+            value = float(line.rsplit("}", 1)[-1].split()[0])
+        except (ValueError, IndexError):
+            continue
+        out[name] = out.get(name, 0.0) + value
+    return out
+
+
+def server_delta(before: Mapping[str, float] | None, after: Mapping[str, float] | None
+                 ) -> dict[str, Any] | None:
+    """The server's own view of a scenario, from two /metrics scrapes."""
+    if not before or not after:
+        return None
+    d = lambda k: after.get(k, 0.0) - before.get(k, 0.0)  # noqa: E731
+
+    def mean_ms(base: str) -> float | None:
+        n = d(f"{base}_count")
+        return d(f"{base}_sum") / n * 1000 if n > 0 else None
+
+    out: dict[str, Any] = {
+        "requests": int(d("vllm:time_to_first_token_seconds_count")),
+        "ttft_mean_ms": mean_ms("vllm:time_to_first_token_seconds"),
+        "queue_mean_ms": mean_ms("vllm:request_queue_time_seconds"),
+        "itl_mean_ms": mean_ms("vllm:inter_token_latency_seconds")
+        if "vllm:inter_token_latency_seconds_count" in after
+        else mean_ms("vllm:time_per_output_token_seconds"),
+        "generation_tokens": int(d("vllm:generation_tokens_total")),
+        "prompt_tokens": int(d("vllm:prompt_tokens_total")),
+        "prefix_cache_queries": int(d("vllm:prefix_cache_queries_total")),
+        "prefix_cache_hits": int(d("vllm:prefix_cache_hits_total")),
+    }
+    for gauge in ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"):
+        if gauge in after:
+            out["kv_cache_usage_perc"] = after[gauge]
+            break
+    return out
+
+
+async def scrape_metrics(client: Any) -> dict[str, float] | None:
+    import httpx  # noqa: PLC0415
+
+    try:
+        r = await client.get("/metrics")
+    except httpx.HTTPError:
+        return None
+    return parse_prometheus(r.text) if r.status_code == 200 else None
+
+
+# ============================================================================
+# Benchmark: readiness, warm-up, scenarios (measurement through the client)
+# ============================================================================
+
+
+class Events:
+    """What the benchmark tells the command layer as it goes. The command
+    layer decides what to print; this base class prints nothing (tests)."""
+
+    def info(self, text: str) -> None: ...
+    def waiting(self, model: str, elapsed_s: float, last_log: Callable[[], str | None]) -> None: ...
+    def sample(self, model: str, scenario: Scenario, index: int, sample: Sample) -> None: ...
+    def scenario_done(self, model: ModelResult, result: ScenarioResult) -> None: ...
+
+
+async def wait_until_ready(client: Any, spec: ModelSpec, timeout_s: float, events: Events, *,
+                           check_alive: Callable[[], None] | None = None,
+                           last_log: Callable[[], str | None] = lambda: None,
+                           clock: Clock = time.monotonic, poll_s: float = 0.25) -> float:
+    """Poll /health and /v1/models until the model is listed; seconds waited.
+
+    Polls every `poll_s` so readiness is noticed within a fraction of a
+    second; checks the container each round so a crash fails at once.
+    """
+    import httpx  # noqa: PLC0415
+
+    t0 = clock()
+    while True:
+        if check_alive is not None:
+            await asyncio.to_thread(check_alive)
+        try:
+            health = await client.get("/health", timeout=5.0)
+            ready = health.status_code == 200
+        except httpx.HTTPError:
+            ready = False
+        if ready:
+            ids = [m["id"] for m in served_models(await get_json(client, "/v1/models"))]
+            if spec.model_id in ids:
+                return clock() - t0
+            if ids:
+                raise ModelFailed(f"the server on this port serves {', '.join(ids)}, not "
+                                  f"{spec.model_id}: check the service's --served-model-name")
+        elapsed = clock() - t0
+        if elapsed > timeout_s:
+            raise ModelFailed(f"{spec.name} health check timeout after {timeout_s:.0f}s "
+                              f"(raise --health-timeout for a first download)")
+        events.waiting(spec.name, elapsed, last_log)
+        await asyncio.sleep(poll_s)
+
+
+async def server_info(client: Any, spec: ModelSpec) -> dict[str, Any]:
+    info: dict[str, Any] = {"version": None, "max_model_len": None}
+    version = await get_json(client, "/version")
+    if isinstance(version, dict):
+        info["version"] = version.get("version")
+    for m in served_models(await get_json(client, "/v1/models")):
+        if m["id"] == spec.model_id:
+            info["max_model_len"] = m.get("max_model_len")
+    return info
+
+
+async def _peak_metrics(client: Any, stop: asyncio.Event, interval_s: float = 0.5
+                        ) -> dict[str, float]:
+    """Peak KV-cache usage and queue length while a load level runs."""
+    peak: dict[str, float] = {}
+    while not stop.is_set():
+        m = await scrape_metrics(client)
+        for key, name in (("peak_kv_cache_usage_perc", "vllm:kv_cache_usage_perc"),
+                          ("peak_requests_waiting", "vllm:num_requests_waiting")):
+            if m and name in m:
+                peak[key] = max(peak.get(key, 0.0), m[name])
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval_s)
+    return peak
+
+
+class ScenarioAborted(Exception):
+    """The model's failure budget ran out, or its container died, mid-scenario."""
+
+    def __init__(self, result: ScenarioResult, failure: ModelFailed):
+        super().__init__(str(failure))
+        self.result = result
+        self.failure = failure
+
+
+async def run_scenario(client: Any, spec: ModelSpec, scenario: Scenario, cfg: RunConfig,
+                       builder: PromptBuilder, events: Events, *, failures_left: int,
+                       check_alive: Callable[[], None] | None = None,
+                       clock: Clock = time.perf_counter) -> ScenarioResult:
+    """Send a scenario's requests (sequentially, or `concurrency` at a time)
+    and summarize them. Every request has a unique prompt head."""
+    kwargs = spec.chat_template_kwargs
+
+    async def payload() -> bytes:
+        nonce = new_nonce()
+        if scenario.target_tokens_in is None:
+            messages = latency_messages(nonce)
+        else:
+            messages, _ = await builder.build(scenario.target_tokens_in, nonce)
+        return chat_payload(spec.model_id, messages, scenario.target_tokens_out, cfg.temperature,
+                            kwargs, nonce)
+
+    before = await scrape_metrics(client)
+    samples: list[Sample] = []
+    aggregate: dict[str, Any] | None = None
+    failure: ModelFailed | None = None
+    if scenario.concurrency == 1 and scenario.kind != "throughput":
+        for i in range(scenario.requests):
+            sample = await send_chat(client, await payload(), scenario.target_tokens_out, clock=clock)
+            samples.append(sample)
+            events.sample(spec.name, scenario, i, sample)
+            if not sample.ok:
+                failure = await _after_failure(sample, check_alive, failures_left)
+                failures_left -= 1
+                if failure:
+                    break
+    else:
+        payloads = [await payload() for _ in range(scenario.requests)]
+        stop = asyncio.Event()
+        peak_task = asyncio.create_task(_peak_metrics(client, stop))
+        samples, duration_s = await run_concurrent(client, payloads, scenario, clock=clock)
+        stop.set()
+        peak = await peak_task
+        for i, s in enumerate(samples):
+            events.sample(spec.name, scenario, i, s)
+        aggregate = throughput_aggregate(samples, duration_s) | peak
+        if all(not s.ok for s in samples) and check_alive is not None:
+            try:
+                await asyncio.to_thread(check_alive)
+            except ModelFailed as exc:
+                failure = exc
+    after = await scrape_metrics(client)
+    result = ScenarioResult(scenario, tuple(samples), summarize_samples(samples),
+                            aggregate, server_delta(before, after))
+    if failure is not None:
+        raise ScenarioAborted(result, failure)
+    return result
+
+
+async def _after_failure(sample: Sample, check_alive: Callable[[], None] | None,
+                         failures_left: int) -> ModelFailed | None:
+    """After a failed request: a dead container or an exhausted budget ends the model."""
+    if check_alive is not None:
+        try:
+            await asyncio.to_thread(check_alive)
+        except ModelFailed as exc:
+            return exc
+    if failures_left <= 1:
+        return ModelFailed(f"too many failed requests (limit --max-failures); last: {sample.error}")
+    return None
+
+
+async def run_concurrent(client: Any, payloads: Sequence[bytes], scenario: Scenario, *,
+                         clock: Clock = time.perf_counter) -> tuple[list[Sample], float]:
+    """`scenario.concurrency` streams at once until every payload is sent.
+
+    Each sample's TTFT counts from the moment its stream was free to send
+    (`t_scheduled`), so any delay inside the client is counted, not hidden.
+    Returns the samples in payload order and the level's wall time.
+    """
+    samples: list[Sample | None] = [None] * len(payloads)
+    todo = iter(range(len(payloads)))
+    t_start = clock()
+
+    async def stream() -> None:
+        for i in todo:
+            t_scheduled = clock()
+            s = await send_chat(client, payloads[i], scenario.target_tokens_out,
+                                clock=clock, t_scheduled=t_scheduled)
+            samples[i] = dataclasses.replace(s, start_s=t_scheduled - t_start)
+
+    await asyncio.gather(*(stream() for _ in range(scenario.concurrency)))
+    done = [s for s in samples if s is not None]
+    ends = [s.start_s + (s.total_s or 0.0) for s in done if s.ok]
+    return done, (max(ends) if ends else clock() - t_start)
+
+
+def throughput_aggregate(samples: Sequence[Sample], duration_s: float) -> dict[str, Any]:
+    """Whole-level figures: output tokens/s and requests/s over the wall time."""
+    ok = [s for s in samples if s.ok]
+    tokens = sum(s.tokens_out or 0 for s in ok)
+    return {
+        "duration_s": duration_s,
+        "requests_ok": len(ok),
+        "errors": len(samples) - len(ok),
+        "output_tps": tokens / duration_s if duration_s > 0 else None,
+        "requests_per_s": len(ok) / duration_s if duration_s > 0 else None,
+    }
+
+
+async def benchmark_model(client: Any, result: ModelResult, cfg: RunConfig, events: Events, *,
+                          check_alive: Callable[[], None] | None = None,
+                          clock: Clock = time.perf_counter) -> None:
+    """Warm up, then run every scenario of the plan, appending each result to
+    `result.scenarios` as soon as it is complete."""
+    spec = result.spec
+    result.server.update(await server_info(client, spec))
+    result.server["chat_template_kwargs"] = dict(spec.chat_template_kwargs or {}) or None
+    nonce = new_nonce()
+    warm = await send_chat(client, chat_payload(spec.model_id, latency_messages(nonce),
+                                                cfg.warmup_tokens, cfg.temperature,
+                                                spec.chat_template_kwargs, nonce),
+                           cfg.warmup_tokens, clock=clock)
+    if not warm.ok:
+        raise ModelFailed(f"warm-up request failed: {warm.error}")
+    builder = PromptBuilder(client, spec.model_id, spec.chat_template_kwargs)
+    failures_left = cfg.max_failed_samples + 1
+    for scenario in plan_scenarios(cfg, spec):
+        events.info(f"{spec.name}: {describe_scenario(scenario)}")
+        try:
+            sr = await run_scenario(client, spec, scenario, cfg, builder, events,
+                                    failures_left=failures_left, check_alive=check_alive,
+                                    clock=clock)
+        except ScenarioAborted as exc:
+            result.scenarios.append(exc.result)
+            events.scenario_done(result, exc.result)
+            raise exc.failure from None
+        if scenario.kind != "throughput":
+            failures_left -= sr.failed
+        result.scenarios.append(sr)
+        events.scenario_done(result, sr)
+
+
+def describe_scenario(s: Scenario) -> str:
+    tin = "~50-token prompt" if s.target_tokens_in is None else f"{s.target_tokens_in} tokens in"
+    clamp = f" (clamped from {s.requested_tokens_in} to fit the context)" if s.clamped else ""
+    if s.kind == "throughput":
+        return (f"{s.name}: {s.requests} requests, {s.concurrency} at a time, {tin}, "
+                f"{s.target_tokens_out} out")
+    return f"{s.name}: {tin}{clamp}, {s.target_tokens_out} out, x{s.requests}"
+
+
+def roofline_tps(spec: ModelSpec, bandwidth_gbs: float) -> float | None:
+    """Decode tokens/s ceiling: bandwidth / bytes of active weights (the KV
+    cache read is left out, so the true ceiling is a little lower)."""
+    if not spec.params_active_b or not spec.bytes_per_weight:
+        return None
+    return bandwidth_gbs * 1e9 / (spec.params_active_b * 1e9 * spec.bytes_per_weight)
+
+
+# ============================================================================
+# Comparison and winners (pure)
+# ============================================================================
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """The best model for one metric of one scenario, or a tie.
+
+    A winner must beat the runner-up with non-overlapping 95% confidence
+    intervals; with a single iteration there is no interval and the best mean
+    wins, marked untested.
+    """
+
+    scenario: str
+    metric: str
+    best: str
+    runner_up: str | None
+    tie: bool
+    tested: bool
+    ratio: float | None = None  # best / runner-up, in the metric's "better" direction
+    ratio_err: float | None = None
+
+
+def scenario_stat(model: ModelResult, scenario: str, metric: str) -> Stat | None:
+    for sr in model.scenarios:
+        if sr.scenario.name == scenario:
+            return sr.summary.get(metric)
+    return None
+
+
+def rank(models: Sequence[ModelResult], scenario: str, metric: str) -> Ranking | None:
+    """Rank the models on one metric of one scenario (None: fewer than two)."""
+    m = METRICS[metric]
+    if m.higher_is_better is None:
+        return None
+    entries = [(mr.spec.name, st) for mr in models
+               if (st := scenario_stat(mr, scenario, metric)) is not None]
+    if len(entries) < 2:
+        return None
+    entries.sort(key=lambda e: e[1].mean, reverse=m.higher_is_better)
+    (best, a), (second, b) = entries[0], entries[1]
+    tested = a.ci95 is not None and b.ci95 is not None
+    tie = tested and a.ci95[0] <= b.ci95[1] and b.ci95[0] <= a.ci95[1]  # type: ignore[index]
+    if b.mean == 0 or a.mean == 0:
+        ratio, err = None, None
+    elif m.higher_is_better:
+        ratio, err = ratio_with_error(a, b)
+    else:
+        ratio, err = ratio_with_error(b, a)
+    return Ranking(scenario, metric, best, second, tie, tested, ratio, err)
+
+
+def ranked_metrics(kind: str) -> tuple[str, ...]:
+    if kind == "latency":
+        return ("ttft_ms", "tps", "total_s")
+    if kind == "context":
+        return ("ttft_ms", "prefill_tps", "total_s")
+    return ("ttft_ms", "tps")
+
+
+def scenario_names(models: Sequence[ModelResult]) -> list[tuple[str, str]]:
+    """(name, kind) of every scenario any model ran, in first-seen order."""
+    seen: dict[str, str] = {}
+    for mr in models:
+        for sr in mr.scenarios:
+            seen.setdefault(sr.scenario.name, sr.scenario.kind)
+    return list(seen.items())
+
+
+# ============================================================================
+# Rendering (pure: returns text)
+# ============================================================================
+
+TROPHY = "🏆"
+
+
+def fmt_num(x: float | None, digits: int = 0) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return f"{x:,.{digits}f}"
+
+
+def fmt_stat(st: Stat | None, digits: int = 0) -> str:
+    """'190 ± 26' (mean ± sample stddev); '190' for a single value."""
+    if st is None:
+        return "-"
+    if st.stddev is None:
+        return fmt_num(st.mean, digits)
+    return f"{fmt_num(st.mean, digits)} ± {fmt_num(st.stddev, digits)}"
+
+
+def format_ranking(r: Ranking) -> str:
+    m = METRICS[r.metric]
+    name = f"{m.label} ({m.unit})" if m.unit else m.label
+    if r.tie:
+        return f"{name}: tie between {r.best} and {r.runner_up} (95% intervals overlap)"
+    how = "faster" if not m.higher_is_better else "the " + m.label.lower()
+    if r.ratio is None:
+        rel = ""
+    elif m.higher_is_better:
+        err = f" ± {r.ratio_err:.2f}" if r.ratio_err is not None else ""
+        rel = f": {r.ratio:.2f}{err}x {how} of {r.runner_up}"
+    else:
+        err = f" ± {r.ratio_err:.2f}" if r.ratio_err is not None else ""
+        rel = f": {r.ratio:.2f}{err}x {how} than {r.runner_up}"
+    note = "" if r.tested else " (single run: untested)"
+    return f"{name}: {TROPHY} {r.best}{rel}{note}"
+
+
+@dataclass(frozen=True)
+class TextTable:
+    title: str
+    headers: tuple[str, ...]
+    rows: tuple[tuple[str, ...], ...]
+    notes: tuple[str, ...] = ()
+
+
+def _cell(mr: ModelResult, scenario: str, metric: str, winners: Mapping[str, str]) -> str:
+    st = scenario_stat(mr, scenario, metric)
+    text = fmt_stat(st, METRICS[metric].digits)
+    return f"{text} {TROPHY}" if winners.get(metric) == mr.spec.name else text
+
+
+def scenario_table(models: Sequence[ModelResult], name: str, kind: str,
+                   bandwidth_gbs: float) -> TextTable:
+    """One scenario as a table: a row per model, a trophy per ranked metric."""
+    rankings = [r for metric in ranked_metrics(kind) if (r := rank(models, name, metric))]
+    winners = {r.metric: r.best for r in rankings if not r.tie}
+    results = {mr.spec.name: sr for mr in models for sr in mr.scenarios if sr.scenario.name == name}
+    thinking = any(scenario_stat(mr, name, "ttfo_ms") and scenario_stat(mr, name, "ttft_ms") and
+                   scenario_stat(mr, name, "ttfo_ms").mean > scenario_stat(mr, name, "ttft_ms").mean * 1.001  # type: ignore[union-attr]
+                   for mr in models)
+    if kind == "throughput":
+        headers = ("Model", "Streams", "Output (tok/s)", "Req/s", "Decode/stream (tok/s)",
+                   "TTFT p50 (ms)", "p90", "p99", "Errors")
+    elif kind == "context":
+        headers = ("Model", "Tokens in", "TTFT (ms)", "Prefill (tok/s)", "Decode (tok/s)",
+                   "Tokens out", "Total (s)", "Failed")
+    else:
+        headers = ("Model", "TTFT (ms)", *(("TTFO (ms)",) if thinking else ()), "Decode (tok/s)",
+                   "ITL p50/p99 (ms)", "Tokens in", "Tokens out", "Total (s)", "Roofline", "Failed")
+    rows: list[tuple[str, ...]] = []
+    notes: list[str] = []
+    for mr in models:
+        sr = results.get(mr.spec.name)
+        if sr is None:
+            if mr.status in ("failed", "interrupted"):
+                rows.append((mr.spec.name, f"{mr.status.upper()}: {mr.error or ''}"[:70],
+                             *[""] * (len(headers) - 2)))
+            continue
+        cell = lambda metric: _cell(mr, name, metric, winners)  # noqa: E731,B023
+        failed = str(sr.failed) if sr.failed else ""
+        tokens_out = fmt_stat(sr.summary.get("tokens_out"))
+        if any(s.ok and s.tokens_out_exact is False for s in sr.samples):
+            tokens_out += " (!)"
+            notes.append(f"(!) {mr.spec.name}: some samples did not produce exactly "
+                         f"{sr.scenario.target_tokens_out} output tokens")
+        if kind == "throughput":
+            agg = sr.aggregate or {}
+            ttft = sr.summary.get("ttft_ms")
+            rows.append((mr.spec.name, str(sr.scenario.concurrency), fmt_num(agg.get("output_tps"), 1),
+                         fmt_num(agg.get("requests_per_s"), 2), cell("tps"),
+                         fmt_num(ttft.median if ttft else None), fmt_num(ttft.p90 if ttft else None),
+                         fmt_num(ttft.p99 if ttft else None), str(agg.get("errors", 0))))
+        elif kind == "context":
+            tin = fmt_stat(sr.summary.get("tokens_in"))
+            if sr.scenario.clamped:
+                tin += " (c)"
+                notes.append(f"(c) {mr.spec.name}: {sr.scenario.requested_tokens_in} tokens do not "
+                             f"fit its {mr.spec.max_context_tokens}-token context; clamped to "
+                             f"{sr.scenario.target_tokens_in}")
+            rows.append((mr.spec.name, tin, cell("ttft_ms"), cell("prefill_tps"), cell("tps"),
+                         tokens_out, cell("total_s"), failed))
+        else:
+            ceiling = roofline_tps(mr.spec, bandwidth_gbs)
+            tps = sr.summary.get("tps")
+            roof = f"{tps.mean / ceiling:.0%} of {ceiling:,.1f}" if ceiling and tps else "-"
+            itl = sr.summary.get("itl_ms")
+            rows.append((mr.spec.name, cell("ttft_ms"), *((cell("ttfo_ms"),) if thinking else ()),
+                         cell("tps"), f"{fmt_num(itl.median, 1)} / {fmt_num(itl.p99, 1)}" if itl else "-",
+                         fmt_stat(sr.summary.get("tokens_in")), tokens_out, cell("total_s"), roof,
+                         failed))
+        server = sr.server or {}
+        if server.get("prefix_cache_hits") and kind != "throughput":
+            notes.append(f"warning: {mr.spec.name}: the server reports {server['prefix_cache_hits']} "
+                         "prefix-cache hit tokens during this cold scenario")
+    notes.extend(format_ranking(r) for r in rankings)
+    sc = next(sr.scenario for sr in results.values()) if results else None
+    title = f"{describe_scenario(sc)}" if sc else name
+    return TextTable(title, headers, tuple(rows), tuple(dict.fromkeys(notes)))
+
+
+def render_table(table: TextTable, styled: bool) -> str:
+    """A table as text with rich: box drawing and colour on a terminal, plain
+    ASCII otherwise (so `| tee` and the report file hold clean text)."""
+    import io  # noqa: PLC0415
+
+    from rich import box  # noqa: PLC0415
+    from rich.console import Console  # noqa: PLC0415
+    from rich.table import Table  # noqa: PLC0415
+
+    t = Table(title=table.title, box=box.ROUNDED if styled else box.ASCII,
+              title_justify="left", header_style="bold" if styled else "")
+    for i, h in enumerate(table.headers):
+        t.add_column(h, justify="left" if i == 0 else "right", no_wrap=i == 0)
+    for row in table.rows:
+        t.add_row(*row)
+    out = io.StringIO()
+    console = Console(file=out, width=200, force_terminal=styled, no_color=not styled,
+                      color_system="standard" if styled else None, highlight=False, emoji=False)
+    console.print(t)
+    for note in table.notes:
+        console.print(note, markup=False)
+    return "\n".join(line.rstrip() for line in out.getvalue().splitlines()) + "\n"
+
+
+def format_results(report: Report, styled: bool = False) -> str:
+    """The complete results output: header, one table per scenario, summary."""
+    cfg = report.config
+    lines = [f"{TOOL_NAME} {__version__}: {len(report.models)} model(s), "
+             f"{cfg.iterations} iteration(s), started {report.started_at}",
+             f"hardware: {cfg.hardware} ({cfg.bandwidth_gbs:g} GB/s)"]
+    env = report.environment
+    if env.get("gpu"):
+        lines.append(f"gpu: {env['gpu']}")
+    parts = ["\n".join(lines), ""]
+    for name, kind in scenario_names(report.models):
+        parts.append(render_table(scenario_table(report.models, name, kind, cfg.bandwidth_gbs), styled))
+    parts.append(format_summary(report))
+    return "\n".join(parts)
+
+
+def format_summary(report: Report) -> str:
+    lines = ["Summary:"]
+    for mr in report.models:
+        line = f"  {mr.spec.name}: {mr.status}"
+        if mr.lifecycle.get("load_s") is not None:
+            line += f", loaded in {mr.lifecycle['load_s']:.1f} s"
+        if mr.error:
+            line += f": {mr.error}"
+        lines.append(line)
+        if mr.failure.get("log_tail"):
+            lines.extend(f"      | {ln}" for ln in mr.failure["log_tail"][-5:])
+    if report.interrupted:
+        lines.append(f"  interrupted by {report.interrupted}: the results above are partial")
+    return "\n".join(lines) + "\n"
+
+
+# ============================================================================
+# Output: JSON report, files
+# ============================================================================
+
+
+def _round(x: Any, digits: int = 3) -> Any:
+    return round(x, digits) if isinstance(x, float) else x
+
+
+def stat_to_dict(st: Stat) -> dict[str, Any]:
+    d = {k: _round(v, 4) for k, v in dataclasses.asdict(st).items() if k != "ci95"}
+    d["ci95"] = [_round(v, 4) for v in st.ci95] if st.ci95 else None
+    return d
+
+
+def sample_to_dict(s: Sample) -> dict[str, Any]:
+    d = {k: _round(v) for k, v in dataclasses.asdict(s).items() if k != "itl_ms"}
+    d["itl_ms"] = [round(x, 3) for x in s.itl_ms]
+    return d
+
+
+def scenario_to_dict(sr: ScenarioResult) -> dict[str, Any]:
+    sc = sr.scenario
+    return {
+        "name": sc.name, "kind": sc.kind,
+        "target_tokens_in": sc.target_tokens_in, "requested_tokens_in": sc.requested_tokens_in,
+        "clamped": sc.clamped, "target_tokens_out": sc.target_tokens_out,
+        "requests": sc.requests, "concurrency": sc.concurrency,
+        "samples": [sample_to_dict(s) for s in sr.samples],
+        "summary": {k: stat_to_dict(v) for k, v in sr.summary.items()},
+        "aggregate": {k: _round(v) for k, v in sr.aggregate.items()} if sr.aggregate else None,
+        "server_metrics": {k: _round(v) for k, v in sr.server.items()} if sr.server else None,
+    }
+
+
+def model_to_dict(mr: ModelResult, bandwidth_gbs: float) -> dict[str, Any]:
+    spec = mr.spec
+    ceiling = roofline_tps(spec, bandwidth_gbs)
+    tps = scenario_stat(mr, "latency", "tps")
+    return {
+        "name": spec.name, "model_id": spec.model_id, "service": spec.service,
+        "status": mr.status, "error": mr.error, "failure": mr.failure or None,
+        "spec": {k: v for k, v in dataclasses.asdict(spec).items()
+                 if k not in ("name", "model_id", "service")},
+        "server": mr.server, "lifecycle": mr.lifecycle,
+        "roofline": {"bandwidth_gbs": bandwidth_gbs, "ceiling_tps": _round(ceiling),
+                     "achieved_pct": _round(100 * tps.mean / ceiling, 1) if ceiling and tps else None},
+        "scenarios": [scenario_to_dict(sr) for sr in mr.scenarios],
+    }
+
+
+def report_to_dict(report: Report) -> dict[str, Any]:
+    """The JSON report: a stable contract (schema_version 1, docs/report-format.md)."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "tool": {"name": TOOL_NAME, "version": __version__},
+        "started_at": report.started_at, "finished_at": report.finished_at,
+        "interrupted": report.interrupted,
+        "config": dataclasses.asdict(report.config),
+        "environment": report.environment,
+        "models": [model_to_dict(mr, report.config.bandwidth_gbs) for mr in report.models],
+    }
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Write via a temp file in the same folder and rename, so a reader (or a
+    SIGKILL) never sees a half-written file."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def report_stem(started: dt.datetime) -> str:
+    """model-comparison-2025-11-09T14-30-45 (UTC), as the original named them."""
+    return f"model-comparison-{started.strftime('%Y-%m-%dT%H-%M-%S')}"
+
+
+def prepare_report_dir(path: Path) -> Path:
+    """Create the report folder and prove it is writable, before any model starts."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-", delete=True)
+        probe.write(b"x" * 4096)
+        probe.flush()
+        probe.close()
+    except OSError as exc:
+        raise UsageError(f"report folder {path} is not writable ({exc.strerror or exc}): "
+                         "fix its permissions or free space, or choose --report-dir") from None
+    return path
+
+
+def collect_environment(runner: Runner = subprocess.run) -> dict[str, Any]:
+    """Host, Python, and the GPU from nvidia-smi when it is there."""
+    env: dict[str, Any] = {"host": socket.gethostname(), "python": sys.version.split()[0],
+                           "platform": sys.platform}
+    if shutil.which("nvidia-smi"):
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            proc = runner(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
+                           "--format=csv,noheader"], capture_output=True, text=True, timeout=10)
+            if proc.returncode == 0 and proc.stdout.strip():
+                env["gpu"] = proc.stdout.strip().splitlines()[0]
+    return env
+
+
+# ============================================================================
+# Command line
+# ============================================================================
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # one line, exit 2, via main()
+        raise UsageError(f"{message} (see --help)")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not value > 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port (1-65535), got {value}")
+    return value
+
+
+def _token_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(parse_token_count(t) for t in text.split(",") if t.strip())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(
+            f"expected sizes like 1k,8k,16k,32k (k = 1000) or plain numbers, got {exc.args[0]!r}"
+        ) from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one size")
+    return values
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(_positive_int(t) for t in text.split(",") if t.strip())
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected levels like 1,4,16,64, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one level")
+    return values
+
+
+def _model_help(models: Sequence[ModelSpec]) -> str:
+    rows = [f"  {m.name:<20} {m.service or '-':<26} {m.model_id} ({m.max_context_tokens} ctx)"
+            for m in models]
+    return "models (name for --skip/--only, service, model id):\n" + "\n".join(rows)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="perftest_models.py", description=__doc__.split("\n\n", 1)[0],
+        epilog=__doc__.split("\n\n", 1)[1] + "\n" + _model_help(MODELS)
+        + f"\n\nhardware profiles for --hardware: {', '.join(HARDWARE_BANDWIDTH_GBS)}",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"{TOOL_NAME} {__version__}")
+    sel = p.add_argument_group("which models")
+    sel.add_argument("--skip", action="append", default=[], metavar="NAME",
+                     help="skip this model (repeatable)")
+    sel.add_argument("--only", action="append", default=[], metavar="NAME",
+                     help="test only this model (repeatable)")
+    sel.add_argument("--models", type=Path, metavar="FILE",
+                     help="YAML file whose 'models:' list adds to or replaces the built-in table "
+                          "(see docs/models-file.md)")
+    sel.add_argument("--endpoint", metavar="URL",
+                     help="benchmark the model(s) an already running OpenAI-compatible server "
+                          "lists in /v1/models; no Compose at all")
+    sel.add_argument("--api-key", metavar="KEY",
+                     help="bearer token for the server (default: $VLLM_API_KEY or $OPENAI_API_KEY); "
+                          "never written to reports")
+    what = p.add_argument_group("what to measure")
+    what.add_argument("--iterations", type=_positive_int, default=3, metavar="N",
+                      help="runs per scenario (default 3)")
+    what.add_argument("--context-sizes", type=_token_list, default=RunConfig.context_sizes,
+                      metavar="LIST", help="input sizes of the context tests (default 1k,8k,16k,32k; "
+                      "k = 1000 tokens)")
+    what.add_argument("--concurrency", type=_int_list, default=(), metavar="LIST",
+                      help="also run a throughput test at these numbers of parallel streams, "
+                           "e.g. 1,4,16,64 (default: off)")
+    what.add_argument("--throughput-requests", type=_positive_int, metavar="N",
+                      help="requests per concurrency level (default: 4 x level, at least 8)")
+    what.add_argument("--hardware", choices=sorted(HARDWARE_BANDWIDTH_GBS), default="dgx-spark",
+                      help="memory bandwidth profile for the decode roofline (default dgx-spark)")
+    what.add_argument("--bandwidth-gbs", type=_positive_float, metavar="GBS",
+                      help="memory bandwidth in GB/s (overrides --hardware)")
+    env = p.add_argument_group("where and how long")
+    env.add_argument("--compose-file", type=Path, default=Path("docker-compose.yml"), metavar="PATH",
+                     help="compose file with the model services (default docker-compose.yml)")
+    env.add_argument("--port", type=_port, default=8000, help="port the services publish (default 8000)")
+    env.add_argument("--health-timeout", type=_positive_float, default=1800.0, metavar="SECONDS",
+                     help="wait this long for a model to load (default 1800: a first download)")
+    env.add_argument("--request-timeout", type=_positive_float, default=300.0, metavar="SECONDS",
+                     help="fail a request after this long without a byte (default 300)")
+    env.add_argument("--max-failures", type=int, default=3, metavar="N",
+                     help="failed requests a model may have before it is marked failed (default 3)")
+    env.add_argument("--report-dir", type=Path, default=Path("docs/reports"), metavar="DIR",
+                     help="where the .txt and .json reports go (default docs/reports)")
+    return p
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything a run needs, checked before anything starts."""
+
+    cfg: RunConfig
+    models: tuple[ModelSpec, ...]
+    table: tuple[ModelSpec, ...]
+    compose: ComposeFile | None
+    base_url: str
+    report_dir: Path
+    api_key: str | None = field(default=None, repr=False)
+
+
+def make_plan(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> Plan:
+    """Validate the options and files into a Plan; UsageError on anything wrong."""
+    table = load_models_file(args.models, MODELS) if args.models else MODELS
+    api_key = args.api_key or environ.get("VLLM_API_KEY") or environ.get("OPENAI_API_KEY") or None
+    if args.max_failures < 0:
+        raise UsageError(f"--max-failures must be >= 0, got {args.max_failures} (see --help)")
+    compose = None
+    if args.endpoint:
+        base_url = check_endpoint_url(args.endpoint)
+        models = discover_endpoint_models(base_url, table, api_key)
+        models = select_models(models, args.skip, args.only, what="the server's models")
+    else:
+        base_url = f"http://127.0.0.1:{args.port}"
+        models = select_models(table, args.skip, args.only, what="models")
+        compose = load_compose_file(args.compose_file)
+        check_services(compose, models)
+    largest = max(m.max_context_tokens for m in models)
+    for size in args.context_sizes:
+        if size > largest:
+            raise UsageError(f"context size {size} tokens fits no selected model (largest context: "
+                             f"{largest} tokens): drop it from --context-sizes")
+    hardware_bw = args.bandwidth_gbs or HARDWARE_BANDWIDTH_GBS[args.hardware]
+    cfg = RunConfig(
+        iterations=args.iterations, context_sizes=tuple(args.context_sizes),
+        concurrency=tuple(args.concurrency), throughput_requests=args.throughput_requests,
+        port=args.port, health_timeout_s=args.health_timeout,
+        request_timeout_s=args.request_timeout, max_failed_samples=args.max_failures,
+        hardware="custom" if args.bandwidth_gbs else args.hardware, bandwidth_gbs=hardware_bw,
+        compose_file=str(args.compose_file) if compose else None,
+        endpoint=base_url if args.endpoint else None, models=tuple(m.name for m in models))
+    return Plan(cfg, tuple(models), tuple(table), compose, base_url, args.report_dir, api_key)
+
+
+def select_models(models: Sequence[ModelSpec], skip: Sequence[str], only: Sequence[str],
+                  what: str) -> list[ModelSpec]:
+    names = [m.name for m in models]
+    for name in [*skip, *only]:
+        if name not in names:
+            raise UsageError(f"unknown model {name!r}; {what}: {', '.join(names)}")
+    chosen = [m for m in models if (not only or m.name in only) and m.name not in skip]
+    if not chosen:
+        raise UsageError("every model is skipped: nothing to test (check --skip/--only)")
+    return chosen
+
+
+def check_endpoint_url(url: str) -> str:
+    from urllib.parse import urlsplit  # noqa: PLC0415
+
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UsageError(f"--endpoint {url!r} is not an http(s) URL: use e.g. http://127.0.0.1:8000")
+    return url.rstrip("/").removesuffix("/v1")
+
+
+def discover_endpoint_models(base_url: str, table: Sequence[ModelSpec], api_key: str | None
+                             ) -> list[ModelSpec]:
+    """The models a running server lists; a table entry with the same model id
+    lends its details (roofline, chat template options)."""
+    import httpx  # noqa: PLC0415
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        r = httpx.get(f"{base_url}/v1/models", headers=headers, timeout=10.0)
+    except httpx.HTTPError as exc:
+        raise UsageError(f"cannot reach {base_url} ({type(exc).__name__}): is the server running?"
+                         ) from None
+    listed = served_models(r.json()) if r.status_code == 200 and _is_json(r) else []
+    if r.status_code == 401:
+        raise UsageError(f"{base_url} wants an API key: pass --api-key or set VLLM_API_KEY")
+    if not listed:
+        raise UsageError(f"{base_url}/v1/models answered HTTP {r.status_code} without a model list: "
+                         "is this an OpenAI-compatible server?")
+    by_id = {m.model_id: m for m in table}
+    out = []
+    for entry in listed:
+        known = by_id.get(entry["id"])
+        if known:
+            out.append(dataclasses.replace(known, service=None))
+        else:
+            out.append(ModelSpec(name=entry["id"], service=None, model_id=entry["id"],
+                                 max_context_tokens=int(entry.get("max_model_len") or 32768)))
+    return out
+
+
+def _is_json(r: Any) -> bool:
+    try:
+        r.json()
+        return True
+    except ValueError:
+        return False
+
+
+# ============================================================================
+# Running: lifecycle per model, progress, signals (command layer)
+# ============================================================================
+
+
+class SignalGuard:
+    """Turns SIGTERM and SIGHUP into Interrupted (SIGINT stays
+    KeyboardInterrupt), and holds any signal back while a service is being
+    stopped, so that cleanup itself cannot be cut short."""
+
+    SIGNALS = tuple(s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s)
+
+    def __init__(self) -> None:
+        self.holding = False
+        self.pending: int | None = None
+        self.previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        for sig in self.SIGNALS:
+            self.previous[sig] = signal.signal(sig, self._handle)
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.holding:
+            self.pending = signum
+            return
+        self._raise(signum)
+
+    @staticmethod
+    def _raise(signum: int) -> None:
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise Interrupted(signum)
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        self.holding = True
+        try:
+            yield
+        finally:
+            self.holding = False
+        if self.pending is not None:
+            signum, self.pending = self.pending, None
+            self._raise(signum)
+
+
+class ConsoleEvents(Events):
+    """Progress to stderr: a live line on a terminal; in a log, one line
+    every `quiet_s` seconds while waiting, so a long load is visible but
+    does not flood."""
+
+    def __init__(self, err: Any, tty: bool, on_scenario: Callable[[], None] = lambda: None,
+                 quiet_s: float = 30.0, clock: Clock = time.monotonic):
+        self.err, self.tty, self.on_scenario = err, tty, on_scenario
+        self.quiet_s, self.clock = quiet_s, clock
+        self._last_wait = -math.inf
+        self._live = False
+
+    def _line(self, text: str) -> None:
+        if self._live:
+            self.err.write("\n")
+            self._live = False
+        self.err.write(text + "\n")
+        self.err.flush()
+
+    def info(self, text: str) -> None:
+        self._line(text)
+
+    def waiting(self, model: str, elapsed_s: float, last_log: Callable[[], str | None]) -> None:
+        interval = 1.0 if self.tty else self.quiet_s
+        now = self.clock()
+        if now - self._last_wait < interval:
+            return
+        self._last_wait = now
+        log = last_log()
+        text = f"  {model}: waiting for health, {elapsed_s:.0f} s" + (f" | {log[:100]}" if log else "")
+        if self.tty:
+            self.err.write("\r\x1b[2K" + text)
+            self.err.flush()
+            self._live = True
+        else:
+            self._line(text)
+
+    def sample(self, model: str, scenario: Scenario, index: int, sample: Sample) -> None:
+        if scenario.kind == "throughput" and index + 1 != scenario.requests:
+            return
+        head = f"  [{index + 1}/{scenario.requests}] {scenario.name}"
+        if scenario.kind == "throughput":
+            self._line(f"{head}: done")
+        elif sample.ok:
+            tps = f", {sample.tps:.1f} tok/s" if sample.tps else ""
+            self._line(f"{head}: TTFT {sample.ttft_ms:.0f} ms{tps}, {sample.tokens_in} in, "
+                       f"{sample.tokens_out} out, {sample.total_s:.2f} s")
+        else:
+            self._line(f"{head}: FAILED: {sample.error}")
+
+    def scenario_done(self, model: ModelResult, result: ScenarioResult) -> None:
+        self.on_scenario()
+
+
+def _last_log_line(watch: DockerWatch) -> Callable[[], str | None]:
+    def read() -> str | None:
+        with contextlib.suppress(Exception):
+            tail = watch.log_tail(1)
+            return tail[-1] if tail else None
+        return None
+    return read
+
+
+async def measure_model(plan: Plan, result: ModelResult, events: Events, *,
+                        watch: DockerWatch | None = None) -> None:
+    """Wait for the server (when we started it), then benchmark the model."""
+    cfg = plan.cfg
+    streams = max(cfg.concurrency, default=1)
+    async with http_client(plan.base_url, plan.api_key, cfg.request_timeout_s, streams) as client:
+        check_alive = watch.check_alive if watch else None
+        if watch is not None:
+            load_s = await wait_until_ready(client, result.spec, cfg.health_timeout_s, events,
+                                            check_alive=check_alive, last_log=_last_log_line(watch))
+            result.lifecycle["load_s"] = round(load_s, 2)
+            events.info(f"{result.spec.name}: healthy after {load_s:.1f} s")
+        await benchmark_model(client, result, cfg, events, check_alive=check_alive)
+
+
+def free_port(plan: Plan, compose: Compose, watch: DockerWatch, events: Events,
+              sleep: Callable[[float], None] = time.sleep) -> None:
+    """Before starting a model: if the port answers, name its holder and stop
+    it only when it is one of this compose file's inference services."""
+    port = plan.cfg.port
+    if not port_in_use(port):
+        return
+    inference = [m.service for m in plan.table if m.service in compose.file.services]
+    holder = who_holds_port(port, watch.client, compose.file.project, inference)  # type: ignore[arg-type]
+    if holder.kind != "inference":
+        raise ModelFailed(f"port {port} is already in use by {holder.description}: stop it, "
+                          "or publish the services on another port and pass --port")
+    events.info(f"port {port} is held by {holder.description}: stopping it")
+    compose.stop([holder.service])  # type: ignore[list-item]
+    for _ in range(60):
+        if not port_in_use(port):
+            return
+        sleep(0.5)
+    raise ModelFailed(f"port {port} still in use after stopping {holder.service}")
+
+
+def run_model(plan: Plan, result: ModelResult, events: Events, compose: Compose | None,
+              signals: SignalGuard) -> None:
+    """One model's whole life: start, measure, and always stop what we started."""
+    if compose is None:
+        asyncio.run(measure_model(plan, result, events))
+        return
+    service = result.spec.service
+    assert service is not None
+    watch = DockerWatch(compose.file.project, service)
+    free_port(plan, compose, watch, events)
+    events.info(f"{result.spec.name}: starting {service}")
+    try:
+        compose.up(service)  # inside try: an interrupt during `up` still stops it
+        with contextlib.suppress(Exception):
+            result.lifecycle.update(watch.image())
+        result.lifecycle["service"] = service
+        asyncio.run(measure_model(plan, result, events, watch=watch))
+    finally:
+        with signals.held():
+            try:
+                compose.stop([service])
+                events.info(f"{result.spec.name}: stopped {service}")
+            except PerftestError as exc:
+                events.info(f"{result.spec.name}: could not stop {service}: {exc} "
+                            f"(stop it by hand: docker compose stop {service})")
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+
+
+class ReportFiles:
+    """The run's .json (rewritten after every scenario) and .txt reports.
+    A write that fails mid-run is reported once; the results still go to stdout."""
+
+    def __init__(self, folder: Path, stem: str, err: Any):
+        self.json_path = folder / f"{stem}.json"
+        self.txt_path = folder / f"{stem}.txt"
+        self.err = err
+        self.failed: str | None = None
+
+    def _write(self, path: Path, text: str) -> bool:
+        try:
+            atomic_write(path, text)
+            return True
+        except OSError as exc:
+            if self.failed is None:
+                self.err.write(f"warning: cannot write {path} ({exc.strerror or exc}); "
+                               "the results go to stdout instead\n")
+            self.failed = str(exc)
+            return False
+
+    def save_json(self, report: Report) -> bool:
+        return self._write(self.json_path, json.dumps(report_to_dict(report), indent=1) + "\n")
+
+    def save_text(self, text: str) -> bool:
+        return self._write(self.txt_path, text)
+
+
+def run_benchmark(plan: Plan, out: Any, err: Any, *, styled: bool = False,
+                  err_tty: bool = False) -> int:
+    """The main job: every selected model in turn; exit 0, 1, 130 or 143."""
+    report_dir = prepare_report_dir(plan.report_dir)
+    started = _now()
+    report = Report(plan.cfg, started.isoformat(), [ModelResult(m) for m in plan.models],
+                    environment=collect_environment())
+    files = ReportFiles(report_dir, report_stem(started), err)
+    events = ConsoleEvents(err, err_tty, on_scenario=lambda: files.save_json(report))
+    signals = SignalGuard()
+    compose = None
+    if plan.compose is not None:
+        compose = Compose(plan.compose, find_compose_command())
+        docker_client()  # a clear error now if the daemon is down
+        events.info(f"using {compose.version_label} with {plan.compose.path}")
+        report.environment["compose"] = compose.version_label
+    code = 0
+    signals.install()
+    try:
+        if compose is not None:
+            inference = [m.service for m in plan.table if m.service in plan.compose.services]  # type: ignore[union-attr]
+            running = compose.running(inference)  # type: ignore[arg-type]
+            if running:
+                events.info(f"stopping running inference services first: {', '.join(running)}")
+                with signals.held():
+                    compose.stop(running)
+        for mr in report.models:
+            mr.status = "running"
+            events.info(f"=== {mr.spec.name} ({mr.spec.model_id})")
+            try:
+                run_model(plan, mr, events, compose, signals)
+                mr.status = "ok"
+            except ModelFailed as exc:
+                mr.status, mr.error, mr.failure = "failed", str(exc), exc.details
+                events.info(f"{mr.spec.name}: FAILED: {exc}")
+            except SetupError as exc:
+                mr.status, mr.error = "failed", str(exc)
+                events.info(f"{mr.spec.name}: FAILED: {exc}")
+            files.save_json(report)
+        code = 1 if any(m.status == "failed" for m in report.models) else 0
+    except (KeyboardInterrupt, Interrupted) as exc:
+        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+        report.interrupted = signal.Signals(signum).name
+        for mr in report.models:
+            if mr.status == "running":
+                mr.status, mr.error = "interrupted", f"interrupted by {report.interrupted}"
+            elif mr.status == "pending":
+                mr.status = "skipped"
+        code = 130 if signum == signal.SIGINT else 143
+    finally:
+        with signals.held():
+            report.finished_at = _now().isoformat()
+            plain = format_results(report, styled=False)
+            saved = files.save_json(report) & files.save_text(plain)
+            out.write(format_results(report, styled=True) if styled else plain)
+            if not saved:
+                out.write("\n" + json.dumps(report_to_dict(report), indent=1) + "\n")
+            out.flush()
+            where = f"{files.txt_path} and {files.json_path}" if saved else "stdout only"
+            err.write(f"report: {where}\n")
+        signals.restore()
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse, plan, run; every PerftestError becomes its one-line message and exit code."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    out, err = sys.stdout, sys.stderr
+    try:
+        if args_list[:1] == ["compare"]:
+            return compare_main(args_list[1:], out, err)
+        plan = make_plan(build_parser().parse_args(args_list))
+        styled = out.isatty() and not os.environ.get("NO_COLOR")
+        return run_benchmark(plan, out, err, styled=styled, err_tty=err.isatty())
+    except PerftestError as exc:
+        err.write(f"perftest-models: error: {exc}\n")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        err.write("perftest-models: interrupted\n")
+        return 130
+
+
+def compare_main(argv: Sequence[str], out: Any, err: Any) -> int:
+    raise UsageError("compare is not available yet")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
