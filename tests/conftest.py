@@ -1,0 +1,35 @@
+"""Shared fixtures: a real stand-in server on 127.0.0.1, temp report folders."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+from standin import StandinConfig, StandinServer  # noqa: E402
+
+
+@pytest.fixture
+def standin():
+    """Start stand-in servers: `standin(ttft_s=0.05, ...)`; all stopped at the end."""
+    servers: list[StandinServer] = []
+
+    def start(**config) -> StandinServer:
+        config.setdefault("quiet", True)
+        srv = StandinServer(StandinConfig(**config))
+        servers.append(srv)
+        return srv
+
+    yield start
+    for srv in servers:
+        srv.stop()
+
+
+@pytest.fixture
+def report_dir(tmp_path):
+    return tmp_path / "reports"

@@ -1,0 +1,272 @@
+"""The command line through main(argv): exit codes, stdout vs stderr, reports."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+import perftest_models as pm
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def reports(report_dir):
+    return sorted(report_dir.glob("*.json")), sorted(report_dir.glob("*.txt"))
+
+
+def test_an_endpoint_run_prints_tables_and_writes_both_reports(standin, report_dir, capsys):
+    srv = standin(ttft_s=0.02, itl_s=0.001)
+    rc = pm.main(["--endpoint", srv.base_url, "--iterations", "2", "--context-sizes", "1k,4k",
+                  "--report-dir", str(report_dir)])
+    out, err = capsys.readouterr()
+    assert rc == 0
+    assert "latency: ~50-token prompt, 500 out, x2" in out
+    assert "context-4k: 4000 tokens in, 100 out, x2" in out
+    assert "Summary:\n  standin: ok" in out
+    assert "waiting" not in out and "report:" not in out  # progress goes to stderr
+    assert "report:" in err and "[2/2] context-4k" in err
+    (js,), (txt,) = reports(report_dir)
+    assert js.stem == txt.stem and js.stem.startswith("model-comparison-")
+    assert txt.read_text() == out  # the text report is the complete results output
+    report = json.loads(js.read_text())
+    assert report["schema_version"] == 1 and report["tool"]["name"] == "perftest-models"
+    (model,) = report["models"]
+    assert model["status"] == "ok" and model["service"] is None
+    assert model["server"]["version"] == "0.0.0-standin"
+    names = [s["name"] for s in model["scenarios"]]
+    assert names == ["latency", "context-1k", "context-4k"]
+    for sc in model["scenarios"]:
+        assert len(sc["samples"]) == 2
+        assert set(sc["summary"]["ttft_ms"]) >= {"mean", "stddev", "min", "max", "median", "n"}
+        for s in sc["samples"]:
+            assert s["ok"] and s["tokens_out"] == sc["target_tokens_out"]
+            assert s["ttft_ms"] > 0 and s["tps"] > 0 and s["total_s"] > 0
+            if sc["target_tokens_in"]:
+                assert s["tokens_in"] == sc["target_tokens_in"]
+
+
+def test_plain_output_has_no_escape_codes_when_not_a_terminal(standin, report_dir, capsys):
+    srv = standin()
+    pm.main(["--endpoint", srv.base_url, "--iterations", "1", "--context-sizes", "1k",
+             "--report-dir", str(report_dir)])
+    out, _ = capsys.readouterr()
+    assert "\x1b[" not in out and "+---" in out
+
+
+def test_a_failing_model_is_reported_and_exits_1(standin, report_dir, capsys):
+    srv = standin(faults=["http_500"] * 50)
+    rc = pm.main(["--endpoint", srv.base_url, "--iterations", "1", "--context-sizes", "1k",
+                  "--report-dir", str(report_dir)])
+    out, err = capsys.readouterr()
+    assert rc == 1
+    assert "standin: failed: warm-up request failed: HTTP 500" in out
+    report = json.loads(reports(report_dir)[0][0].read_text())
+    assert report["models"][0]["status"] == "failed"
+
+
+def test_too_many_failed_requests_fail_the_model_but_keep_its_samples(standin, report_dir):
+    srv = standin()
+    rc_holder = {}
+
+    import threading
+
+    def break_after_warmup():  # warm-up ok, then every request fails
+        while len(srv.records) < 1:
+            time.sleep(0.005)
+        srv.config.faults = ["http_500"] * 100
+
+    t = threading.Thread(target=break_after_warmup)
+    t.start()
+    rc_holder["rc"] = pm.main(["--endpoint", srv.base_url, "--iterations", "5",
+                               "--context-sizes", "1k", "--max-failures", "2",
+                               "--report-dir", str(report_dir)])
+    t.join()
+    assert rc_holder["rc"] == 1
+    model = json.loads(reports(report_dir)[0][0].read_text())["models"][0]
+    assert model["status"] == "failed" and "too many failed requests" in model["error"]
+    samples = model["scenarios"][0]["samples"]
+    assert len(samples) == 3 and not any(s["ok"] for s in samples)
+    assert all(s["error"].startswith("HTTP 500") for s in samples)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--iterations", "0"], "--iterations: must be >= 1, got 0"),
+    (["--iterations", "-2"], "--iterations: must be >= 1, got -2"),
+    (["--iterations", "three"], "expected a whole number >= 1, got 'three'"),
+    (["--skip", "nope"], "unknown model 'nope'; models: qwen3-32b-fp8"),
+    (["--only", "gpt-5"], "unknown model 'gpt-5'"),
+    (["--port", "70000"], "must be a TCP port"),
+    (["--health-timeout", "-1"], "must be a number > 0"),
+    (["--context-sizes", "1k,lots"], "expected sizes like 1k,8k,16k,32k"),
+    (["--context-sizes", "100k"], "context size 100000 tokens fits no selected model"),
+    (["--compose-file", "/nonexistent/compose.yml"], "compose file /nonexistent/compose.yml not found"),
+    (["--endpoint", "ftp://x"], "is not an http(s) URL"),
+    (["--endpoint", "localhost:8000"], "is not an http(s) URL"),
+    (["--skip", "qwen3-32b-fp8", "--skip", "qwen3-30b-a3b-fp8", "--skip", "llama33-70b-fp8"],
+     "every model is skipped"),
+    (["--frobnicate"], "unrecognized arguments: --frobnicate"),
+])
+def test_bad_input_is_one_line_on_stderr_and_exit_2(argv, message, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    rc = pm.main(argv)
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith("perftest-models: error: ")
+    assert message in err
+
+
+@pytest.mark.parametrize("content, message", [
+    ("services: [", "is not valid YAML"),
+    ("- a\n- b\n", "is not a mapping"),
+    ("version: '3'\n", "has no 'services:' mapping"),
+    ("services:\n  other: {image: x}\n", "Service vllm-qwen3-32b-fp8 not found in compose.yml"),
+])
+def test_bad_compose_files_are_refused_before_anything_starts(tmp_path, content, message, capsys):
+    path = tmp_path / "compose.yml"
+    path.write_text(content)
+    assert pm.main(["--compose-file", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_a_server_that_is_not_openai_compatible_is_refused(standin, capsys, tmp_path):
+    import http.server
+    import threading
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        rc = pm.main(["--endpoint", f"http://127.0.0.1:{httpd.server_address[1]}",
+                      "--report-dir", str(tmp_path)])
+    finally:
+        httpd.shutdown()
+    assert rc == 2
+    assert "without a model list: is this an OpenAI-compatible server?" in capsys.readouterr().err
+
+
+def test_nothing_listening_is_a_clear_usage_error(capsys):
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    assert pm.main(["--endpoint", f"http://127.0.0.1:{port}"]) == 2
+    assert "is the server running?" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- model table
+
+
+def write_models(tmp_path, data):
+    path = tmp_path / "models.yml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_a_models_file_adds_and_replaces_models(tmp_path):
+    path = write_models(tmp_path, {"models": [
+        {"name": "tiny", "service": "vllm-tiny", "model_id": "tiny", "max_context_tokens": 4096},
+        {"name": "qwen3-32b-fp8", "service": "vllm-q", "model_id": "Q", "max_context_tokens": 8000,
+         "chat_template_kwargs": {"enable_thinking": False}},
+    ]})
+    table = pm.load_models_file(path, pm.MODELS)
+    by_name = {m.name: m for m in table}
+    assert set(by_name) == {"qwen3-32b-fp8", "qwen3-30b-a3b-fp8", "llama33-70b-fp8", "tiny"}
+    assert by_name["qwen3-32b-fp8"].chat_template_kwargs == {"enable_thinking": False}
+    replaced = write_models(tmp_path, {"replace": True, "models": [
+        {"name": "tiny", "model_id": "tiny", "max_context_tokens": 4096}]})
+    (only,) = pm.load_models_file(replaced, pm.MODELS)
+    assert only.service == "vllm-tiny"
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"name": "x", "model_id": "x"}, "lacks 'max_context_tokens'"),
+    ({"name": "x", "model_id": "x", "max_context_tokens": "big"}, "'max_context_tokens' must be int"),
+    ({"name": "x", "model_id": "x", "max_context_tokens": True}, "must be int"),
+    ({"name": "x; rm -rf /", "model_id": "x", "max_context_tokens": 9}, "is not a valid name"),
+    ({"name": "x", "service": "$(reboot)", "model_id": "x", "max_context_tokens": 9},
+     "service '$(reboot)' is not a valid name"),
+    ({"name": "x", "model_id": "x", "max_context_tokens": 9, "colour": "red"}, "unknown field(s) colour"),
+])
+def test_a_bad_models_file_is_a_one_line_usage_error(tmp_path, entry, message, capsys):
+    path = write_models(tmp_path, {"models": [entry]})
+    assert pm.main(["--models", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_the_compose_file_matches_the_model_table():
+    compose = pm.load_compose_file(ROOT / "docker-compose.yml")
+    pm.check_services(compose, pm.MODELS)
+    for m in pm.MODELS:
+        svc = compose.services[m.service]
+        argv = svc["command"].split()
+        assert argv[0] == m.model_id and svc["entrypoint"] == ["vllm", "serve"]
+        assert int(argv[argv.index("--max-model-len") + 1]) == m.max_context_tokens
+        assert "8000:8000" in svc["ports"][0]
+        assert svc["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+        assert "healthcheck" in svc and svc["volumes"]
+
+
+def test_help_lists_the_models_and_exit_codes():
+    # (how fast --help starts is measured in benchmarks/, not in a unit test)
+    proc = subprocess.run([sys.executable, str(ROOT / "perftest_models.py"), "--help"],
+                          capture_output=True, text=True, check=True)
+    for m in pm.MODELS:
+        assert m.name in proc.stdout and m.service in proc.stdout
+    assert "exit codes:" in proc.stdout
+
+
+# ---------------------------------------------------------------- compose commands
+
+
+class FakeRunner:
+    """Records argv lists; answers like docker compose would."""
+
+    def __init__(self, stdout="", returncode=0, stderr=""):
+        self.calls = []
+        self.stdout, self.returncode, self.stderr = stdout, returncode, stderr
+
+    def __call__(self, argv, **kwargs):
+        assert isinstance(argv, list) and "shell" not in kwargs  # never a shell
+        self.calls.append(argv)
+        return subprocess.CompletedProcess(argv, self.returncode, self.stdout, self.stderr)
+
+
+def test_compose_commands_are_argv_lists_with_file_and_project(tmp_path):
+    path = tmp_path / "docker-compose.yml"
+    path.write_text("name: My_Bench\nservices:\n  vllm-a: {image: x}\n  vllm-b: {image: x}\n")
+    runner = FakeRunner(stdout="vllm-a\n")
+    compose = pm.Compose(pm.load_compose_file(path), ("docker", "compose"), runner)
+    compose.up("vllm-a")
+    assert compose.running(["vllm-a", "vllm-b"]) == ["vllm-a"]
+    compose.stop(["vllm-a"])
+    base = ["docker", "compose", "-f", str(path), "-p", "my_bench"]
+    assert runner.calls == [base + ["up", "-d", "vllm-a"],
+                            base + ["ps", "--services", "--filter", "status=running"],
+                            base + ["stop", "vllm-a"]]
+
+
+def test_a_daemon_that_is_down_becomes_advice(tmp_path):
+    path = tmp_path / "c.yml"
+    path.write_text("services:\n  a: {image: x}\n")
+    runner = FakeRunner(returncode=1, stderr="Cannot connect to the Docker daemon at unix:///var/run/docker.sock.")
+    compose = pm.Compose(pm.load_compose_file(path), ("docker-compose",), runner)
+    with pytest.raises(pm.SetupError, match="start it"):
+        compose.up("a")
+
+
+def test_the_project_name_is_derived_like_compose_does(tmp_path, monkeypatch):
+    monkeypatch.delenv("COMPOSE_PROJECT_NAME", raising=False)
+    d = tmp_path / "My.Inference Box"
+    d.mkdir()
+    assert pm.compose_project_name(d / "docker-compose.yml", {}) == "myinferencebox"
+    monkeypatch.setenv("COMPOSE_PROJECT_NAME", "ci")
+    assert pm.compose_project_name(d / "docker-compose.yml", {"name": "x"}) == "ci"
