@@ -45,6 +45,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -788,6 +789,59 @@ def who_holds_port(port: int, client: Any, project: str,
                       f"`ss -ltnp 'sport = :{port}'`)")
 
 
+class PowerSampler:
+    """GPU power from nvidia-smi, sampled in a thread while a model runs.
+
+    Absent cleanly (no samples, `summary()` None) where nvidia-smi is not
+    installed or fails. Energy is the trapezoid integral of the samples.
+    """
+
+    def __init__(self, runner: Runner = subprocess.run, interval_s: float = 1.0,
+                 clock: Clock = time.monotonic):
+        self.runner, self.interval_s, self.clock = runner, interval_s, clock
+        self.samples: list[tuple[float, float]] = []  # (clock s, watts)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def read_w(self) -> float | None:
+        try:
+            proc = self.runner(["nvidia-smi", "--query-gpu=power.draw", "--format=csv,noheader,nounits"],
+                               capture_output=True, text=True, timeout=10)
+            values = [float(v) for v in proc.stdout.split()] if proc.returncode == 0 else []
+        except (OSError, ValueError, subprocess.SubprocessError):
+            return None
+        return sum(values) if values else None
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            watts = self.read_w()
+            if watts is None:
+                return
+            self.samples.append((self.clock(), watts))
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> PowerSampler:
+        if shutil.which("nvidia-smi"):
+            self._thread = threading.Thread(target=self._loop, name="power", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=15)
+
+    def summary(self, tokens: int) -> dict[str, Any] | None:
+        if len(self.samples) < 2:
+            return None
+        energy = sum((t1 - t0) * (w0 + w1) / 2
+                     for (t0, w0), (t1, w1) in zip(self.samples, self.samples[1:]))
+        watts = [w for _, w in self.samples]
+        return {"mean_w": round(statistics.fmean(watts), 1), "max_w": max(watts),
+                "energy_j": round(energy, 1), "samples": len(watts),
+                "tokens_per_j": round(tokens / energy, 4) if energy > 0 else None}
+
+
 # ============================================================================
 # Streaming client: measurement (pure)
 # ============================================================================
@@ -1184,8 +1238,9 @@ def parse_prometheus(text: str) -> dict[str, float]:
         name = line[:name_end]
         if name.endswith("_bucket") or name.endswith("_created"):
             continue
+        rest = line[line.find("}", name_end) + 1:] if line[name_end] == "{" else line[name_end:]
         try:
-            value = float(line.rsplit("}", 1)[-1].split()[0])
+            value = float(rest.split()[0])
         except (ValueError, IndexError):
             continue
         out[name] = out.get(name, 0.0) + value
@@ -1555,6 +1610,11 @@ def fmt_num(x: float | None, digits: int = 0) -> str:
     return f"{x:,.{digits}f}"
 
 
+def fmt_pct(x: float | None) -> str:
+    """A 0-1 fraction as a percentage."""
+    return "-" if x is None else f"{x:.0%}"
+
+
 def fmt_stat(st: Stat | None, digits: int = 0) -> str:
     """'190 ± 26' (mean ± sample stddev); '190' for a single value."""
     if st is None:
@@ -1607,12 +1667,13 @@ def scenario_table(models: Sequence[ModelResult], name: str, kind: str,
                    for mr in models)
     if kind == "throughput":
         headers = ("Model", "Streams", "Output (tok/s)", "Req/s", "Decode/stream (tok/s)",
-                   "TTFT p50 (ms)", "p90", "p99", "Errors")
+                   "TTFT p50 (ms)", "p90", "p99", "Server queue (ms)", "Peak KV", "Errors")
     elif kind == "context":
-        headers = ("Model", "Tokens in", "TTFT (ms)", "Prefill (tok/s)", "Decode (tok/s)",
-                   "Tokens out", "Total (s)", "Failed")
+        headers = ("Model", "Tokens in", "TTFT (ms)", "Server TTFT (ms)", "Prefill (tok/s)",
+                   "Decode (tok/s)", "Tokens out", "Total (s)", "Failed")
     else:
-        headers = ("Model", "TTFT (ms)", *(("TTFO (ms)",) if thinking else ()), "Decode (tok/s)",
+        headers = ("Model", "TTFT (ms)", "Server TTFT (ms)", *(("TTFO (ms)",) if thinking else ()),
+                   "Decode (tok/s)",
                    "ITL p50/p99 (ms)", "Tokens in", "Tokens out", "Total (s)", "Roofline", "Failed")
     rows: list[tuple[str, ...]] = []
     notes: list[str] = []
@@ -1625,6 +1686,8 @@ def scenario_table(models: Sequence[ModelResult], name: str, kind: str,
             continue
         cell = lambda metric: _cell(mr, name, metric, winners)  # noqa: E731,B023
         failed = str(sr.failed) if sr.failed else ""
+        server = sr.server or {}
+        server_ttft = fmt_num(server.get("ttft_mean_ms"))
         tokens_out = fmt_stat(sr.summary.get("tokens_out"))
         if any(s.ok and s.tokens_out_exact is False for s in sr.samples):
             tokens_out += " (!)"
@@ -1636,7 +1699,8 @@ def scenario_table(models: Sequence[ModelResult], name: str, kind: str,
             rows.append((mr.spec.name, str(sr.scenario.concurrency), fmt_num(agg.get("output_tps"), 1),
                          fmt_num(agg.get("requests_per_s"), 2), cell("tps"),
                          fmt_num(ttft.median if ttft else None), fmt_num(ttft.p90 if ttft else None),
-                         fmt_num(ttft.p99 if ttft else None), str(agg.get("errors", 0))))
+                         fmt_num(ttft.p99 if ttft else None), fmt_num(server.get("queue_mean_ms")),
+                         fmt_pct(agg.get("peak_kv_cache_usage_perc")), str(agg.get("errors", 0))))
         elif kind == "context":
             tin = fmt_stat(sr.summary.get("tokens_in"))
             if sr.scenario.clamped:
@@ -1644,18 +1708,18 @@ def scenario_table(models: Sequence[ModelResult], name: str, kind: str,
                 notes.append(f"(c) {mr.spec.name}: {sr.scenario.requested_tokens_in} tokens do not "
                              f"fit its {mr.spec.max_context_tokens}-token context; clamped to "
                              f"{sr.scenario.target_tokens_in}")
-            rows.append((mr.spec.name, tin, cell("ttft_ms"), cell("prefill_tps"), cell("tps"),
-                         tokens_out, cell("total_s"), failed))
+            rows.append((mr.spec.name, tin, cell("ttft_ms"), server_ttft, cell("prefill_tps"),
+                         cell("tps"), tokens_out, cell("total_s"), failed))
         else:
             ceiling = roofline_tps(mr.spec, bandwidth_gbs)
             tps = sr.summary.get("tps")
             roof = f"{tps.mean / ceiling:.0%} of {ceiling:,.1f}" if ceiling and tps else "-"
             itl = sr.summary.get("itl_ms")
-            rows.append((mr.spec.name, cell("ttft_ms"), *((cell("ttfo_ms"),) if thinking else ()),
+            rows.append((mr.spec.name, cell("ttft_ms"), server_ttft,
+                         *((cell("ttfo_ms"),) if thinking else ()),
                          cell("tps"), f"{fmt_num(itl.median, 1)} / {fmt_num(itl.p99, 1)}" if itl else "-",
                          fmt_stat(sr.summary.get("tokens_in")), tokens_out, cell("total_s"), roof,
                          failed))
-        server = sr.server or {}
         if server.get("prefix_cache_hits") and kind != "throughput":
             notes.append(f"warning: {mr.spec.name}: the server reports {server['prefix_cache_hits']} "
                          "prefix-cache hit tokens during this cold scenario")
@@ -1694,15 +1758,65 @@ def format_results(report: Report, styled: bool = False) -> str:
     cfg = report.config
     lines = [f"{TOOL_NAME} {__version__}: {len(report.models)} model(s), "
              f"{cfg.iterations} iteration(s), started {report.started_at}",
-             f"hardware: {cfg.hardware} ({cfg.bandwidth_gbs:g} GB/s)"]
+             f"hardware: {cfg.hardware} ({cfg.bandwidth_gbs:g} GB/s), host {report.environment.get('host', '?')}"]
     env = report.environment
     if env.get("gpu"):
         lines.append(f"gpu: {env['gpu']}")
     parts = ["\n".join(lines), ""]
     for name, kind in scenario_names(report.models):
         parts.append(render_table(scenario_table(report.models, name, kind, cfg.bandwidth_gbs), styled))
+    curve = prefill_curve_table(report.models)
+    if curve is not None:
+        parts.append(render_table(curve, styled))
     parts.append(format_summary(report))
     return "\n".join(parts)
+
+
+def prefill_curve_table(models: Sequence[ModelResult]) -> TextTable | None:
+    """TTFT and prefill rate against context size: a row per model."""
+    sizes = [(name, sc) for mr in models for sr in mr.scenarios
+             if (sc := sr.scenario).kind == "context" and (name := sc.name)]
+    names = list(dict.fromkeys(name for name, _ in sizes))
+    if not names:
+        return None
+    rows = []
+    for mr in models:
+        cells = []
+        for name in names:
+            ttft = scenario_stat(mr, name, "ttft_ms")
+            rate = scenario_stat(mr, name, "prefill_tps")
+            cells.append(f"{fmt_num(ttft.mean)} ms, {fmt_num(rate.mean)} tok/s"
+                         if ttft and rate else "-")
+        if any(c != "-" for c in cells):
+            rows.append((mr.spec.name, *cells))
+    return TextTable("Prefill curve: mean TTFT and prefill rate by context size",
+                     ("Model", *names), tuple(rows))
+
+
+def format_model_environment(mr: ModelResult, bandwidth_gbs: float) -> list[str]:
+    """Where the numbers came from: server version, image, command, power."""
+    facts = []
+    if mr.server.get("version"):
+        facts.append(f"vLLM {mr.server['version']}")
+    if mr.lifecycle.get("image"):
+        digest = (mr.lifecycle.get("repo_digests") or [mr.lifecycle.get("image_id") or ""])[0]
+        facts.append(f"image {mr.lifecycle['image']}" + (f" ({digest})" if digest else ""))
+    if mr.server.get("chat_template_kwargs"):
+        facts.append(f"chat_template_kwargs {json.dumps(mr.server['chat_template_kwargs'])}")
+    ceiling = roofline_tps(mr.spec, bandwidth_gbs)
+    tps = scenario_stat(mr, "latency", "tps")
+    if ceiling:
+        achieved = f", achieved {tps.mean / ceiling:.0%}" if tps else ""
+        facts.append(f"decode roofline {ceiling:,.1f} tok/s{achieved}")
+    power = mr.lifecycle.get("power")
+    if power:
+        per_j = power.get("tokens_per_j")
+        facts.append(f"GPU {power['mean_w']:.0f} W mean, {power['energy_j'] / 1000:.1f} kJ"
+                     + (f", {per_j:.2f} tokens/J" if per_j else ""))
+    lines = [f"      {'; '.join(facts)}"] if facts else []
+    if mr.lifecycle.get("command"):
+        lines.append(f"      command: {' '.join(map(str, mr.lifecycle['command']))}")
+    return lines
 
 
 def format_summary(report: Report) -> str:
@@ -1714,6 +1828,7 @@ def format_summary(report: Report) -> str:
         if mr.error:
             line += f": {mr.error}"
         lines.append(line)
+        lines.extend(format_model_environment(mr, report.config.bandwidth_gbs))
         if mr.failure.get("log_tail"):
             lines.extend(f"      | {ln}" for ln in mr.failure["log_tail"][-5:])
     if report.interrupted:
@@ -2178,7 +2293,13 @@ async def measure_model(plan: Plan, result: ModelResult, events: Events, *,
                                             check_alive=check_alive, last_log=_last_log_line(watch))
             result.lifecycle["load_s"] = round(load_s, 2)
             events.info(f"{result.spec.name}: healthy after {load_s:.1f} s")
-        await benchmark_model(client, result, cfg, events, check_alive=check_alive)
+        with PowerSampler() as power:
+            try:
+                await benchmark_model(client, result, cfg, events, check_alive=check_alive)
+            finally:
+                tokens = sum(s.tokens_out or 0 for sr in result.scenarios for s in sr.samples if s.ok)
+                if (summary := power.summary(tokens)) is not None:
+                    result.lifecycle["power"] = summary
 
 
 def free_port(plan: Plan, compose: Compose, watch: DockerWatch, events: Events,

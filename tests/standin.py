@@ -48,6 +48,28 @@ ids`` for seen ids); an unseen id in range detokenizes to the word
 Generated text is one word per token: ``" tok<i>"`` for content and
 ``" think<i>"`` for reasoning, ``i`` being the token's index in the output.
 
+Output length and timing
+------------------------
+``n = max_tokens`` (``max_completion_tokens`` wins; default ``max_model_len -
+prompt``) with ``ignore_eos`` or when ``eos_after_tokens`` is None, else
+``min(max_tokens, max(min_tokens, eos_after_tokens))``; ``finish_reason`` is
+"length" when ``n == max_tokens``, else "stop".  The first
+``reasoning_tokens`` of those ``n`` are reasoning (unless
+``enable_thinking`` is false) and count as completion tokens, as in vLLM.
+
+As with uvicorn, the ``200`` head is sent at once.  The first SSE event (the
+role chunk) and the first token chunk are sent together when the prefill is
+over, at ``arrival + queueing + ttft_s + prefill_s_per_token * uncached``;
+later chunks follow every ``itl_s`` on a fixed schedule (no drift).  The
+server-side TTFT in ``/metrics`` runs from arrival to the first token write.
+
+Faults
+------
+``config.faults`` is consumed one name per chat request; a request header
+``X-Standin-Fault: NAME`` forces one instead (without consuming the list).
+See :data:`FAULT_NAMES`.  Mid-stream faults strike after
+``fault_after_chunks`` token chunks (never after the last one).
+
 Run standalone::
 
     python3 tests/standin.py --port 8000 --host 0.0.0.0 --model NAME \\
@@ -255,6 +277,7 @@ class StandinConfig:
     prefill_s_per_token: float = 0.0  # extra delay per prompt token not cached
     itl_s: float = 0.0  # delay between token chunks
     tokens_per_chunk: int = 1  # tokens carried by one chunk's delta
+    held_back_every: int = 0  # every Nth content chunk is sent as content "" (vLLM's held-back UTF-8)
     reasoning_tokens: int = 0  # first N output tokens are reasoning (0: not a thinking model)
     # Delta/message field for reasoning text: "reasoning_content" (vLLM <= 0.11),
     # "reasoning" (current vLLM), or "both" (vLLM ~0.11-0.15 sent both).
@@ -698,11 +721,18 @@ class _Job:
     def chunks(self) -> list[tuple[str, str, int]]:
         """(reasoning text, content text, token count) per chunk; at least one."""
         per = max(1, self.cfg.tokens_per_chunk)
+        every = self.cfg.held_back_every
         out: list[tuple[str, str, int]] = []
+        held = ""
         for start in range(0, self.n_out, per):
             stop = min(start + per, self.n_out)
             reasoning = "".join(f" think{i}" for i in range(start, min(stop, self.n_reasoning)))
-            content = "".join(f" tok{i}" for i in range(max(start, self.n_reasoning), stop))
+            content = held + "".join(f" tok{i}" for i in range(max(start, self.n_reasoning), stop))
+            held = ""
+            # vLLM holds back a token that ends inside a UTF-8 sequence and
+            # sends its chunk with content "": the text comes with the next one.
+            if every and content and not reasoning and stop < self.n_out and stop % every == 0:
+                held, content = content, ""
             out.append((reasoning, content, stop - start))
         return out or [("", "", 0)]
 

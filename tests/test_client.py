@@ -152,3 +152,13 @@ def test_concurrent_streams_give_the_scripted_aggregate(standin):
     starts = sorted(s.start_s for s in samples)
     assert starts[3] < 0.29 <= starts[4]  # the second wave starts only as the first ends
     assert all(s.ttft_ms >= 100.0 and 40.0 < s.tps < 250.0 for s in samples)  # scripted: 100
+
+
+def test_held_back_empty_tokens_count_like_vllm_sends_them(standin):
+    # vLLM sends a token that ends inside a UTF-8 sequence as content "".
+    srv = standin(held_back_every=1, itl_s=0.005, ttft_s=0.05)
+    s = run(one_request(srv, tokens_out=10))
+    rec = srv.records[-1]
+    assert s.ok and s.tokens_out == 10 and len(s.itl_ms) == 9  # one token per chunk
+    assert s.ttft_ms - (rec.first_token_at - rec.arrival) * 1000 < 35.0  # the empty chunk counts
+    assert s.ttfo_ms - s.ttft_ms >= 40.0  # the first text arrives with the last chunk

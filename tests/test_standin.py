@@ -59,9 +59,16 @@ class Reply:
         return [c for c in self.chunks if c.get("choices") and "role" not in c["choices"][0]["delta"]]
 
     @property
-    def usage(self) -> dict[str, Any] | None:
+    def has_usage(self) -> bool:
+        return any(c.get("choices") == [] and "usage" in c for c in self.chunks)
+
+    @property
+    def usage(self) -> dict[str, Any]:
+        """The final usage chunk's usage (fails the test if there is none)."""
         found = [c["usage"] for c in self.chunks if c.get("choices") == [] and "usage" in c]
-        return found[-1] if found else None
+        assert found, "no usage chunk"
+        usage: dict[str, Any] = found[-1]
+        return usage
 
     def text(self, key: str = "content") -> str:
         return "".join(c["choices"][0]["delta"].get(key, "") for c in self.token_chunks)
@@ -183,7 +190,7 @@ def test_tokenize_count_equals_prompt_tokens(server: StandinServer) -> None:
     reply = request(server, "POST", "/v1/chat/completions",
                     {"model": "standin", "messages": messages, "max_tokens": 3, "stream": True,
                      "stream_options": {"include_usage": True}})
-    assert reply.usage is not None and reply.usage["prompt_tokens"] == tok["count"]
+    assert reply.usage["prompt_tokens"] == tok["count"]
     # non-streaming agrees too
     body = request(server, "POST", "/v1/chat/completions",
                    {"model": "standin", "messages": messages, "max_tokens": 3}).json()
@@ -480,12 +487,12 @@ def test_error_event(server: StandinServer) -> None:
     errors = [c for c in reply.chunks if "error" in c]
     assert errors == [{"error": {"message": "Internal server error",
                                  "type": "InternalServerError", "param": None, "code": 500}}]
-    assert reply.events[-1][1] == "[DONE]" and reply.usage is None
+    assert reply.events[-1][1] == "[DONE]" and not reply.has_usage
 
 
 def test_no_usage(server: StandinServer) -> None:
     reply = chat(server, max_tokens=3, headers={FAULT_HEADER: "no_usage"})
-    assert reply.usage is None and len(reply.token_chunks) == 3
+    assert not reply.has_usage and len(reply.token_chunks) == 3
 
 
 def test_done_no_tokens(server: StandinServer) -> None:

@@ -1,0 +1,82 @@
+"""Power, prefill curve, roofline and environment lines in the report."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import stat
+
+import pytest
+
+import perftest_models as pm
+
+
+def fake_nvidia_smi(tmp_path, watts="150.5"):
+    # No GPU here: a stand-in nvidia-smi on PATH prints what the real one would.
+    path = tmp_path / "bin" / "nvidia-smi"
+    path.parent.mkdir()
+    path.write_text(f"#!/bin/sh\necho {watts}\n")
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    return path.parent
+
+
+def test_power_is_integrated_into_energy_and_tokens_per_joule(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", f"{fake_nvidia_smi(tmp_path)}{os.pathsep}{os.environ['PATH']}")
+    ticks = itertools.count(0.0, 2.0)  # virtual clock: 2 s between samples
+    sampler = pm.PowerSampler(interval_s=0.001, clock=lambda: next(ticks))
+    with sampler:
+        while len(sampler.samples) < 4:
+            pass
+    n = len(sampler.samples)
+    summary = sampler.summary(tokens=3000)
+    assert summary["mean_w"] == 150.5 and summary["samples"] == n
+    assert summary["energy_j"] == pytest.approx(150.5 * 2.0 * (n - 1))
+    assert summary["tokens_per_j"] == pytest.approx(3000 / (150.5 * 2.0 * (n - 1)), rel=1e-3)
+
+
+def test_power_is_absent_cleanly_without_nvidia_smi(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pm.PowerSampler(interval_s=0.001) as sampler:
+        pass
+    assert sampler.samples == [] and sampler.summary(100) is None
+
+
+def test_a_gpu_with_several_boards_adds_their_power(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", f"{fake_nvidia_smi(tmp_path, '100; echo 50')}{os.pathsep}"
+                       f"{os.environ['PATH']}")
+    assert pm.PowerSampler().read_w() == 150.0
+
+
+def result(name, ttfts, rates, tps=None, **spec):
+    mr = pm.ModelResult(pm.ModelSpec(name, None, name, 40000, **spec), status="ok")
+    if tps:
+        sc = pm.Scenario("latency", "latency", None, 500, len(tps))
+        mr.scenarios.append(pm.ScenarioResult(sc, (), {"tps": pm.summarize(tps)}))
+    for size, ttft, rate in zip((1000, 8000), ttfts, rates):
+        sc = pm.Scenario(f"context-{size // 1000}k", "context", size, 100, 1)
+        mr.scenarios.append(pm.ScenarioResult(sc, (), {"ttft_ms": pm.summarize([ttft]),
+                                                       "prefill_tps": pm.summarize([rate])}))
+    return mr
+
+
+def test_the_prefill_curve_has_a_column_per_context_size():
+    table = pm.prefill_curve_table([result("a", [100, 900], [10000, 8900]),
+                                    result("b", [50, 400], [20000, 20000])])
+    assert table.headers == ("Model", "context-1k", "context-8k")
+    assert table.rows == (("a", "100 ms, 10,000 tok/s", "900 ms, 8,900 tok/s"),
+                          ("b", "50 ms, 20,000 tok/s", "400 ms, 20,000 tok/s"))
+
+
+def test_the_summary_names_the_roofline_share_power_and_image():
+    mr = result("q", [1, 2], [1, 2], tps=[6.1, 6.2, 6.3], params_active_b=32.8, bytes_per_weight=1.0)
+    mr.server.update(version="0.11.0", chat_template_kwargs={"enable_thinking": False})
+    mr.lifecycle.update(image="vllm/vllm-openai:v0.11.0", repo_digests=["vllm@sha256:ab"],
+                        command=["Qwen/Qwen3-32B-FP8", "--max-model-len", "32000"],
+                        power={"mean_w": 140.0, "energy_j": 2500.0, "tokens_per_j": 0.5})
+    lines = pm.format_model_environment(mr, 273.0)
+    assert lines[0] == ("      vLLM 0.11.0; image vllm/vllm-openai:v0.11.0 (vllm@sha256:ab); "
+                        'chat_template_kwargs {"enable_thinking": false}; '
+                        "decode roofline 8.3 tok/s, achieved 74%; GPU 140 W mean, 2.5 kJ, 0.50 tokens/J")
+    assert lines[1] == "      command: Qwen/Qwen3-32B-FP8 --max-model-len 32000"
+    d = pm.model_to_dict(mr, 273.0)
+    assert d["roofline"] == {"bandwidth_gbs": 273.0, "ceiling_tps": 8.323, "achieved_pct": 74.5}
