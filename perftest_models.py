@@ -609,9 +609,17 @@ def _docker_daemon_hint(stderr: str) -> str | None:
     return None
 
 
-def find_compose_command(runner: Runner = subprocess.run) -> tuple[str, ...]:
-    """`docker compose` (v2) when present, else `docker-compose` (v1)."""
-    for argv in (("docker", "compose"), ("docker-compose",)):
+def find_compose_command(runner: Runner = subprocess.run,
+                         environ: Mapping[str, str] = os.environ) -> tuple[str, ...]:
+    """`docker compose` (v2) when present, else `docker-compose` (v1);
+    PERFTEST_COMPOSE="docker-compose" (or "docker compose") picks one."""
+    choices: tuple[tuple[str, ...], ...] = (("docker", "compose"), ("docker-compose",))
+    if environ.get("PERFTEST_COMPOSE"):
+        choices = (tuple(environ["PERFTEST_COMPOSE"].split()),)
+        if choices[0] not in (("docker", "compose"), ("docker-compose",)):
+            raise UsageError(f"PERFTEST_COMPOSE={environ['PERFTEST_COMPOSE']!r}: use "
+                             "'docker compose' or 'docker-compose'")
+    for argv in choices:
         if argv[0] == "docker" and shutil.which("docker") is None:
             continue
         if argv[0] == "docker-compose" and shutil.which("docker-compose") is None:
@@ -2282,15 +2290,17 @@ def _last_log_line(watch: DockerWatch) -> Callable[[], str | None]:
 
 
 async def measure_model(plan: Plan, result: ModelResult, events: Events, *,
-                        watch: DockerWatch | None = None) -> None:
-    """Wait for the server (when we started it), then benchmark the model."""
+                        watch: DockerWatch | None = None, t_up: float | None = None) -> None:
+    """Wait for the server (when we started it, at monotonic time `t_up`),
+    then benchmark the model."""
     cfg = plan.cfg
     streams = max(cfg.concurrency, default=1)
     async with http_client(plan.base_url, plan.api_key, cfg.request_timeout_s, streams) as client:
         check_alive = watch.check_alive if watch else None
         if watch is not None:
-            load_s = await wait_until_ready(client, result.spec, cfg.health_timeout_s, events,
-                                            check_alive=check_alive, last_log=_last_log_line(watch))
+            await wait_until_ready(client, result.spec, cfg.health_timeout_s, events,
+                                   check_alive=check_alive, last_log=_last_log_line(watch))
+            load_s = time.monotonic() - (t_up if t_up is not None else time.monotonic())
             result.lifecycle["load_s"] = round(load_s, 2)
             events.info(f"{result.spec.name}: healthy after {load_s:.1f} s")
         with PowerSampler() as power:
@@ -2334,12 +2344,13 @@ def run_model(plan: Plan, result: ModelResult, events: Events, compose: Compose 
     watch = DockerWatch(compose.file.project, service)
     free_port(plan, compose, watch, events)
     events.info(f"{result.spec.name}: starting {service}")
+    t_up = time.monotonic()  # the load time runs from here to healthy
     try:
         compose.up(service)  # inside try: an interrupt during `up` still stops it
         with contextlib.suppress(Exception):
             result.lifecycle.update(watch.image())
         result.lifecycle["service"] = service
-        asyncio.run(measure_model(plan, result, events, watch=watch))
+        asyncio.run(measure_model(plan, result, events, watch=watch, t_up=t_up))
     finally:
         with signals.held():
             try:

@@ -1,0 +1,237 @@
+"""The Compose lifecycle against a real Docker engine, through the tool's CLI.
+
+The services run the stand-in server (tests/standin.py) in a skeleton image
+that borrows the host's /usr (tests/support/images.py): no registry needed.
+Each test gets its own Compose project and port; nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from dockertools import (HERE, ROOT, compose_commands, docker_ready, free_port, new_project,
+                         project_containers, remove_project, require)
+
+pytestmark = [pytest.mark.slow, pytest.mark.docker, pytest.mark.timeout(300)]
+
+COMPOSE = HERE / "docker" / "compose.lifecycle.yml"
+MODELS = HERE / "docker" / "models.yml"
+
+
+@pytest.fixture(scope="module")
+def base_image():
+    require(docker_ready(), "no Docker engine reachable here")
+    from images import ensure_base_image
+
+    return ensure_base_image()
+
+
+@pytest.fixture(params=["docker compose", "docker-compose"])
+def compose_cmd(request, base_image):
+    require(request.param in compose_commands(), f"{request.param} is not installed")
+    return request.param
+
+
+class Run:
+    """One invocation of ./perftest_models.py in its own project and port."""
+
+    def __init__(self, tmp_path, compose_cmd="docker compose"):
+        self.project = new_project("ptlc")
+        self.port = free_port()
+        self.report_dir = tmp_path / "reports"
+        self.env = {**os.environ, "COMPOSE_PROJECT_NAME": self.project,
+                    "PERFTEST_COMPOSE": compose_cmd, "PERFTEST_PORT": str(self.port),
+                    "PERFTEST_TESTS_DIR": str(HERE), "PYTHONUNBUFFERED": "1"}
+
+    def argv(self, *models, extra=()):
+        only = [a for m in models for a in ("--only", m)]
+        return [sys.executable, str(ROOT / "perftest_models.py"), "--compose-file", str(COMPOSE),
+                "--models", str(MODELS), *only, "--port", str(self.port), "--iterations", "1",
+                "--context-sizes", "1k", "--health-timeout", "120", "--report-dir",
+                str(self.report_dir), *extra]
+
+    def __call__(self, *models, extra=()):
+        t0 = time.monotonic()
+        proc = subprocess.run(self.argv(*models, extra=extra), env=self.env, capture_output=True,
+                              text=True, timeout=240)
+        self.elapsed_s = time.monotonic() - t0
+        return proc
+
+    def compose(self, *args):
+        return subprocess.run([*self.env["PERFTEST_COMPOSE"].split(), "-f", str(COMPOSE), "-p",
+                               self.project, *args], env=self.env, capture_output=True, text=True,
+                              timeout=120)
+
+    def report(self):
+        (path,) = self.report_dir.glob("*.json")
+        return json.loads(path.read_text())
+
+    def model(self, name):
+        return next(m for m in self.report()["models"] if m["name"] == name)
+
+
+@pytest.fixture
+def run(tmp_path, base_image):
+    runs = []
+
+    def make(compose_cmd="docker compose"):
+        r = Run(tmp_path, compose_cmd)
+        runs.append(r)
+        return r
+
+    yield make
+    for r in runs:
+        remove_project(r.project)
+
+
+def test_two_models_are_started_measured_and_stopped_in_turn(run, compose_cmd):
+    r = run(compose_cmd)
+    proc = r("model-a", "model-b")
+    assert proc.returncode == 0, proc.stderr
+    label = "docker compose (v2)" if compose_cmd == "docker compose" else "docker-compose (v1)"
+    assert f"using {label}" in proc.stderr
+    err = proc.stderr
+    assert err.index("model-a: stopped svc-a") < err.index("model-b: starting svc-b")
+    for name in ("model-a", "model-b"):
+        m = r.model(name)
+        assert m["status"] == "ok", m["error"]
+        assert m["lifecycle"]["image"] == "perftest-base:local"
+        assert m["lifecycle"]["image_id"].startswith("sha256:")
+        assert m["lifecycle"]["load_s"] >= 1.0  # the stand-in "loads" for 1 s
+        assert m["lifecycle"]["command"][:2] == ["--model", name]
+        assert [s["name"] for s in m["scenarios"]] == ["latency", "context-1k"]
+        assert all(s["ok"] for sc in m["scenarios"] for s in sc["samples"])
+    assert project_containers(r.project) == []  # nothing left running
+
+
+def test_a_service_that_exits_during_load_fails_in_seconds_and_the_next_runs(run, compose_cmd):
+    r = run(compose_cmd)
+    proc = r("model-crash", "model-a")
+    assert proc.returncode == 1
+    crash = r.model("model-crash")
+    assert crash["status"] == "failed"
+    assert "exited with code 3" in crash["error"]
+    assert crash["failure"]["exit_code"] == 3 and crash["failure"]["oom_killed"] is False
+    assert any("exiting with code 3" in line for line in crash["failure"]["log_tail"])
+    assert r.model("model-a")["status"] == "ok"
+    assert r.elapsed_s < 90  # far from the 120 s health timeout: the exit was noticed
+    assert "exiting with code 3" in proc.stdout  # the log tail is in the report
+    assert project_containers(r.project) == []
+
+
+def test_an_oom_killed_service_is_reported_as_oom_killed(run):
+    r = run()
+    proc = r("model-oom")
+    assert proc.returncode == 1
+    m = r.model("model-oom")
+    assert m["failure"]["oom_killed"] is True and m["failure"]["exit_code"] == 137
+    assert "OOM-killed" in m["error"]
+
+
+def test_a_service_that_never_becomes_healthy_fails_at_the_health_timeout(run):
+    r = run()
+    proc = r("model-never", extra=("--health-timeout", "4"))
+    assert proc.returncode == 1
+    m = r.model("model-never")
+    assert "health check timeout after 4s" in m["error"]
+    assert "model-never: stopped svc-never" in proc.stderr
+    assert project_containers(r.project) == []
+
+
+def test_a_container_that_dies_mid_scenario_is_noticed_and_the_next_model_runs(run):
+    r = run()
+    proc = r("model-dies", "model-a", extra=("--context-sizes", "1k,2k,4k,8k",
+                                             "--iterations", "3"))
+    assert proc.returncode == 1
+    m = r.model("model-dies")
+    assert m["status"] == "failed" and "exited with code 7" in m["error"]
+    assert m["failure"]["exit_code"] == 7
+    assert m["scenarios"]  # what was measured before the death is kept
+    assert r.model("model-a")["status"] == "ok"
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143),
+                                          (signal.SIGHUP, 143)])
+def test_an_interrupt_mid_test_stops_the_container_and_keeps_the_report(run, signum, code):
+    r = run()
+    proc = subprocess.Popen(r.argv("model-slow", "model-dies"), env=r.env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    lines = []
+    healthy = threading.Event()
+
+    def read():
+        for line in proc.stderr:
+            lines.append(line)
+            if "model-slow: healthy" in line:
+                healthy.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    assert healthy.wait(120), "".join(lines)
+    time.sleep(1.5)  # inside the 10 s latency test
+    assert project_containers(r.project), "the service should be running now"
+    proc.send_signal(signum)
+    out, _ = proc.communicate(timeout=60)
+    reader.join(5)
+    assert proc.returncode == code, "".join(lines)
+    assert project_containers(r.project) == []
+    assert any("model-slow: stopped svc-slow" in line for line in lines)
+    report = r.report()
+    assert report["interrupted"] == signal.Signals(signum).name
+    statuses = {m["name"]: m["status"] for m in report["models"]}
+    assert statuses == {"model-slow": "interrupted", "model-dies": "skipped"}  # table order
+    assert (r.report_dir / (next(r.report_dir.glob("*.json")).stem + ".txt")).exists()
+    assert "interrupted by" in out
+
+
+def test_a_port_held_by_another_container_is_named_and_left_alone(run, base_image):
+    r = run()
+    name = f"not-ours-{r.project}"
+    subprocess.run(["docker", "run", "-d", "--name", name, "-p", f"127.0.0.1:{r.port}:8000",
+                    "-v", "/usr:/usr:ro", "-v", f"{HERE}:/app:ro", base_image, "/usr/bin/python3",
+                    "/app/standin.py", "--host", "0.0.0.0", "--port", "8000", "--quiet"],
+                   check=True, capture_output=True)
+    try:
+        for _ in range(100):
+            if subprocess.run(["docker", "port", name], capture_output=True).returncode == 0:
+                break
+            time.sleep(0.1)
+        time.sleep(1.0)
+        proc = r("model-a")
+        assert proc.returncode == 1
+        m = r.model("model-a")
+        assert f"port {r.port} is already in use by container {name}" in m["error"]
+        state = subprocess.run(["docker", "inspect", "-f", "{{.State.Running}}", name],
+                               capture_output=True, text=True, check=True).stdout.strip()
+        assert state == "true"  # never stop a container we do not manage
+    finally:
+        subprocess.run(["docker", "rm", "-f", name], capture_output=True)
+
+
+def test_a_port_held_by_a_plain_process_is_named(run):
+    from standin import StandinConfig, StandinServer
+
+    r = run()
+    with StandinServer(StandinConfig(quiet=True), port=r.port):
+        proc = r("model-a")
+    assert proc.returncode == 1
+    assert "a process that is not a container" in r.model("model-a")["error"]
+    assert project_containers(r.project) == []
+
+
+def test_a_running_inference_service_of_the_project_is_stopped_first(run):
+    r = run()
+    up = r.compose("up", "-d", "svc-b")
+    assert up.returncode == 0, up.stderr
+    proc = r("model-a")
+    assert proc.returncode == 0, proc.stderr
+    assert "stopping running inference services first: svc-b" in proc.stderr
+    assert project_containers(r.project) == []
