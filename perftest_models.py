@@ -1543,6 +1543,108 @@ def scenario_names(models: Sequence[ModelResult]) -> list[tuple[str, str]]:
 
 
 # ============================================================================
+# Saved reports: loading (the JSON edge)
+# ============================================================================
+
+
+def _known_fields(cls: type, data: Mapping[str, Any]) -> dict[str, Any]:
+    """The entries of `data` that are fields of dataclass `cls`: a key this
+    version does not know is ignored, a missing one takes its default."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in data.items() if k in names}
+
+
+def _check_numbers(data: Mapping[str, Any], keys: Iterable[str], where: str) -> None:
+    for key in keys:
+        value = data.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ValueError(f"{where}: {key} is {value!r}, not a number")
+
+
+def stat_from_dict(data: Mapping[str, Any], where: str = "summary") -> Stat:
+    _check_numbers(data, ("n", "mean", "stddev", "min", "max", "median", "p90", "p99"), where)
+    ci = data.get("ci95")
+    return Stat(**{**_known_fields(Stat, data), "ci95": (ci[0], ci[1]) if ci else None})
+
+
+def sample_from_dict(data: Mapping[str, Any]) -> Sample:
+    return Sample(**{**_known_fields(Sample, data), "itl_ms": tuple(data.get("itl_ms") or ())})
+
+
+def scenario_from_dict(data: Mapping[str, Any], where: str) -> ScenarioResult:
+    scenario = Scenario(
+        name=data["name"], kind=data["kind"], target_tokens_in=data.get("target_tokens_in"),
+        target_tokens_out=data["target_tokens_out"], requests=data["requests"],
+        concurrency=data.get("concurrency", 1), requested_tokens_in=data.get("requested_tokens_in"))
+    where = f"{where}/{scenario.name}"
+    aggregate = data.get("aggregate")
+    if aggregate is not None:
+        _check_numbers(aggregate, aggregate.keys(), f"{where}/aggregate")
+    return ScenarioResult(
+        scenario, tuple(sample_from_dict(s) for s in data["samples"]),
+        {k: stat_from_dict(v, f"{where}/{k}") for k, v in data["summary"].items()},
+        aggregate, data.get("server_metrics"))
+
+
+def model_from_dict(data: Mapping[str, Any]) -> ModelResult:
+    spec_fields = {k: v for k, v in _known_fields(ModelSpec, data.get("spec") or {}).items()
+                   if k not in ("name", "model_id", "service")}
+    spec = ModelSpec(name=data["name"], service=data.get("service"), model_id=data["model_id"],
+                     **spec_fields)
+    return ModelResult(spec, status=data["status"], error=data.get("error"),
+                       failure=dict(data.get("failure") or {}), server=dict(data.get("server") or {}),
+                       lifecycle=dict(data.get("lifecycle") or {}),
+                       scenarios=[scenario_from_dict(s, spec.name) for s in data["scenarios"]])
+
+
+def report_from_dict(data: Mapping[str, Any]) -> Report:
+    """The inverse of report_to_dict: a saved report back in the records a
+    run builds, so that comparing and exporting work the same on both.
+    Raises KeyError, TypeError or ValueError on a malformed document."""
+    config = {k: tuple(v) if isinstance(v, list) else v
+              for k, v in _known_fields(RunConfig, data["config"]).items()}
+    return Report(RunConfig(**config), data["started_at"],
+                  [model_from_dict(m) for m in data["models"]],
+                  environment=dict(data.get("environment") or {}),
+                  finished_at=data.get("finished_at"), interrupted=data.get("interrupted"))
+
+
+def load_report(path: Path, what: str = "report") -> Report:
+    """Read a JSON report this tool wrote; UsageError (one line that says what
+    to do) for a missing file, non-JSON, another tool's file, another
+    schema_version, or a damaged report."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"{what} {path} not found: check the path") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise UsageError(f"{what} {path} cannot be read ({why}): pass a .json report "
+                         f"that {TOOL_NAME} wrote") from None
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise UsageError(f"{what} {path} is not JSON ({exc}): pass a .json report "
+                         f"that {TOOL_NAME} wrote (docs/reports/*.json)") from None
+    tool = data.get("tool") if isinstance(data, dict) else None
+    name = tool.get("name") if isinstance(tool, dict) else None
+    if name != TOOL_NAME:
+        raise UsageError(f"{what} {path} is not a report of {TOOL_NAME} (tool.name is {name!r}): "
+                         f"pass a .json report that {TOOL_NAME} wrote (docs/reports/*.json)")
+    version = data.get("schema_version")
+    if isinstance(version, bool) or version != SCHEMA_VERSION:
+        raise UsageError(f"{what} {path} has schema_version {version!r}, but {TOOL_NAME} "
+                         f"{__version__} reads {SCHEMA_VERSION}: compare reports of the same "
+                         "schema (re-run the baseline with this version)")
+    try:
+        return report_from_dict(data)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+        why = f"missing {exc}" if isinstance(exc, KeyError) else str(exc)
+        raise UsageError(f"{what} {path} is a damaged {TOOL_NAME} report ({why}): "
+                         "use the file the run wrote, unedited") from None
+
+
+# ============================================================================
 # Rendering (pure: returns text)
 # ============================================================================
 
