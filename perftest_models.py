@@ -1645,6 +1645,209 @@ def load_report(path: Path, what: str = "report") -> Report:
 
 
 # ============================================================================
+# Comparison of saved reports (pure)
+# ============================================================================
+
+# Whole-level figures of a throughput scenario: one value per level, so no
+# spread. Their direction is declared here once, as METRICS does for samples.
+AGGREGATE_METRICS: dict[str, Metric] = {
+    m.key: m
+    for m in (
+        Metric("output_tps", "Throughput", "tok/s", True, 1),
+        Metric("requests_per_s", "Requests", "req/s", True, 2),
+    )
+}
+# Every metric with a direction can be compared; token counts cannot.
+COMPARED_METRICS: dict[str, Metric] = {
+    k: m for k, m in {**METRICS, **AGGREGATE_METRICS}.items() if m.higher_is_better is not None}
+# A change of more than this many percent, in the worse direction, regresses.
+# Metrics without a threshold are listed but not judged (--threshold adds one).
+DEFAULT_THRESHOLDS_PCT: dict[str, float] = {
+    "ttft_ms": 10.0, "tps": 5.0, "prefill_tps": 10.0, "total_s": 10.0, "output_tps": 5.0}
+
+REGRESSED, IMPROVED, NOISE, UNCHANGED = "regressed", "improved", "noise", "unchanged"
+NOT_GATED = "not gated"
+MISSING_IN_BASELINE, MISSING_IN_CANDIDATE = "missing in baseline", "missing in candidate"
+VERDICTS = (REGRESSED, IMPROVED, NOISE, UNCHANGED, NOT_GATED, MISSING_IN_BASELINE,
+            MISSING_IN_CANDIDATE)
+
+
+def parse_thresholds(text: str) -> dict[str, float | None]:
+    """'ttft_ms:10%,tps:5%' -> {'ttft_ms': 10.0, 'tps': 5.0}; 'ttfo_ms:off'
+    -> {'ttfo_ms': None} (stop judging it). ValueError says the expected form."""
+    rules: dict[str, float | None] = {}
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        metric, sep, value = (s.strip() for s in part.partition(":"))
+        if not sep or not metric or not value:
+            raise ValueError(f"{part!r} is not METRIC:PERCENT (e.g. ttft_ms:10%)")
+        if metric not in COMPARED_METRICS:
+            raise ValueError(f"unknown metric {metric!r}; known: {', '.join(COMPARED_METRICS)}")
+        if metric in rules:
+            raise ValueError(f"{metric} is given twice")
+        if value.lower() == "off":
+            rules[metric] = None
+            continue
+        if not value.endswith("%"):
+            raise ValueError(f"{part!r}: give the threshold in percent, e.g. {metric}:{value}%")
+        try:
+            pct = float(value[:-1])
+        except ValueError:
+            raise ValueError(f"{part!r}: {value!r} is not a percentage like 10%") from None
+        if not math.isfinite(pct) or pct < 0:
+            raise ValueError(f"{part!r}: the threshold must be a percentage >= 0")
+        rules[metric] = pct
+    if not rules:
+        raise ValueError("no thresholds given: expected e.g. ttft_ms:10%,tps:5%")
+    return rules
+
+
+def effective_thresholds(rules: Mapping[str, float | None]) -> dict[str, float]:
+    """The defaults with `rules` on top; a rule of None removes a metric."""
+    merged = {**DEFAULT_THRESHOLDS_PCT, **rules}
+    return {k: v for k, v in merged.items() if v is not None}
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """A saved report to compare a run against, and the thresholds to judge by."""
+
+    path: Path
+    report: Report
+    thresholds_pct: Mapping[str, float]
+
+
+@dataclass(frozen=True)
+class MetricChange:
+    """One metric of one model's scenario in the baseline and the candidate.
+
+    `change_pct` is (candidate - baseline) / baseline in percent, whatever the
+    metric's direction; `verdict` knows the direction. `tested` is False when
+    either side had a single value (no interval), so noise could not be told
+    from a change and the threshold alone decided.
+    """
+
+    model: str
+    scenario: str
+    metric: str
+    baseline: Stat | None
+    candidate: Stat | None
+    change_pct: float | None
+    threshold_pct: float | None
+    verdict: str
+    tested: bool
+
+
+@dataclass(frozen=True)
+class Comparison:
+    changes: tuple[MetricChange, ...]
+    thresholds_pct: Mapping[str, float]
+    notes: tuple[str, ...] = ()
+
+    @property
+    def regressions(self) -> tuple[MetricChange, ...]:
+        return tuple(c for c in self.changes if c.verdict == REGRESSED)
+
+    def counts(self) -> dict[str, int]:
+        """How many metrics got each verdict, in VERDICTS order, zeros left out."""
+        counted = {v: sum(c.verdict == v for c in self.changes) for v in VERDICTS}
+        return {v: n for v, n in counted.items() if n}
+
+
+def _overlap(a: tuple[float, float], b: tuple[float, float]) -> bool:
+    return a[0] <= b[1] and b[0] <= a[1]
+
+
+def judge_change(metric: str, baseline: Stat, candidate: Stat, threshold_pct: float | None
+                 ) -> tuple[str, float | None, bool]:
+    """(verdict, change in %, tested) for one metric present on both sides.
+
+    Within the threshold: unchanged. Past it (strictly more): noise when both
+    sides have a 95% interval of the mean and the intervals overlap (the
+    change is within the runs' own spread); otherwise improved or regressed by
+    the metric's direction. A single run has no interval, so the threshold
+    alone decides (`tested` False).
+    """
+    higher_is_better = COMPARED_METRICS[metric].higher_is_better
+    tested = baseline.ci95 is not None and candidate.ci95 is not None
+    base, cand = baseline.mean, candidate.mean
+    change = (cand - base) / abs(base) * 100 if base != 0 else None
+    if threshold_pct is None:
+        return NOT_GATED, change, tested
+    # 1e-9: a change of exactly the threshold stays unchanged despite float rounding
+    past = cand != base if change is None else abs(change) - threshold_pct > 1e-9
+    if not past:
+        return UNCHANGED, change, tested
+    if tested and _overlap(baseline.ci95, candidate.ci95):  # type: ignore[arg-type]
+        return NOISE, change, tested
+    better = (cand > base) == higher_is_better
+    return (IMPROVED if better else REGRESSED), change, tested
+
+
+def scenario_stats(sr: ScenarioResult | None) -> dict[str, Stat]:
+    """The comparable metrics of one scenario: the sample summaries with a
+    direction, and a throughput level's whole-level figures (single values)."""
+    if sr is None:
+        return {}
+    stats = {k: st for k, st in sr.summary.items() if k in COMPARED_METRICS}
+    for key in AGGREGATE_METRICS:
+        value = (sr.aggregate or {}).get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            stats[key] = summarize([float(value)])  # type: ignore[assignment]
+    return stats
+
+
+def _workload(sr: ScenarioResult) -> tuple[Any, ...]:
+    sc = sr.scenario
+    return (sc.kind, sc.target_tokens_in, sc.target_tokens_out, sc.concurrency)
+
+
+def compare_reports(baseline: Report, candidate: Report, thresholds_pct: Mapping[str, float]
+                    ) -> Comparison:
+    """Every model x scenario x metric present in either report, judged.
+
+    Models and scenarios come in the baseline's order, then the candidate's
+    new ones; what one side lacks is reported as missing, never raised.
+    """
+    base_models = {mr.spec.name: mr for mr in baseline.models}
+    cand_models = {mr.spec.name: mr for mr in candidate.models}
+    changes: list[MetricChange] = []
+    notes: list[str] = []
+    for model in dict.fromkeys([*base_models, *cand_models]):
+        base_sc = {sr.scenario.name: sr for sr in getattr(base_models.get(model), "scenarios", ())}
+        cand_sc = {sr.scenario.name: sr for sr in getattr(cand_models.get(model), "scenarios", ())}
+        for scenario in dict.fromkeys([*base_sc, *cand_sc]):
+            b_sr, c_sr = base_sc.get(scenario), cand_sc.get(scenario)
+            if b_sr and c_sr and _workload(b_sr) != _workload(c_sr):
+                notes.append(f"note: {model} {scenario}: the baseline measured "
+                             f"{describe_scenario(b_sr.scenario)}, the candidate "
+                             f"{describe_scenario(c_sr.scenario)}: not the same work")
+            b_stats, c_stats = scenario_stats(b_sr), scenario_stats(c_sr)
+            for metric in COMPARED_METRICS:
+                b, c = b_stats.get(metric), c_stats.get(metric)
+                if b is None and c is None:
+                    continue
+                threshold = thresholds_pct.get(metric)
+                if b is None or c is None:
+                    verdict = MISSING_IN_BASELINE if b is None else MISSING_IN_CANDIDATE
+                    changes.append(MetricChange(model, scenario, metric, b, c, None, threshold,
+                                                verdict, False))
+                    continue
+                verdict, change, tested = judge_change(metric, b, c, threshold)
+                changes.append(MetricChange(model, scenario, metric, b, c, change, threshold,
+                                            verdict, tested))
+    if any(not c.tested and c.verdict in (REGRESSED, IMPROVED) for c in changes):
+        notes.append("(untested) a single run on one side: no spread to tell noise from a "
+                     "change, so the threshold alone decided (use --iterations 3 or more)")
+    gpus = (baseline.environment.get("gpu"), candidate.environment.get("gpu"))
+    if gpus[0] != gpus[1]:
+        notes.append(f"note: the baseline ran on {gpus[0] or 'an unknown GPU'}, "
+                     f"the candidate on {gpus[1] or 'an unknown GPU'}")
+    return Comparison(tuple(changes), dict(thresholds_pct), tuple(dict.fromkeys(notes)))
+
+
+# ============================================================================
 # Rendering (pure: returns text)
 # ============================================================================
 
@@ -1821,6 +2024,97 @@ def format_summary(report: Report) -> str:
     if report.interrupted:
         lines.append(f"  interrupted by {report.interrupted}: the results above are partial")
     return "\n".join(lines) + "\n"
+
+
+# ============================================================================
+# Rendering comparisons (pure: returns text)
+# ============================================================================
+
+
+def fmt_change(pct: float | None) -> str:
+    return "-" if pct is None else f"{pct:+.1f}%"
+
+
+def metric_label(metric: str) -> str:
+    m = COMPARED_METRICS[metric]
+    return f"{m.label} ({m.unit})" if m.unit else m.label
+
+
+def verdict_text(c: MetricChange) -> str:
+    untested = not c.tested and c.verdict in (REGRESSED, IMPROVED)
+    return f"{c.verdict} (untested)" if untested else c.verdict
+
+
+COMPARISON_HEADERS = ("Model", "Metric", "Baseline", "Candidate", "Change", "Limit", "Verdict")
+
+
+def comparison_row(c: MetricChange) -> tuple[str, ...]:
+    """Model, metric, both values (mean ± stddev), change, threshold, verdict."""
+    digits = COMPARED_METRICS[c.metric].digits
+    limit = "-" if c.threshold_pct is None else f"{c.threshold_pct:g}%"
+    return (c.model, metric_label(c.metric), fmt_stat(c.baseline, digits),
+            fmt_stat(c.candidate, digits), fmt_change(c.change_pct), limit, verdict_text(c))
+
+
+def changes_by_scenario(comparison: Comparison) -> dict[str, list[MetricChange]]:
+    groups: dict[str, list[MetricChange]] = {}
+    for c in comparison.changes:
+        groups.setdefault(c.scenario, []).append(c)
+    return groups
+
+
+def comparison_tables(comparison: Comparison) -> list[TextTable]:
+    """One table per scenario: a row per model and metric."""
+    return [TextTable(scenario, COMPARISON_HEADERS, tuple(comparison_row(c) for c in changes))
+            for scenario, changes in changes_by_scenario(comparison).items()]
+
+
+def notable_changes(comparison: Comparison) -> list[MetricChange]:
+    """The changes past a threshold (regressed, improved, noise), worst first."""
+    order = {REGRESSED: 0, IMPROVED: 1, NOISE: 2}
+    return sorted((c for c in comparison.changes if c.verdict in order),
+                  key=lambda c: order[c.verdict])
+
+
+def report_label(name: str, report: Report) -> str:
+    """'base.json (started 2025-11-09T14:30:45+00:00, 2 models, 3 iterations)'."""
+    return (f"{name} (started {report.started_at}, {len(report.models)} model(s), "
+            f"{report.config.iterations} iteration(s))")
+
+
+def format_thresholds(thresholds_pct: Mapping[str, float]) -> str:
+    rules = ", ".join(f"{k}:{v:g}%" for k, v in thresholds_pct.items()) or "none"
+    return (f"thresholds: {rules}; past its threshold a change is noise when the 95% "
+            "intervals of the two means overlap; other metrics are not gated")
+
+
+def format_verdict_counts(comparison: Comparison) -> str:
+    counts = comparison.counts()
+    return "verdicts: " + (", ".join(f"{n} {v}" for v, n in counts.items()) or "nothing to compare")
+
+
+def regression_message(comparison: Comparison, limit: int = 5) -> str:
+    """One line naming the regressions: what a CI log shows on exit 3."""
+    regs = comparison.regressions
+    if not regs:
+        return "no metric regressed past its threshold"
+    items = [f"{c.model} {c.scenario} {c.metric} {fmt_change(c.change_pct)} "
+             f"(limit {c.threshold_pct:g}%)" for c in regs[:limit]]
+    more = f" and {len(regs) - limit} more" if len(regs) > limit else ""
+    return f"{len(regs)} metric(s) regressed past their threshold: {', '.join(items)}{more}"
+
+
+def format_comparison(comparison: Comparison, labels: tuple[str, str], styled: bool = False) -> str:
+    """The compare command's output: a table per scenario, notes, verdicts."""
+    head = [f"baseline:  {labels[0]}", f"candidate: {labels[1]}",
+            format_thresholds(comparison.thresholds_pct), ""]
+    parts = ["\n".join(head)]
+    parts.extend(render_table(t, styled) for t in comparison_tables(comparison))
+    tail = [*comparison.notes, format_verdict_counts(comparison),
+            f"REGRESSION: {regression_message(comparison)}" if comparison.regressions
+            else "no regression past a threshold"]
+    parts.append("\n".join(tail) + "\n")
+    return "\n".join(parts)
 
 
 # ============================================================================

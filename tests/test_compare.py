@@ -11,6 +11,7 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -73,6 +74,118 @@ def _damaged_stat() -> dict:
     doc = json.loads(REAL.read_text())
     doc["models"][0]["scenarios"][0]["summary"]["ttft_ms"]["mean"] = "fast"
     return doc
+
+
+# --- verdicts ---------------------------------------------------------------
+
+
+def test_known_changes_get_exact_verdicts_by_metric_direction():
+    missing_cand = {("beta", "latency", m): "missing in candidate" for m in FIXTURE_METRICS}
+    missing_cand |= {("alpha", "context-8k", m): "missing in candidate" for m in FIXTURE_METRICS}
+    missing_base = {("gamma", "latency", m): "missing in baseline" for m in FIXTURE_METRICS}
+    expected = {
+        ("alpha", "latency", "ttft_ms"): "regressed",  # 100 -> 130 ms, lower is better
+        ("alpha", "latency", "ttfo_ms"): "not gated",  # no default threshold
+        ("alpha", "latency", "tps"): "improved",  # 50 -> 56 tok/s, higher is better
+        ("alpha", "latency", "prefill_tps"): "regressed",  # 440 -> 339 tok/s
+        ("alpha", "latency", "total_s"): "unchanged",  # +2% within 10%
+        ("alpha", "context-1k", "ttft_ms"): "noise",  # +15%, but stddev 60: intervals overlap
+        ("alpha", "context-1k", "ttfo_ms"): "not gated",
+        ("alpha", "context-1k", "tps"): "regressed",  # -10% past 5%, tight intervals
+        ("alpha", "context-1k", "prefill_tps"): "noise",  # -14.5%, wide intervals
+        ("alpha", "context-1k", "total_s"): "unchanged",
+        ("alpha", "throughput-c4", "ttft_ms"): "unchanged",
+        ("alpha", "throughput-c4", "ttfo_ms"): "not gated",
+        ("alpha", "throughput-c4", "tps"): "unchanged",
+        ("alpha", "throughput-c4", "prefill_tps"): "unchanged",
+        ("alpha", "throughput-c4", "total_s"): "unchanged",
+        ("alpha", "throughput-c4", "output_tps"): "regressed (untested)",  # one value per level
+        ("alpha", "throughput-c4", "requests_per_s"): "not gated",
+        **missing_cand, **missing_base,
+    }
+    assert verdicts(compare_files(BASE, CAND)) == expected
+
+
+def test_a_threshold_set_to_off_stops_judging_that_metric():
+    judged = verdicts(compare_files(BASE, CAND, {"ttft_ms": None}))
+    assert judged[("alpha", "latency", "ttft_ms")] == "not gated"
+    assert judged[("alpha", "latency", "prefill_tps")] == "regressed"
+
+
+def test_a_tighter_threshold_can_add_a_metric_to_the_gate():
+    judged = verdicts(compare_files(BASE, CAND, {"ttfo_ms": 10.0}))
+    assert judged[("alpha", "latency", "ttfo_ms")] == "regressed"
+
+
+def test_a_candidate_whose_models_all_failed_is_reported_missing_and_does_not_gate(tmp_path):
+    doc = json.loads(CAND.read_text())
+    for m in doc["models"]:
+        m["status"], m["error"], m["scenarios"] = "failed", "container exited with code 137", []
+    comparison = compare_files(BASE, _write(tmp_path, "failed.json", doc))
+    assert {c.verdict for c in comparison.changes} == {"missing in candidate"}
+    assert comparison.regressions == ()
+
+
+def test_different_work_and_different_gpus_are_noted():
+    base, cand = pm.load_report(BASE), json.loads(CAND.read_text())
+    cand["models"][0]["scenarios"][1]["target_tokens_in"] = 2000
+    cand["environment"]["gpu"] = "NVIDIA H200"
+    comparison = pm.compare_reports(base, pm.report_from_dict(cand), pm.DEFAULT_THRESHOLDS_PCT)
+    assert any(n.startswith("note: alpha context-1k: the baseline measured context-1k: 1000 tokens "
+                            "in") and n.endswith("not the same work") for n in comparison.notes)
+    assert "note: the baseline ran on an unknown GPU, the candidate on NVIDIA H200" in comparison.notes
+
+
+@pytest.mark.parametrize("metric, base, cand, expected", [
+    ("ttft_ms", 100, 120, "regressed"),  # lower is better
+    ("ttft_ms", 100, 80, "improved"),
+    ("tps", 100, 120, "improved"),  # higher is better
+    ("tps", 100, 80, "regressed"),
+    ("ttft_ms", 100, 110, "unchanged"),  # exactly the threshold is within it
+    ("ttft_ms", 0.3, 0.33, "unchanged"),  # ... despite float rounding
+    ("ttft_ms", 100, 110.1, "regressed"),
+])
+def test_judging_follows_each_metrics_direction_and_the_threshold(metric, base, cand, expected):
+    verdict, _, tested = pm.judge_change(metric, stat(base), stat(cand), 10.0)
+    assert (verdict, tested) == (expected, False)
+
+
+def test_a_single_run_beside_many_is_judged_untested_even_inside_the_others_interval():
+    many = stat(100, 130, 70)  # interval roughly 25..175
+    verdict, change, tested = pm.judge_change("ttft_ms", many, stat(120), 10.0)
+    assert (verdict, round(change, 1), tested) == ("regressed", 20.0, False)
+
+
+def test_overlapping_intervals_past_the_threshold_are_noise_and_disjoint_ones_are_not():
+    assert pm.judge_change("tps", stat(100, 90, 110), stat(120, 110, 130), 5.0)[0] == "noise"
+    assert pm.judge_change("tps", stat(100, 99, 101), stat(120, 119, 121), 5.0)[0] == "improved"
+
+
+# --- thresholds -------------------------------------------------------------
+
+
+def test_thresholds_parse_pytest_benchmark_style_rules():
+    assert pm.parse_thresholds("ttft_ms:10%,tps:5%") == {"ttft_ms": 10.0, "tps": 5.0}
+    assert pm.parse_thresholds(" ttft_ms : 7.5% , ttfo_ms:OFF ,") == {"ttft_ms": 7.5, "ttfo_ms": None}
+    merged = pm.effective_thresholds({"ttft_ms": 7.5, "tps": None, "itl_ms": 20.0})
+    assert merged == {"ttft_ms": 7.5, "prefill_tps": 10.0, "total_s": 10.0, "output_tps": 5.0,
+                      "itl_ms": 20.0}
+
+
+@pytest.mark.parametrize("text, message", [
+    ("ttft_ms:10", r"give the threshold in percent, e.g. ttft_ms:10%"),
+    ("ttft:10%", r"unknown metric 'ttft'; known: ttft_ms, ttfo_ms, tps"),
+    ("tokens_in:5%", r"unknown metric 'tokens_in'"),  # no direction: cannot regress
+    ("ttft_ms:-1%", r"must be a percentage >= 0"),
+    ("ttft_ms:nan%", r"must be a percentage >= 0"),
+    ("ttft_ms:fast%", r"'fast%' is not a percentage like 10%"),
+    ("ttft_ms:10%,ttft_ms:5%", r"ttft_ms is given twice"),
+    ("ttft_ms", r"'ttft_ms' is not METRIC:PERCENT"),
+    (" , ", r"no thresholds given"),
+])
+def test_a_malformed_threshold_is_refused_with_the_expected_form(text, message):
+    with pytest.raises(ValueError, match=message):
+        pm.parse_thresholds(text)
 
 
 # --- --baseline on a run ----------------------------------------------------
