@@ -2118,6 +2118,410 @@ def format_comparison(comparison: Comparison, labels: tuple[str, str], styled: b
 
 
 # ============================================================================
+# Exports (pure: return text/bytes)
+# ============================================================================
+
+
+@dataclass(frozen=True)
+class ExportTargets:
+    """Where the exports go: a file path, '-' for stdout, or None (not wanted)."""
+
+    markdown: str | None = None
+    csv: str | None = None
+    html: str | None = None
+    charts: Path | None = None  # a folder for the PNG files
+
+    @property
+    def to_stdout(self) -> str | None:
+        """The option whose export takes stdout (at most one may)."""
+        return next((f"--{k}" for k in ("markdown", "csv", "html") if getattr(self, k) == "-"), None)
+
+
+def _md_cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ") or " "
+
+
+def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    """A GitHub-flavoured Markdown table; the first column left, the rest right."""
+    lines = ["| " + " | ".join(_md_cell(h) for h in headers) + " |",
+             "|" + "|".join(":---" if i == 0 else "---:" for i in range(len(headers))) + "|"]
+    lines.extend("| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows)
+    return "\n".join(lines) + "\n"
+
+
+def _md_notes(notes: Iterable[str]) -> str:
+    return "".join(f"- {_md_cell(n)}\n" for n in notes)
+
+
+def _run_line(report: Report) -> str:
+    cfg = report.config
+    gpu = report.environment.get("gpu")
+    return (f"{TOOL_NAME} {__version__}: {len(report.models)} model(s), {cfg.iterations} "
+            f"iteration(s), started {report.started_at}; hardware {cfg.hardware} "
+            f"({cfg.bandwidth_gbs:g} GB/s)" + (f"; gpu {gpu}" if gpu else ""))
+
+
+def _status_line(mr: ModelResult) -> str:
+    line = f"{mr.spec.name}: {mr.status}"
+    if mr.lifecycle.get("load_s") is not None:
+        line += f", loaded in {mr.lifecycle['load_s']:.1f} s"
+    return line + (f": {mr.error}" if mr.error else "")
+
+
+def format_comparison_markdown(comparison: Comparison, labels: tuple[str, str]) -> str:
+    """For a PR comment: the verdict, the changes past a threshold, and every
+    metric in a collapsed <details> block."""
+    regs = comparison.regressions
+    verdict = (f"**REGRESSION**: {regression_message(comparison)}" if regs
+               else "**No regression** past a threshold")
+    parts = [f"## Comparison with the baseline\n\n{verdict}\n",
+             f"- baseline: `{labels[0]}`\n- candidate: `{labels[1]}`\n"
+             f"- {_md_cell(format_thresholds(comparison.thresholds_pct))}\n"
+             f"- {format_verdict_counts(comparison)}\n"]
+    notable = notable_changes(comparison)
+    parts.append("### Changes past a threshold\n")
+    parts.append(markdown_table(("Scenario", *COMPARISON_HEADERS),
+                                ((c.scenario, *comparison_row(c)) for c in notable))
+                 if notable else "None: every judged metric is within its threshold.\n")
+    details = [f"<details><summary>Every metric ({len(comparison.changes)} rows)</summary>\n"]
+    for t in comparison_tables(comparison):
+        details.append(f"#### {t.title}\n\n{markdown_table(t.headers, t.rows)}")
+    details.append("</details>\n")
+    parts.append("\n".join(details))
+    if comparison.notes:
+        parts.append(_md_notes(comparison.notes))
+    return "\n".join(parts)
+
+
+def format_markdown(report: Report, comparison: Comparison | None = None,
+                    labels: tuple[str, str] | None = None) -> str:
+    """The results as Markdown (a PR comment or a wiki page): the comparison
+    first when there is one, then a table per scenario and the model status."""
+    parts = [f"# {TOOL_NAME} results\n\n{_run_line(report)}\n"]
+    if comparison is not None:
+        parts.append(format_comparison_markdown(comparison, labels or ("baseline", "candidate")))
+    for name, kind in scenario_names(report.models):
+        t = scenario_table(report.models, name, kind, report.config.bandwidth_gbs)
+        parts.append(f"### {t.title}\n\n{markdown_table(t.headers, t.rows)}"
+                     + (f"\n{_md_notes(t.notes)}" if t.notes else ""))
+    parts.append("### Models\n\n" + "".join(f"- {_md_cell(_status_line(mr))}\n"
+                                            for mr in report.models))
+    if report.interrupted:
+        parts.append(f"Interrupted by {report.interrupted}: the results are partial.\n")
+    return "\n".join(parts)
+
+
+CSV_SAMPLE_FIELDS = tuple(f.name for f in dataclasses.fields(Sample) if f.name != "itl_ms")
+
+
+def _csv_value(value: Any) -> Any:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return _round(value)
+
+
+def format_csv(report: Report) -> str:
+    """One row per sample (request): model, scenario, iteration (1-based,
+    the request's index within a throughput level), then every Sample field
+    but the per-token itl_ms. Numbers are rounded as in the JSON report."""
+    import csv  # noqa: PLC0415
+    import io  # noqa: PLC0415
+
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(("model", "scenario", "iteration", *CSV_SAMPLE_FIELDS))
+    for mr in report.models:
+        for sr in mr.scenarios:
+            for i, s in enumerate(sr.samples, 1):
+                writer.writerow((mr.spec.name, sr.scenario.name, i,
+                                 *(_csv_value(getattr(s, f)) for f in CSV_SAMPLE_FIELDS)))
+    return buf.getvalue()
+
+
+@dataclass(frozen=True)
+class Series:
+    """One line or set of bars: y (with optional error bars) against x.
+    For bar charts x holds category indices. `color` indexes CHART_COLORS, so
+    a model keeps its colour across charts; a baseline series is drawn dashed
+    or hatched in its model's colour."""
+
+    label: str
+    x: tuple[float, ...]
+    y: tuple[float, ...]
+    yerr: tuple[float, ...] | None = None
+    color: int = 0
+    baseline: bool = False
+
+
+@dataclass(frozen=True)
+class Chart:
+    name: str  # the PNG's file stem
+    kind: str  # "line" | "bars"
+    title: str
+    xlabel: str
+    ylabel: str
+    series: tuple[Series, ...]
+    categories: tuple[str, ...] = ()  # bars: the x tick labels
+    x_format: str = "plain"  # "plain" | "kilo" (1000 -> 1k) | "log2" (concurrency levels)
+
+
+CHART_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
+                "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
+
+
+def _stat_err(st: Stat) -> float:
+    return st.stddev if st.stddev is not None else 0.0
+
+
+def chart_data(report: Report, baseline: Report | None = None) -> tuple[Chart, ...]:
+    """The charts' numbers (pure): the prefill curve (TTFT against input
+    tokens, per model), decode tokens/s per model and scenario (mean ±
+    stddev), and aggregate output tokens/s against concurrency when there are
+    throughput levels. With a baseline, each model also gets a baseline series."""
+    runs = [(False, report)] + ([(True, baseline)] if baseline is not None else [])
+    # Models in the comparison's order: the baseline's, then the candidate's new ones.
+    names = list(dict.fromkeys(mr.spec.name for _, r in reversed(runs) for mr in r.models))
+    color = {n: i % len(CHART_COLORS) for i, n in enumerate(names)}
+    ordered = sorted(((is_base, mr) for is_base, r in runs for mr in r.models),
+                     key=lambda e: (names.index(e[1].spec.name), e[0]))
+
+    def label(mr: ModelResult, is_base: bool) -> str:
+        return f"{mr.spec.name} (baseline)" if is_base else mr.spec.name
+
+    prefill, throughput, decode = [], [], []
+    categories = list(dict.fromkeys(
+        sr.scenario.name for _, r in runs for mr in r.models for sr in mr.scenarios
+        if sr.scenario.kind != "throughput" and "tps" in sr.summary))
+    for is_base, mr in ordered:
+        points = []
+        for sr in mr.scenarios:
+            ttft, tin = sr.summary.get("ttft_ms"), sr.summary.get("tokens_in")
+            if sr.scenario.kind == "context" and ttft is not None:
+                points.append((tin.mean if tin else float(sr.scenario.target_tokens_in or 0), ttft))
+        if points:
+            points.sort(key=lambda p: p[0])
+            prefill.append(Series(label(mr, is_base), tuple(p[0] for p in points),
+                                  tuple(p[1].mean for p in points),
+                                  tuple(_stat_err(p[1]) for p in points), color[mr.spec.name], is_base))
+        levels = sorted((sr.scenario.concurrency, sr.aggregate["output_tps"]) for sr in mr.scenarios
+                        if sr.scenario.kind == "throughput" and sr.aggregate
+                        and isinstance(sr.aggregate.get("output_tps"), (int, float)))
+        if levels:
+            throughput.append(Series(label(mr, is_base), tuple(float(c) for c, _ in levels),
+                                     tuple(float(v) for _, v in levels), None,
+                                     color[mr.spec.name], is_base))
+        bars = [(categories.index(sr.scenario.name), sr.summary["tps"]) for sr in mr.scenarios
+                if sr.scenario.name in categories and "tps" in sr.summary]
+        if bars:
+            decode.append(Series(label(mr, is_base), tuple(float(i) for i, _ in bars),
+                                 tuple(st.mean for _, st in bars), tuple(_stat_err(st) for _, st in bars),
+                                 color[mr.spec.name], is_base))
+    charts = []
+    if prefill:
+        charts.append(Chart("prefill-ttft", "line", "Prefill: time to first token against context size",
+                            "Context (input tokens)", "TTFT (ms), mean ± stddev", tuple(prefill),
+                            x_format="kilo"))
+    if decode:
+        charts.append(Chart("decode-tps", "bars", "Decode speed per request",
+                            "Scenario", "Decode (tok/s), mean ± stddev", tuple(decode),
+                            categories=tuple(categories)))
+    if throughput:
+        charts.append(Chart("throughput", "line", "Throughput against concurrency",
+                            "Concurrent streams",
+                            "Output (tok/s, all streams)", tuple(throughput), x_format="log2"))
+    return tuple(charts)
+
+
+def draw_chart(chart: Chart) -> Any:
+    """A matplotlib Figure of one chart, drawn on the Agg canvas (no pyplot,
+    no display, no global state). matplotlib is the optional `charts` extra."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415
+    from matplotlib.figure import Figure  # noqa: PLC0415
+    from matplotlib.ticker import FuncFormatter, NullLocator, ScalarFormatter  # noqa: PLC0415
+
+    fig = Figure(figsize=(8, 4.5), dpi=120, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    if chart.kind == "bars":
+        width = 0.8 / max(1, len(chart.series))
+        for i, s in enumerate(chart.series):
+            c = CHART_COLORS[s.color]
+            xs = [x - 0.4 + width * (i + 0.5) for x in s.x]
+            bars = ax.bar(xs, s.y, width, yerr=s.yerr, capsize=3, label=s.label, color=c,
+                          edgecolor=c, alpha=0.45 if s.baseline else 0.9,
+                          hatch="//" if s.baseline else None, error_kw={"elinewidth": 1.2})
+            if len(chart.series) * len(chart.categories) <= 15:  # else the labels collide
+                ax.bar_label(bars, labels=[f"{y:.1f}" if y < 100 else f"{y:,.0f}" for y in s.y],
+                             padding=2, fontsize=8)
+        ax.set_xticks(range(len(chart.categories)), chart.categories)
+        ax.grid(True, axis="y", alpha=0.3)
+    else:
+        for s in chart.series:
+            ax.errorbar(s.x, s.y, yerr=s.yerr, label=s.label, color=CHART_COLORS[s.color],
+                        marker="s" if s.baseline else "o", linestyle="--" if s.baseline else "-",
+                        alpha=0.6 if s.baseline else 1.0, capsize=4, linewidth=2, markersize=6)
+        ax.grid(True, alpha=0.3)
+    if chart.x_format == "kilo":
+        ax.set_xlim(left=0)
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1000:g}k" if v else "0"))
+    elif chart.x_format == "log2":
+        levels = sorted({x for s in chart.series for x in s.x})
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(levels)
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_locator(NullLocator())
+        if len(levels) == 1:
+            ax.set_xlim(levels[0] / 2, levels[0] * 2)
+    ax.set_ylim(bottom=0)
+    ax.set_title(chart.title, fontsize=12)
+    ax.set_xlabel(chart.xlabel)
+    ax.set_ylabel(chart.ylabel)
+    fig.legend(loc="outside right upper", fontsize=9)
+    return fig
+
+
+def figure_png(fig: Any) -> bytes:
+    """The figure as PNG bytes, without the Software stamp (reproducible files)."""
+    import io  # noqa: PLC0415
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})
+    return buf.getvalue()
+
+
+def render_charts(report: Report, baseline: Report | None = None) -> dict[str, bytes]:
+    """{'prefill-ttft.png': PNG bytes, ...} for every chart the data allows."""
+    return {f"{c.name}.png": figure_png(draw_chart(c)) for c in chart_data(report, baseline)}
+
+
+_HTML_CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;
+  margin:1.5rem auto;max-width:1200px;padding:0 1rem;color:#1f2328;line-height:1.45}
+h1{font-size:1.7rem;margin:0 0 .3rem} h2{font-size:1.3rem;margin-top:2rem;
+  border-bottom:1px solid #d0d7de;padding-bottom:.25rem} h3{font-size:1.05rem;margin:1.2rem 0 .3rem}
+.meta,.notes{color:#57606a;font-size:.9rem} .notes{margin:.2rem 0 1rem;padding-left:1.2rem}
+table{border-collapse:collapse;margin:.4rem 0 .6rem;font-size:.88rem}
+th,td{border:1px solid #d0d7de;padding:.28rem .6rem;white-space:nowrap;text-align:right}
+th{background:#f6f8fa} .l{text-align:left}
+.banner{padding:.8rem 1rem;border-radius:6px;font-size:1.1rem;font-weight:600;margin:.6rem 0}
+.bad{background:#ffebe9;color:#82071e;border:1px solid #ff8182}
+.good{background:#dafbe1;color:#116329;border:1px solid #4ac26b}
+tr.regressed td{background:#ffebe9} tr.regressed td.v{color:#82071e;font-weight:600}
+tr.improved td{background:#dafbe1} tr.improved td.v{color:#116329;font-weight:600}
+tr.noise td{background:#fff8c5} tr.missing td{color:#9a6700;font-style:italic}
+figure{margin:1rem 0 1.5rem} figure img{max-width:100%;border:1px solid #d0d7de;border-radius:4px}
+figcaption{color:#57606a;font-size:.9rem} details{margin:.6rem 0} summary{cursor:pointer;font-weight:600}
+footer{margin-top:2.5rem;color:#57606a;font-size:.8rem} .win{color:#bf8700;font-weight:700}
+"""
+
+
+def _html_table(headers: Sequence[str], rows: Iterable[Sequence[str]], *,
+                left: Iterable[int] = (0,), row_classes: Iterable[str] | None = None) -> str:
+    from html import escape  # noqa: PLC0415
+
+    left = set(left)
+    classes = list(row_classes) if row_classes is not None else None
+    cls = lambda i: ' class="l"' if i in left else ""  # noqa: E731
+    head = "".join(f"<th{cls(i)}>{escape(h)}</th>" for i, h in enumerate(headers))
+    body = []
+    for n, row in enumerate(rows):
+        tr = f' class="{classes[n]}"' if classes else ""
+        cells = "".join(f"<td{_td_class(i in left, classes is not None and i == len(row) - 1)}>"
+                        f"{_html_text(c)}</td>" for i, c in enumerate(row))
+        body.append(f"<tr{tr}>{cells}</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>\n"
+
+
+def _html_text(text: str) -> str:
+    """Escaped text; the trophy becomes a star that every font has (a page
+    viewed where no emoji font is installed would show a box)."""
+    from html import escape  # noqa: PLC0415
+
+    return escape(text).replace(TROPHY, '<span class="win" title="winner">\u2605</span>')
+
+
+def _td_class(left: bool, verdict: bool) -> str:
+    names = " ".join(n for n, on in (("l", left), ("v", verdict)) if on)
+    return f' class="{names}"' if names else ""
+
+
+def _html_notes(notes: Iterable[str]) -> str:
+    items = "".join(f"<li>{_html_text(n)}</li>" for n in notes)
+    return f'<ul class="notes">{items}</ul>\n' if items else ""
+
+
+def _verdict_class(c: MetricChange) -> str:
+    return "missing" if c.verdict.startswith("missing") else c.verdict.replace(" ", "-")
+
+
+def _html_comparison(comparison: Comparison, labels: tuple[str, str]) -> str:
+    from html import escape  # noqa: PLC0415
+
+    regs = comparison.regressions
+    banner = (f'<div class="banner bad">REGRESSION: {len(regs)} metric(s) regressed past their '
+              "threshold</div>" if regs else '<div class="banner good">No regression past a threshold</div>')
+    parts = ["<h2>Comparison with the baseline</h2>", banner,
+             f'<p class="meta">baseline: {escape(labels[0])}<br>candidate: {escape(labels[1])}<br>'
+             f"{escape(format_thresholds(comparison.thresholds_pct))}<br>"
+             f"{escape(format_verdict_counts(comparison))}</p>",
+             "<h3>Changes past a threshold</h3>"]
+    notable = notable_changes(comparison)
+    left = (0, 1, 2, 7)
+    parts.append(_html_table(("Scenario", *COMPARISON_HEADERS),
+                             [(c.scenario, *comparison_row(c)) for c in notable], left=left,
+                             row_classes=[_verdict_class(c) for c in notable])
+                 if notable else "<p>None: every judged metric is within its threshold.</p>")
+    parts.append(f"<details><summary>Every metric ({len(comparison.changes)} rows)</summary>")
+    for scenario, changes in changes_by_scenario(comparison).items():
+        parts.append(f"<h3>{escape(scenario)}</h3>")
+        parts.append(_html_table(COMPARISON_HEADERS, [comparison_row(c) for c in changes],
+                                 left=(0, 1, 6), row_classes=[_verdict_class(c) for c in changes]))
+    parts.append("</details>")
+    parts.append(_html_notes(comparison.notes))
+    return "\n".join(parts)
+
+
+def format_html(report: Report, charts: Mapping[str, bytes], comparison: Comparison | None = None,
+                labels: tuple[str, str] | None = None) -> str:
+    """One self-contained HTML page: inline CSS, charts as base64 PNG, no
+    script and no network reference, so it opens anywhere, offline."""
+    import base64  # noqa: PLC0415
+    from html import escape  # noqa: PLC0415
+
+    titles = {f"{c.name}.png": c.title for c in chart_data(report)}
+    parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+             '<meta name="viewport" content="width=device-width, initial-scale=1">',
+             f"<title>{escape(TOOL_NAME)} report {escape(report.started_at)}</title>",
+             f"<style>{_HTML_CSS}</style></head><body>",
+             f"<h1>{escape(TOOL_NAME)} report</h1>", f'<p class="meta">{escape(_run_line(report))}</p>']
+    if comparison is not None:
+        parts.append(_html_comparison(comparison, labels or ("baseline", "candidate")))
+    if charts:
+        parts.append("<h2>Charts</h2>")
+        if comparison is not None:
+            parts.append('<p class="meta">Dashed lines and hatched bars: the baseline.</p>')
+    for name, png in charts.items():
+        title = titles.get(name, name)
+        data = base64.b64encode(png).decode("ascii")
+        parts.append(f'<figure><img alt="{escape(title)}" src="data:image/png;base64,{data}">'
+                     f"<figcaption>{escape(title)}</figcaption></figure>")
+    parts.append("<h2>Results</h2>")
+    for name, kind in scenario_names(report.models):
+        t = scenario_table(report.models, name, kind, report.config.bandwidth_gbs)
+        parts.append(f"<h3>{escape(t.title)}</h3>")
+        parts.append(_html_table(t.headers, t.rows) + _html_notes(t.notes))
+    parts.append("<h2>Models</h2>")
+    parts.append(_html_notes(_status_line(mr) for mr in report.models).replace(' class="notes"', ""))
+    if report.interrupted:
+        parts.append(f"<p>Interrupted by {escape(report.interrupted)}: the results are partial.</p>")
+    parts.append(f"<footer>{escape(TOOL_NAME)} {escape(__version__)}: one file, no network "
+                 "needed to view it.</footer></body></html>\n")
+    return "\n".join(parts)
+
+
+# ============================================================================
 # Output: JSON report, files
 # ============================================================================
 

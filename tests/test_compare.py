@@ -7,7 +7,11 @@ real-standin.json is a real report of a run against the stand-in server.
 
 from __future__ import annotations
 
+import base64
+import csv
+import io
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -197,3 +201,103 @@ def _plan(tmp_path: Path, baseline: Path | None, exports: pm.ExportTargets | Non
             if baseline else None)
     return pm.Plan(pm.RunConfig(), (), (), None, "http://127.0.0.1:8000", tmp_path,
                    baseline=base, exports=exports or pm.ExportTargets())
+
+
+# --- exports: content -------------------------------------------------------
+
+
+def test_csv_has_one_row_per_sample_with_every_field_but_itl():
+    rows = list(csv.reader(io.StringIO(pm.format_csv(pm.load_report(CAND)))))
+    header = rows[0]
+    assert header[:3] == ["model", "scenario", "iteration"]
+    assert "itl_ms" not in header
+    assert header[3:] == [f.name for f in pm.dataclasses.fields(pm.Sample) if f.name != "itl_ms"]
+    records = [dict(zip(header, r, strict=True)) for r in rows[1:]]
+    assert [(r["model"], r["scenario"]) for r in records].count(("alpha", "context-1k")) == 4
+    assert len(records) == 3 + 4 + 4 + 3
+    failed = next(r for r in records if r["ok"] == "false")
+    assert (failed["iteration"], failed["error"], failed["ttft_ms"]) == (
+        "4", "HTTP 503: the server is overloaded", "")
+
+
+def test_csv_of_a_real_report_keeps_the_sample_values():
+    doc = json.loads(REAL.read_text())
+    rows = list(csv.DictReader(io.StringIO(pm.format_csv(pm.report_from_dict(doc)))))
+    assert len(rows) == sum(len(s["samples"]) for s in doc["models"][0]["scenarios"]) == 30
+    first = doc["models"][0]["scenarios"][0]["samples"][0]
+    assert (rows[0]["ttft_ms"], rows[0]["tps"], rows[0]["tokens_out_exact"]) == (
+        str(first["ttft_ms"]), str(first["tps"]), "true")
+
+
+def test_markdown_has_a_table_per_scenario_and_escapes_pipes():
+    report = pm.load_report(REAL)
+    text = pm.format_markdown(report)
+    headings = re.findall(r"^### (\S+?):", text, re.M)
+    assert headings == ["latency", "context-1k", "context-4k", "throughput-c1", "throughput-c4"]
+    assert "| Model | TTFT (ms) | Decode (tok/s) |" in text
+    assert pm.markdown_table(("A", "B"), [("x|y", "1")]) == "| A | B |\n|:---|---:|\n| x\\|y | 1 |\n"
+
+
+def test_chart_data_holds_the_prefill_curve_decode_bars_and_throughput_levels():
+    doc = json.loads(REAL.read_text())
+    summary = {s["name"]: s["summary"] for s in doc["models"][0]["scenarios"]}
+    prefill, decode, throughput = pm.chart_data(pm.report_from_dict(doc))
+    assert prefill.name == "prefill-ttft" and len(prefill.series) == 1
+    assert prefill.series[0].x == (1000.0, 4000.0)
+    assert prefill.series[0].y == (summary["context-1k"]["ttft_ms"]["mean"],
+                                   summary["context-4k"]["ttft_ms"]["mean"])
+    assert decode.categories == ("latency", "context-1k", "context-4k")
+    assert decode.series[0].yerr == tuple(summary[n]["tps"]["stddev"] for n in decode.categories)
+    assert (throughput.series[0].x, throughput.series[0].y) == ((1.0, 4.0), (449.238, 1767.342))
+
+
+def test_charts_draw_the_expected_series_with_labels_and_render_as_png():
+    import matplotlib.image
+
+    report, baseline = pm.load_report(CAND), pm.load_report(BASE)
+    charts = pm.chart_data(report, baseline)
+    assert [c.name for c in charts] == ["prefill-ttft", "decode-tps", "throughput"]
+    for chart in charts:
+        fig = pm.draw_chart(chart)
+        ax = fig.axes[0]
+        assert (ax.get_title(), ax.get_xlabel(), ax.get_ylabel()) == (
+            chart.title, chart.xlabel, chart.ylabel)
+        assert [t.get_text() for t in fig.legends[0].get_texts()] == [s.label for s in chart.series]
+        kind = "BarContainer" if chart.kind == "bars" else "ErrorbarContainer"
+        containers = [c for c in ax.containers if type(c).__name__ == kind]
+        assert len(containers) == len(chart.series)
+        for series, container in zip(chart.series, containers, strict=True):
+            if chart.kind == "bars":
+                assert tuple(round(b.get_height(), 6) for b in container) == tuple(
+                    round(y, 6) for y in series.y)
+            else:
+                line = container.lines[0]
+                assert (tuple(line.get_xdata()), tuple(line.get_ydata())) == (series.x, series.y)
+        png = pm.figure_png(fig)
+        assert png.startswith(PNG_MAGIC)
+        assert matplotlib.image.imread(io.BytesIO(png)).shape == (540, 960, 4)
+    labels = [s.label for s in charts[0].series]
+    assert labels == ["alpha", "alpha (baseline)"]  # context scenarios: alpha only
+    assert [s.label for s in charts[1].series] == [
+        "alpha", "alpha (baseline)", "beta (baseline)", "gamma"]  # the comparison's order
+
+
+def test_the_html_report_is_one_self_contained_file_with_tables_and_charts():
+    report, baseline = pm.load_report(CAND), pm.load_report(BASE)
+    comparison = pm.compare_reports(baseline, report, pm.DEFAULT_THRESHOLDS_PCT)
+    charts = pm.render_charts(report, baseline)
+    html = pm.format_html(report, charts, comparison, ("base.json", "cand.json"))
+    assert html.startswith("<!DOCTYPE html>") and html.endswith("</html>\n")
+    assert "http://" not in html and "https://" not in html
+    assert "<script" not in html and "<link" not in html
+    sources = re.findall(r'src="([^"]*)"', html)
+    assert len(sources) == len(charts) == 3
+    for src in sources:
+        assert src.startswith("data:image/png;base64,")
+        assert base64.b64decode(src.split(",", 1)[1]).startswith(PNG_MAGIC)
+    assert '<div class="banner bad">REGRESSION: 4 metric(s) regressed past their threshold<' in html
+    assert html.count('<tr class="regressed">') == 4 * 2  # the summary table and the full one
+    assert "<h3>latency: ~50-token prompt, 500 out, x3</h3>" in html
+    assert "<td class=\"l\">gamma</td>" in html
+    # Winners are marked with a star every font has, not an emoji that may show as a box.
+    assert pm.TROPHY not in html and '<span class="win" title="winner">\u2605</span>' in html
