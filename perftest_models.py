@@ -2746,6 +2746,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="failed requests a model may have before it is marked failed (default 3)")
     env.add_argument("--report-dir", type=Path, default=Path("docs/reports"), metavar="DIR",
                      help="where the .txt and .json reports go (default docs/reports)")
+    add_output_options(p, run=True)
     return p
 
 
@@ -2760,10 +2761,13 @@ class Plan:
     base_url: str
     report_dir: Path
     api_key: str | None = field(default=None, repr=False)
+    baseline: Baseline | None = None
+    exports: ExportTargets = ExportTargets()
 
 
 def make_plan(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> Plan:
     """Validate the options and files into a Plan; UsageError on anything wrong."""
+    baseline, exports = check_output_options(args)  # first: a wrong --baseline costs nothing
     table = load_models_file(args.models, MODELS) if args.models else MODELS
     api_key = args.api_key or environ.get("VLLM_API_KEY") or environ.get("OPENAI_API_KEY") or None
     if args.max_failures < 0:
@@ -2792,7 +2796,8 @@ def make_plan(args: argparse.Namespace, environ: Mapping[str, str] = os.environ)
         hardware="custom" if args.bandwidth_gbs else args.hardware, bandwidth_gbs=hardware_bw,
         compose_file=str(args.compose_file) if compose else None,
         endpoint=base_url if args.endpoint else None, models=tuple(m.name for m in models))
-    return Plan(cfg, tuple(models), tuple(table), compose, base_url, args.report_dir, api_key)
+    return Plan(cfg, tuple(models), tuple(table), compose, base_url, args.report_dir, api_key,
+                baseline=baseline, exports=exports)
 
 
 def select_models(models: Sequence[ModelSpec], skip: Sequence[str], only: Sequence[str],
@@ -2852,6 +2857,197 @@ def _is_json(r: Any) -> bool:
         return True
     except ValueError:
         return False
+
+
+# ============================================================================
+# Baseline, exports and the compare command (command layer)
+# ============================================================================
+
+
+def _thresholds(text: str) -> dict[str, float | None]:
+    try:
+        return parse_thresholds(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_output_options(p: argparse.ArgumentParser, run: bool) -> None:
+    """The comparison and export options, shared by a run and `compare`."""
+    defaults = ", ".join(f"{k}:{v:g}%%" for k, v in DEFAULT_THRESHOLDS_PCT.items())
+    g = p.add_argument_group("compare with a baseline, export" if run else "thresholds and exports")
+    if run:
+        g.add_argument("--baseline", type=Path, metavar="FILE",
+                       help="after the run, compare with this saved JSON report and print the "
+                            "comparison; exit 3 when a metric regressed past its threshold "
+                            "(the file is checked before any model starts)")
+    g.add_argument("--threshold", type=_thresholds, metavar="RULES",
+                   help=f"regression thresholds in percent, e.g. ttft_ms:10%%,tps:5%%, on top of "
+                        f"the defaults {defaults}; METRIC:off stops judging one")
+    g.add_argument("--markdown", metavar="FILE|-",
+                   help="also write Markdown tables (for a PR comment or a wiki); - writes to stdout")
+    if run:
+        g.add_argument("--csv", metavar="FILE|-",
+                       help="also write one CSV row per request (sample); - writes to stdout")
+    g.add_argument("--html", metavar="FILE|-",
+                   help="also write one self-contained HTML page with tables and charts "
+                        "(needs matplotlib: pip install 'perftest-models[charts]')")
+    g.add_argument("--charts", type=Path, metavar="DIR",
+                   help="also write the charts as PNG files into DIR (needs matplotlib)")
+
+
+def check_output_options(args: argparse.Namespace) -> tuple[Baseline | None, ExportTargets]:
+    """Check the baseline and the export targets before anything runs: the
+    baseline is a report of this tool, export folders exist, at most one
+    export takes stdout, and matplotlib is there when charts are wanted."""
+    get = lambda name: getattr(args, name, None)  # noqa: E731 (tests build partial Namespaces)
+    targets = ExportTargets(markdown=get("markdown"), csv=get("csv"), html=get("html"),
+                            charts=get("charts"))
+    on_stdout = [f"--{k}" for k in ("markdown", "csv", "html") if get(k) == "-"]
+    if len(on_stdout) > 1:
+        raise UsageError(f"{' and '.join(on_stdout)} both write to stdout (-): send one to a file")
+    for key in ("markdown", "csv", "html"):
+        dest = get(key)
+        if dest in (None, "-"):
+            continue
+        path = Path(dest)
+        if path.is_dir():
+            raise UsageError(f"--{key} {dest} is a folder: give a file name, "
+                             f"e.g. {path / ('results.' + key)}")
+        if not path.parent.is_dir():
+            raise UsageError(f"--{key} {dest}: folder {path.parent} does not exist: create it first")
+    if targets.charts is not None and targets.charts.exists() and not targets.charts.is_dir():
+        raise UsageError(f"--charts {targets.charts} is a file: give a folder for the PNG files")
+    wants_charts = [flag for flag, value in (("--html", targets.html), ("--charts", targets.charts))
+                    if value is not None]
+    if wants_charts:
+        import importlib.util  # noqa: PLC0415
+
+        if importlib.util.find_spec("matplotlib") is None:
+            raise UsageError(f"{' and '.join(wants_charts)} draw charts with matplotlib, which is not "
+                             "installed: pip install 'perftest-models[charts]' (or pip install matplotlib)")
+    baseline = None
+    if get("baseline") is not None:
+        path = Path(get("baseline"))
+        baseline = Baseline(path, load_report(path, "--baseline file"),
+                            effective_thresholds(get("threshold") or {}))
+    elif get("threshold") is not None and hasattr(args, "baseline"):
+        raise UsageError("--threshold judges the comparison with a baseline: add --baseline FILE")
+    return baseline, targets
+
+
+def _write_export(path: Path, data: bytes, what: str) -> None:
+    try:
+        if path.parent != Path():
+            path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise PerftestError(f"cannot write {what} {path} ({exc.strerror or exc}): "
+                            "check the folder's permissions and free space") from None
+
+
+def write_exports(targets: ExportTargets, report: Report, stdout: Any, err: Any, *,
+                  comparison: Comparison | None = None, labels: tuple[str, str] | None = None,
+                  baseline: Report | None = None, compare_only: bool = False) -> None:
+    """Render and write each export that was asked for ('-' to `stdout`); the
+    charts are drawn once for both --html and --charts. `compare_only`: the
+    Markdown holds the comparison alone (the compare command)."""
+    charts: dict[str, bytes] = {}
+
+    def get_charts() -> dict[str, bytes]:
+        if not charts:
+            charts.update(render_charts(report, baseline))
+        return charts
+
+    makers: dict[str, Callable[[], str]] = {
+        "markdown": lambda: (format_comparison_markdown(comparison, labels or ("baseline", "candidate"))
+                             if compare_only and comparison is not None
+                             else format_markdown(report, comparison, labels)),
+        "csv": lambda: format_csv(report),
+        "html": lambda: format_html(report, get_charts(), comparison, labels),
+    }
+    for key, make in makers.items():
+        dest = getattr(targets, key)
+        if dest is None:
+            continue
+        if dest == "-":
+            stdout.write(make())
+            stdout.flush()
+            continue
+        _write_export(Path(dest), make().encode("utf-8"), f"--{key}")
+        err.write(f"{key}: {dest}\n")
+    if targets.charts is not None:
+        for name, png in get_charts().items():
+            _write_export(targets.charts / name, png, "--charts")
+        err.write(f"charts: {', '.join(get_charts())} in {targets.charts}\n")
+
+
+def finish_run(plan: Plan, report: Report, code: int, *, out: Any, stdout: Any, err: Any,
+               styled: bool = False) -> int:
+    """After the reports are saved: compare with --baseline (the table goes to
+    `out`), then write the exports. A regression turns exit 0 into 3; a failed
+    model (1) or an interrupt (130, 143) keeps its code."""
+    comparison, labels = None, None
+    if plan.baseline is not None:
+        comparison = compare_reports(plan.baseline.report, report, plan.baseline.thresholds_pct)
+        labels = (report_label(str(plan.baseline.path), plan.baseline.report),
+                  report_label("this run", report))
+        out.write("\n" + format_comparison(comparison, labels, styled=styled))
+        out.flush()
+    try:
+        write_exports(plan.exports, report, stdout, err, comparison=comparison, labels=labels,
+                      baseline=plan.baseline.report if plan.baseline else None)
+    except PerftestError as exc:
+        err.write(f"warning: {exc}; the JSON report holds every result\n")
+    if comparison is not None and comparison.regressions:
+        err.write(f"{TOOL_NAME}: {regression_message(comparison)}\n")
+        return code or RegressionFound.exit_code
+    return code
+
+
+def _compare_epilog() -> str:
+    metrics = "\n".join(f"  {k:<15} {metric_label(k):<28} "
+                        f"{'higher' if m.higher_is_better else 'lower'} is better"
+                        for k, m in COMPARED_METRICS.items())
+    return f"""\
+verdicts:
+  regressed, improved  past the metric's threshold, in its worse or better direction
+  noise                past the threshold, but the 95% intervals of the two means
+                       overlap: the change is within the runs' own spread
+  unchanged            within the threshold
+  not gated            the metric has no threshold (add one with --threshold)
+  missing in baseline, missing in candidate
+                       one report lacks the model, the scenario or the metric
+  A side with a single run has no interval: the threshold alone decides, and the
+  verdict says "(untested)".
+
+metrics (for --threshold):
+{metrics}
+
+examples:
+  perftest_models.py compare main.json pr.json
+  perftest_models.py compare main.json pr.json --threshold ttft_ms:5%,tps:3%,ttfo_ms:off
+  perftest_models.py compare main.json pr.json --markdown - > pr-comment.md
+  perftest_models.py compare main.json pr.json --html compare.html
+
+exit codes: 0 no regression, 2 usage error (a file that is not a report of this
+            tool, or has another schema_version), 3 a metric regressed past its
+            threshold (missing models or scenarios are reported, not failed).
+"""
+
+
+def build_compare_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="perftest_models.py compare",
+                description="Compare two saved JSON reports of this tool: every model, scenario "
+                            "and metric, both values (mean ± stddev), the change, and a verdict.",
+                epilog=_compare_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("baseline_report", type=Path, metavar="BASELINE.json",
+                   help="the report to compare against (e.g. from the main branch)")
+    p.add_argument("candidate_report", type=Path, metavar="CANDIDATE.json",
+                   help="the report to judge")
+    add_output_options(p, run=False)
+    return p
 
 
 # ============================================================================
@@ -3063,7 +3259,8 @@ class ReportFiles:
 
 def run_benchmark(plan: Plan, out: Any, err: Any, *, styled: bool = False,
                   err_tty: bool = False) -> int:
-    """The main job: every selected model in turn; exit 0, 1, 130 or 143."""
+    """The main job: every selected model in turn; exit 0, 1, 3, 130 or 143."""
+    out, stdout = (err, out) if plan.exports.to_stdout else (out, out)  # '-' export owns stdout
     report_dir = prepare_report_dir(plan.report_dir)
     started = _now()
     report = Report(plan.cfg, started.isoformat(), [ModelResult(m) for m in plan.models],
@@ -3122,7 +3319,7 @@ def run_benchmark(plan: Plan, out: Any, err: Any, *, styled: bool = False,
             where = f"{files.txt_path} and {files.json_path}" if saved else "stdout only"
             err.write(f"report: {where}\n")
         signals.restore()
-    return code
+    return finish_run(plan, report, code, out=out, stdout=stdout, err=err, styled=styled)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -3144,7 +3341,24 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def compare_main(argv: Sequence[str], out: Any, err: Any) -> int:
-    raise UsageError("compare is not available yet")
+    """compare BASELINE CANDIDATE: a table per scenario on stdout (or the
+    export named '-'); exit 0, or 3 (RegressionFound) past a threshold."""
+    args = build_compare_parser().parse_args(list(argv))
+    _, exports = check_output_options(args)
+    baseline = load_report(args.baseline_report, "baseline")
+    candidate = load_report(args.candidate_report, "candidate")
+    comparison = compare_reports(baseline, candidate, effective_thresholds(args.threshold or {}))
+    labels = (report_label(str(args.baseline_report), baseline),
+              report_label(str(args.candidate_report), candidate))
+    text_out = err if exports.to_stdout else out
+    styled = text_out.isatty() and not os.environ.get("NO_COLOR")
+    text_out.write(format_comparison(comparison, labels, styled=styled))
+    text_out.flush()
+    write_exports(exports, candidate, out, err, comparison=comparison, labels=labels,
+                  baseline=baseline, compare_only=True)
+    if comparison.regressions:
+        raise RegressionFound(regression_message(comparison))
+    return 0
 
 
 if __name__ == "__main__":

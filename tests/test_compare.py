@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import base64
 import csv
+import importlib.util
 import io
 import json
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -80,6 +82,35 @@ def _damaged_stat() -> dict:
     return doc
 
 
+@pytest.mark.parametrize("doc, expected", [
+    (None, "not found: check the path"),
+    ("{not json", "is not JSON"),
+    ({"hello": 1}, "is not a report of perftest-models (tool.name is None)"),
+    ([1, 2], "is not a report of perftest-models"),
+    ({"tool": {"name": "hyperfine"}, "schema_version": 1}, "tool.name is 'hyperfine'"),
+    (_real_with(schema_version=2), "has schema_version 2, but perftest-models"),
+    (_real_with(schema_version=True), "has schema_version True"),
+    (_real_with(models=None), "is a damaged perftest-models report"),
+    (_damaged_stat(), "ttft_ms: mean is 'fast', not a number"),
+])
+def test_a_file_that_is_not_a_report_of_this_schema_is_refused_with_one_line(
+        tmp_path, capsys, doc, expected):
+    path = tmp_path / "missing.json" if doc is None else _write(tmp_path, "bad.json", doc)
+    code = pm.main(["compare", str(path), str(CAND)])
+    out, err = capsys.readouterr()
+    assert code == 2
+    assert out == ""
+    assert len(err.splitlines()) == 1
+    assert err.startswith(f"perftest-models: error: baseline {path} ")
+    assert expected in err
+
+
+def test_a_bad_candidate_is_named_as_the_candidate(tmp_path, capsys):
+    path = _write(tmp_path, "c.json", {"hello": 1})
+    assert pm.main(["compare", str(BASE), str(path)]) == 2
+    assert capsys.readouterr().err.startswith(f"perftest-models: error: candidate {path} ")
+
+
 # --- verdicts ---------------------------------------------------------------
 
 
@@ -110,6 +141,29 @@ def test_known_changes_get_exact_verdicts_by_metric_direction():
     assert verdicts(compare_files(BASE, CAND)) == expected
 
 
+def test_compare_exits_3_and_names_each_regression_on_one_stderr_line(capsys):
+    assert pm.main(["compare", str(BASE), str(CAND)]) == 3
+    out, err = capsys.readouterr()
+    assert err.splitlines() == [
+        "perftest-models: error: 4 metric(s) regressed past their threshold: "
+        "alpha latency ttft_ms +30.0% (limit 10%), alpha latency prefill_tps -23.1% (limit 10%), "
+        "alpha context-1k tps -10.0% (limit 5%), alpha throughput-c4 output_tps -10.0% (limit 5%)"]
+    assert ("alpha", "TTFT (ms)", "100 ± 2", "130 ± 2", "+30.0%", "10%", "regressed") \
+        in table_rows(out)
+    assert out.count(" missing in candidate |") == 10 and out.count(" missing in baseline |") == 5
+    assert ("verdicts: 4 regressed, 1 improved, 2 noise, 6 unchanged, 4 not gated, "
+            "5 missing in baseline, 10 missing in candidate") in out
+
+
+def test_lenient_thresholds_clear_every_regression_and_exit_0(capsys):
+    rules = "ttft_ms:50%,prefill_tps:50%,tps:15%,output_tps:15%"
+    assert pm.main(["compare", str(BASE), str(CAND), "--threshold", rules]) == 0
+    out, err = capsys.readouterr()
+    assert err == ""
+    assert out.endswith("no regression past a threshold\n")
+    assert "tps:15%" in out
+
+
 def test_a_threshold_set_to_off_stops_judging_that_metric():
     judged = verdicts(compare_files(BASE, CAND, {"ttft_ms": None}))
     assert judged[("alpha", "latency", "ttft_ms")] == "not gated"
@@ -119,6 +173,26 @@ def test_a_threshold_set_to_off_stops_judging_that_metric():
 def test_a_tighter_threshold_can_add_a_metric_to_the_gate():
     judged = verdicts(compare_files(BASE, CAND, {"ttfo_ms": 10.0}))
     assert judged[("alpha", "latency", "ttfo_ms")] == "regressed"
+
+
+def test_single_runs_are_judged_by_the_threshold_alone_and_marked_untested(capsys):
+    assert pm.main(["compare", str(SINGLE_BASE), str(SINGLE_CAND)]) == 3
+    out, _ = capsys.readouterr()
+    assert verdicts(compare_files(SINGLE_BASE, SINGLE_CAND)) == {
+        ("alpha", "latency", "ttft_ms"): "regressed (untested)",  # 100 -> 111 ms: +11%
+        ("alpha", "latency", "ttfo_ms"): "not gated",
+        ("alpha", "latency", "tps"): "unchanged",  # +4% within 5%
+        ("alpha", "latency", "prefill_tps"): "unchanged",  # -9.9% within 10%
+        ("alpha", "latency", "total_s"): "improved (untested)",  # -20%
+    }
+    assert "(untested) a single run on one side" in out
+
+
+def test_identical_reports_compare_unchanged_and_exit_0(capsys):
+    assert pm.main(["compare", str(REAL), str(REAL)]) == 0
+    out, err = capsys.readouterr()
+    assert err == ""
+    assert "verdicts: 22 unchanged, 22 not gated" in out
 
 
 def test_a_candidate_whose_models_all_failed_is_reported_missing_and_does_not_gate(tmp_path):
@@ -192,6 +266,14 @@ def test_a_malformed_threshold_is_refused_with_the_expected_form(text, message):
         pm.parse_thresholds(text)
 
 
+def test_a_bad_threshold_on_the_command_line_exits_2_with_one_line(capsys):
+    assert pm.main(["compare", str(BASE), str(CAND), "--threshold", "ttft_ms:10"]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == ("perftest-models: error: argument --threshold: 'ttft_ms:10': give the "
+                   "threshold in percent, e.g. ttft_ms:10% (see --help)\n")
+
+
 # --- --baseline on a run ----------------------------------------------------
 
 
@@ -201,6 +283,121 @@ def _plan(tmp_path: Path, baseline: Path | None, exports: pm.ExportTargets | Non
             if baseline else None)
     return pm.Plan(pm.RunConfig(), (), (), None, "http://127.0.0.1:8000", tmp_path,
                    baseline=base, exports=exports or pm.ExportTargets())
+
+
+def test_a_run_against_a_regressing_baseline_prints_the_comparison_and_exits_3(tmp_path):
+    out, err = io.StringIO(), io.StringIO()
+    code = pm.finish_run(_plan(tmp_path, BASE), pm.load_report(CAND), 0, out=out, stdout=out, err=err)
+    assert code == 3
+    assert ("alpha", "Decode (tok/s)", "50.0 ± 0.5", "45.0 ± 0.5", "-10.0%", "5%", "regressed") \
+        in table_rows(out.getvalue())
+    assert out.getvalue().startswith(f"\nbaseline:  {BASE} (started 2026-01-05T10:00:00+00:00")
+    assert "candidate: this run (started 2026-01-06T10:00:00+00:00" in out.getvalue()
+    assert err.getvalue().splitlines() == [
+        "perftest-models: 4 metric(s) regressed past their threshold: alpha latency ttft_ms "
+        "+30.0% (limit 10%), alpha latency prefill_tps -23.1% (limit 10%), alpha context-1k tps "
+        "-10.0% (limit 5%), alpha throughput-c4 output_tps -10.0% (limit 5%)"]
+
+
+@pytest.mark.parametrize("code", [1, 130, 143])
+def test_a_failed_model_or_an_interrupt_keeps_its_exit_code_over_a_regression(tmp_path, code):
+    out = io.StringIO()
+    assert pm.finish_run(_plan(tmp_path, BASE), pm.load_report(CAND), code,
+                         out=out, stdout=out, err=io.StringIO()) == code
+    assert "REGRESSION" in out.getvalue()
+
+
+def test_a_run_within_its_thresholds_keeps_exit_0_and_a_run_without_baseline_prints_nothing(tmp_path):
+    out, err = io.StringIO(), io.StringIO()
+    plan = _plan(tmp_path, BASE, rules={"ttft_ms": 50.0, "prefill_tps": 50.0, "tps": 15.0,
+                                         "output_tps": 15.0})
+    assert pm.finish_run(plan, pm.load_report(CAND), 0, out=out, stdout=out, err=err) == 0
+    assert out.getvalue().endswith("no regression past a threshold\n") and err.getvalue() == ""
+    out = io.StringIO()
+    assert pm.finish_run(_plan(tmp_path, None), pm.load_report(CAND), 0,
+                         out=out, stdout=out, err=err) == 0
+    assert out.getvalue() == "" and err.getvalue() == ""
+
+
+def test_a_run_writes_its_exports_with_the_comparison_after_the_reports(tmp_path):
+    targets = pm.ExportTargets(markdown=str(tmp_path / "r.md"), csv=str(tmp_path / "r.csv"))
+    err = io.StringIO()
+    pm.finish_run(_plan(tmp_path, BASE, targets), pm.load_report(CAND), 0,
+                  out=io.StringIO(), stdout=io.StringIO(), err=err)
+    markdown = (tmp_path / "r.md").read_text()
+    assert markdown.startswith("# perftest-models results\n")
+    assert "## Comparison with the baseline\n\n**REGRESSION**: 4 metric(s)" in markdown
+    assert "### latency: ~50-token prompt, 500 out, x3" in markdown
+    assert (tmp_path / "r.csv").read_text() == pm.format_csv(pm.load_report(CAND))
+    assert err.getvalue().splitlines()[:2] == [f"markdown: {tmp_path / 'r.md'}",
+                                               f"csv: {tmp_path / 'r.csv'}"]
+
+
+def test_the_baseline_is_checked_before_anything_else_in_the_plan(tmp_path):
+    # The --models file is missing too: it would be refused first if the
+    # baseline were checked later; no server is ever asked.
+    args = pm.build_parser().parse_args([
+        "--baseline", str(tmp_path / "nope.json"), "--models", str(tmp_path / "missing.yaml"),
+        "--endpoint", "http://127.0.0.1:9"])
+    with pytest.raises(pm.UsageError, match=r"^--baseline file .*nope\.json not found"):
+        pm.make_plan(args)
+
+
+def test_a_baseline_that_is_not_a_report_stops_a_run_with_exit_2(tmp_path, capsys):
+    bad = _write(tmp_path, "b.json", _real_with(schema_version=9))
+    assert pm.main(["--baseline", str(bad), "--models", str(tmp_path / "missing.yaml")]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith(f"perftest-models: error: --baseline file {bad} has schema_version 9")
+
+
+def test_a_threshold_without_a_baseline_on_a_run_is_refused(capsys):
+    assert pm.main(["--threshold", "tps:5%"]) == 2
+    assert capsys.readouterr().err == ("perftest-models: error: --threshold judges the comparison "
+                                       "with a baseline: add --baseline FILE\n")
+
+
+# --- exports: where they go -------------------------------------------------
+
+
+def test_an_export_to_stdout_owns_stdout_and_the_table_goes_to_stderr(capsys):
+    assert pm.main(["compare", str(BASE), str(CAND), "--markdown", "-"]) == 3
+    out, err = capsys.readouterr()
+    assert out.startswith("## Comparison with the baseline\n\n**REGRESSION**")
+    assert "+------" not in out
+    assert "+------" in err and err.endswith("(limit 5%)\n")
+
+
+def test_two_exports_cannot_both_take_stdout(capsys):
+    assert pm.main(["compare", str(BASE), str(CAND), "--markdown", "-", "--html", "-"]) == 2
+    assert capsys.readouterr().err == ("perftest-models: error: --markdown and --html both write "
+                                       "to stdout (-): send one to a file\n")
+
+
+def test_an_export_into_a_missing_folder_is_refused_before_reading_the_reports(tmp_path, capsys):
+    dest = tmp_path / "no" / "such" / "x.md"
+    assert pm.main(["compare", "missing.json", str(CAND), "--markdown", str(dest)]) == 2
+    assert capsys.readouterr().err == (f"perftest-models: error: --markdown {dest}: folder "
+                                       f"{dest.parent} does not exist: create it first\n")
+
+
+def test_charts_without_matplotlib_fail_with_the_install_hint(monkeypatch, tmp_path, capsys):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "matplotlib" else real_find_spec(name, *a))
+    assert pm.main(["compare", str(BASE), str(CAND), "--charts", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == (
+        "perftest-models: error: --charts draw charts with matplotlib, which is not installed: "
+        "pip install 'perftest-models[charts]' (or pip install matplotlib)\n")
+
+
+def test_compare_writes_html_and_png_files_that_open(tmp_path, capsys):
+    html, charts = tmp_path / "c.html", tmp_path / "charts"
+    assert pm.main(["compare", str(BASE), str(CAND), "--html", str(html), "--charts", str(charts)]) == 3
+    names = sorted(p.name for p in charts.iterdir())
+    assert names == ["decode-tps.png", "prefill-ttft.png", "throughput.png"]
+    assert all((charts / n).read_bytes().startswith(PNG_MAGIC) for n in names)
+    assert html.read_text().count('src="data:image/png;base64,') == 3
 
 
 # --- exports: content -------------------------------------------------------
@@ -301,3 +498,12 @@ def test_the_html_report_is_one_self_contained_file_with_tables_and_charts():
     assert "<td class=\"l\">gamma</td>" in html
     # Winners are marked with a star every font has, not an emoji that may show as a box.
     assert pm.TROPHY not in html and '<span class="win" title="winner">\u2605</span>' in html
+
+
+def test_help_imports_neither_matplotlib_nor_the_network_and_docker_libraries():
+    code = ("import sys, perftest_models as pm; pm.build_parser().format_help(); "
+            "pm.build_compare_parser().format_help(); "
+            "print(sorted(m for m in ('matplotlib', 'httpx', 'docker', 'rich') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          check=True)
+    assert proc.stdout == "[]\n"
