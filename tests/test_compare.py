@@ -500,6 +500,22 @@ def test_the_html_report_is_one_self_contained_file_with_tables_and_charts():
     assert pm.TROPHY not in html and '<span class="win" title="winner">\u2605</span>' in html
 
 
+# --- docs and speed ---------------------------------------------------------
+
+
+def test_usage_doc_matches_the_help_output(monkeypatch):
+    doc = (ROOT / "docs" / "usage.md").read_text()
+    made_with = re.search(r"Python (\d+\.\d+)", doc)
+    assert made_with, "docs/usage.md should say which Python made it"
+    if made_with.group(1) != f"{sys.version_info[0]}.{sys.version_info[1]}":
+        pytest.skip(f"argparse lays out help differently across Pythons; docs/usage.md was made "
+                    f"with Python {made_with.group(1)}")
+    monkeypatch.setenv("COLUMNS", "100")
+    helps = [pm.build_parser().format_help(), pm.build_compare_parser().format_help()]
+    blocks = re.findall(r"^```text\n(.*?)^```$", doc, re.S | re.M)
+    assert blocks == helps, "docs/usage.md is out of step with --help: run docs/generate_samples.py"
+
+
 def test_help_imports_neither_matplotlib_nor_the_network_and_docker_libraries():
     code = ("import sys, perftest_models as pm; pm.build_parser().format_help(); "
             "pm.build_compare_parser().format_help(); "
