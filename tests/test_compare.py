@@ -105,6 +105,16 @@ def test_a_file_that_is_not_a_report_of_this_schema_is_refused_with_one_line(
     assert expected in err
 
 
+def test_a_field_this_version_does_not_know_is_ignored_not_refused(tmp_path):
+    doc = json.loads(REAL.read_text())
+    throughput = doc["models"][0]["scenarios"][-1]
+    throughput["aggregate"]["scheduler"] = "fcfs"  # e.g. a text field added by a later version
+    throughput["samples"][0]["new_field_ms"] = 1.0
+    doc["config"]["new_option"] = True
+    report = pm.load_report(_write(tmp_path, "newer.json", doc))
+    assert report.models[0].scenarios[-1].aggregate["output_tps"] == 1767.342
+
+
 def test_a_bad_candidate_is_named_as_the_candidate(tmp_path, capsys):
     path = _write(tmp_path, "c.json", {"hello": 1})
     assert pm.main(["compare", str(BASE), str(path)]) == 2
