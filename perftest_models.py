@@ -1606,6 +1606,311 @@ def scenario_names(models: Sequence[ModelResult]) -> list[tuple[str, str]]:
 
 
 # ============================================================================
+# Saved reports: loading (the JSON edge)
+# ============================================================================
+
+
+def _known_fields(cls: type, data: Mapping[str, Any]) -> dict[str, Any]:
+    """The entries of `data` that are fields of dataclass `cls`: a key this
+    version does not know is ignored, a missing one takes its default."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in data.items() if k in names}
+
+
+def _check_numbers(data: Mapping[str, Any], keys: Iterable[str], where: str) -> None:
+    for key in keys:
+        value = data.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ValueError(f"{where}: {key} is {value!r}, not a number")
+
+
+def stat_from_dict(data: Mapping[str, Any], where: str = "summary") -> Stat:
+    _check_numbers(data, ("n", "mean", "stddev", "min", "max", "median", "p90", "p99"), where)
+    ci = data.get("ci95")
+    return Stat(**{**_known_fields(Stat, data), "ci95": (ci[0], ci[1]) if ci else None})
+
+
+def sample_from_dict(data: Mapping[str, Any]) -> Sample:
+    return Sample(**{**_known_fields(Sample, data), "itl_ms": tuple(data.get("itl_ms") or ())})
+
+
+def scenario_from_dict(data: Mapping[str, Any], where: str) -> ScenarioResult:
+    scenario = Scenario(
+        name=data["name"], kind=data["kind"], target_tokens_in=data.get("target_tokens_in"),
+        target_tokens_out=data["target_tokens_out"], requests=data["requests"],
+        concurrency=data.get("concurrency", 1), requested_tokens_in=data.get("requested_tokens_in"))
+    where = f"{where}/{scenario.name}"
+    aggregate = data.get("aggregate")
+    if aggregate is not None:  # only what compare reads: a newer text field is no damage
+        _check_numbers(aggregate, AGGREGATE_METRICS, f"{where}/aggregate")
+    return ScenarioResult(
+        scenario, tuple(sample_from_dict(s) for s in data["samples"]),
+        {k: stat_from_dict(v, f"{where}/{k}") for k, v in data["summary"].items()},
+        aggregate, data.get("server_metrics"))
+
+
+def model_from_dict(data: Mapping[str, Any]) -> ModelResult:
+    spec_fields = {k: v for k, v in _known_fields(ModelSpec, data.get("spec") or {}).items()
+                   if k not in ("name", "model_id", "service")}
+    spec = ModelSpec(name=data["name"], service=data.get("service"), model_id=data["model_id"],
+                     **spec_fields)
+    return ModelResult(spec, status=data["status"], error=data.get("error"),
+                       failure=dict(data.get("failure") or {}), server=dict(data.get("server") or {}),
+                       lifecycle=dict(data.get("lifecycle") or {}),
+                       scenarios=[scenario_from_dict(s, spec.name) for s in data["scenarios"]])
+
+
+def report_from_dict(data: Mapping[str, Any]) -> Report:
+    """The inverse of report_to_dict: a saved report back in the records a
+    run builds, so that comparing and exporting work the same on both.
+    Raises KeyError, TypeError or ValueError on a malformed document."""
+    config = {k: tuple(v) if isinstance(v, list) else v
+              for k, v in _known_fields(RunConfig, data["config"]).items()}
+    return Report(RunConfig(**config), data["started_at"],
+                  [model_from_dict(m) for m in data["models"]],
+                  environment=dict(data.get("environment") or {}),
+                  finished_at=data.get("finished_at"), interrupted=data.get("interrupted"))
+
+
+def load_report(path: Path, what: str = "report") -> Report:
+    """Read a JSON report this tool wrote; UsageError (one line that says what
+    to do) for a missing file, non-JSON, another tool's file, another
+    schema_version, or a damaged report."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"{what} {path} not found: check the path") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise UsageError(f"{what} {path} cannot be read ({why}): pass a .json report "
+                         f"that {TOOL_NAME} wrote") from None
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise UsageError(f"{what} {path} is not JSON ({exc}): pass a .json report "
+                         f"that {TOOL_NAME} wrote (docs/reports/*.json)") from None
+    tool = data.get("tool") if isinstance(data, dict) else None
+    name = tool.get("name") if isinstance(tool, dict) else None
+    if name != TOOL_NAME:
+        raise UsageError(f"{what} {path} is not a report of {TOOL_NAME} (tool.name is {name!r}): "
+                         f"pass a .json report that {TOOL_NAME} wrote (docs/reports/*.json)")
+    version = data.get("schema_version")
+    if isinstance(version, bool) or version != SCHEMA_VERSION:
+        raise UsageError(f"{what} {path} has schema_version {version!r}, but {TOOL_NAME} "
+                         f"{__version__} reads {SCHEMA_VERSION}: compare reports of the same "
+                         "schema (re-run the baseline with this version)")
+    try:
+        return report_from_dict(data)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+        why = f"missing {exc}" if isinstance(exc, KeyError) else str(exc)
+        raise UsageError(f"{what} {path} is a damaged {TOOL_NAME} report ({why}): "
+                         "use the file the run wrote, unedited") from None
+
+
+# ============================================================================
+# Comparison of saved reports (pure)
+# ============================================================================
+
+# Whole-level figures of a throughput scenario: one value per level, so no
+# spread. Their direction is declared here once, as METRICS does for samples.
+AGGREGATE_METRICS: dict[str, Metric] = {
+    m.key: m
+    for m in (
+        Metric("output_tps", "Throughput", "tok/s", True, 1),
+        Metric("requests_per_s", "Requests", "req/s", True, 2),
+    )
+}
+# Every metric with a direction can be compared; token counts cannot.
+COMPARED_METRICS: dict[str, Metric] = {
+    k: m for k, m in {**METRICS, **AGGREGATE_METRICS}.items() if m.higher_is_better is not None}
+# A change of more than this many percent, in the worse direction, regresses.
+# Metrics without a threshold are listed but not judged (--threshold adds one).
+DEFAULT_THRESHOLDS_PCT: dict[str, float] = {
+    "ttft_ms": 10.0, "tps": 5.0, "prefill_tps": 10.0, "total_s": 10.0, "output_tps": 5.0}
+
+REGRESSED, IMPROVED, NOISE, UNCHANGED = "regressed", "improved", "noise", "unchanged"
+NOT_GATED = "not gated"
+MISSING_IN_BASELINE, MISSING_IN_CANDIDATE = "missing in baseline", "missing in candidate"
+VERDICTS = (REGRESSED, IMPROVED, NOISE, UNCHANGED, NOT_GATED, MISSING_IN_BASELINE,
+            MISSING_IN_CANDIDATE)
+
+
+def parse_thresholds(text: str) -> dict[str, float | None]:
+    """'ttft_ms:10%,tps:5%' -> {'ttft_ms': 10.0, 'tps': 5.0}; 'ttfo_ms:off'
+    -> {'ttfo_ms': None} (stop judging it). ValueError says the expected form."""
+    rules: dict[str, float | None] = {}
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        metric, sep, value = (s.strip() for s in part.partition(":"))
+        if not sep or not metric or not value:
+            raise ValueError(f"{part!r} is not METRIC:PERCENT (e.g. ttft_ms:10%)")
+        if metric not in COMPARED_METRICS:
+            raise ValueError(f"unknown metric {metric!r}; known: {', '.join(COMPARED_METRICS)}")
+        if metric in rules:
+            raise ValueError(f"{metric} is given twice")
+        if value.lower() == "off":
+            rules[metric] = None
+            continue
+        if not value.endswith("%"):
+            raise ValueError(f"{part!r}: give the threshold in percent, e.g. {metric}:{value}%")
+        try:
+            pct = float(value[:-1])
+        except ValueError:
+            raise ValueError(f"{part!r}: {value!r} is not a percentage like 10%") from None
+        if not math.isfinite(pct) or pct < 0:
+            raise ValueError(f"{part!r}: the threshold must be a percentage >= 0")
+        rules[metric] = pct
+    if not rules:
+        raise ValueError("no thresholds given: expected e.g. ttft_ms:10%,tps:5%")
+    return rules
+
+
+def effective_thresholds(rules: Mapping[str, float | None]) -> dict[str, float]:
+    """The defaults with `rules` on top; a rule of None removes a metric."""
+    merged = {**DEFAULT_THRESHOLDS_PCT, **rules}
+    return {k: v for k, v in merged.items() if v is not None}
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """A saved report to compare a run against, and the thresholds to judge by."""
+
+    path: Path
+    report: Report
+    thresholds_pct: Mapping[str, float]
+
+
+@dataclass(frozen=True)
+class MetricChange:
+    """One metric of one model's scenario in the baseline and the candidate.
+
+    `change_pct` is (candidate - baseline) / baseline in percent, whatever the
+    metric's direction; `verdict` knows the direction. `tested` is False when
+    either side had a single value (no interval), so noise could not be told
+    from a change and the threshold alone decided.
+    """
+
+    model: str
+    scenario: str
+    metric: str
+    baseline: Stat | None
+    candidate: Stat | None
+    change_pct: float | None
+    threshold_pct: float | None
+    verdict: str
+    tested: bool
+
+
+@dataclass(frozen=True)
+class Comparison:
+    changes: tuple[MetricChange, ...]
+    thresholds_pct: Mapping[str, float]
+    notes: tuple[str, ...] = ()
+
+    @property
+    def regressions(self) -> tuple[MetricChange, ...]:
+        return tuple(c for c in self.changes if c.verdict == REGRESSED)
+
+    def counts(self) -> dict[str, int]:
+        """How many metrics got each verdict, in VERDICTS order, zeros left out."""
+        counted = {v: sum(c.verdict == v for c in self.changes) for v in VERDICTS}
+        return {v: n for v, n in counted.items() if n}
+
+
+def _overlap(a: tuple[float, float], b: tuple[float, float]) -> bool:
+    return a[0] <= b[1] and b[0] <= a[1]
+
+
+def judge_change(metric: str, baseline: Stat, candidate: Stat, threshold_pct: float | None
+                 ) -> tuple[str, float | None, bool]:
+    """(verdict, change in %, tested) for one metric present on both sides.
+
+    Within the threshold: unchanged. Past it (strictly more): noise when both
+    sides have a 95% interval of the mean and the intervals overlap (the
+    change is within the runs' own spread); otherwise improved or regressed by
+    the metric's direction. A single run has no interval, so the threshold
+    alone decides (`tested` False).
+    """
+    higher_is_better = COMPARED_METRICS[metric].higher_is_better
+    tested = baseline.ci95 is not None and candidate.ci95 is not None
+    base, cand = baseline.mean, candidate.mean
+    change = (cand - base) / abs(base) * 100 if base != 0 else None
+    if threshold_pct is None:
+        return NOT_GATED, change, tested
+    # 1e-9: a change of exactly the threshold stays unchanged despite float rounding
+    past = cand != base if change is None else abs(change) - threshold_pct > 1e-9
+    if not past:
+        return UNCHANGED, change, tested
+    if tested and _overlap(baseline.ci95, candidate.ci95):  # type: ignore[arg-type]
+        return NOISE, change, tested
+    better = (cand > base) == higher_is_better
+    return (IMPROVED if better else REGRESSED), change, tested
+
+
+def scenario_stats(sr: ScenarioResult | None) -> dict[str, Stat]:
+    """The comparable metrics of one scenario: the sample summaries with a
+    direction, and a throughput level's whole-level figures (single values)."""
+    if sr is None:
+        return {}
+    stats = {k: st for k, st in sr.summary.items() if k in COMPARED_METRICS}
+    for key in AGGREGATE_METRICS:
+        value = (sr.aggregate or {}).get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            stats[key] = summarize([float(value)])  # type: ignore[assignment]
+    return stats
+
+
+def _workload(sr: ScenarioResult) -> tuple[Any, ...]:
+    sc = sr.scenario
+    return (sc.kind, sc.target_tokens_in, sc.target_tokens_out, sc.concurrency)
+
+
+def compare_reports(baseline: Report, candidate: Report, thresholds_pct: Mapping[str, float]
+                    ) -> Comparison:
+    """Every model x scenario x metric present in either report, judged.
+
+    Models and scenarios come in the baseline's order, then the candidate's
+    new ones; what one side lacks is reported as missing, never raised.
+    """
+    base_models = {mr.spec.name: mr for mr in baseline.models}
+    cand_models = {mr.spec.name: mr for mr in candidate.models}
+    changes: list[MetricChange] = []
+    notes: list[str] = []
+    for model in dict.fromkeys([*base_models, *cand_models]):
+        base_sc = {sr.scenario.name: sr for sr in getattr(base_models.get(model), "scenarios", ())}
+        cand_sc = {sr.scenario.name: sr for sr in getattr(cand_models.get(model), "scenarios", ())}
+        for scenario in dict.fromkeys([*base_sc, *cand_sc]):
+            b_sr, c_sr = base_sc.get(scenario), cand_sc.get(scenario)
+            if b_sr and c_sr and _workload(b_sr) != _workload(c_sr):
+                notes.append(f"note: {model} {scenario}: the baseline measured "
+                             f"{describe_scenario(b_sr.scenario)}, the candidate "
+                             f"{describe_scenario(c_sr.scenario)}: not the same work")
+            b_stats, c_stats = scenario_stats(b_sr), scenario_stats(c_sr)
+            for metric in COMPARED_METRICS:
+                b, c = b_stats.get(metric), c_stats.get(metric)
+                if b is None and c is None:
+                    continue
+                threshold = thresholds_pct.get(metric)
+                if b is None or c is None:
+                    verdict = MISSING_IN_BASELINE if b is None else MISSING_IN_CANDIDATE
+                    changes.append(MetricChange(model, scenario, metric, b, c, None, threshold,
+                                                verdict, False))
+                    continue
+                verdict, change, tested = judge_change(metric, b, c, threshold)
+                changes.append(MetricChange(model, scenario, metric, b, c, change, threshold,
+                                            verdict, tested))
+    if any(not c.tested and c.verdict in (REGRESSED, IMPROVED) for c in changes):
+        notes.append("(untested) a single run on one side: no spread to tell noise from a "
+                     "change, so the threshold alone decided (use --iterations 3 or more)")
+    gpus = (baseline.environment.get("gpu"), candidate.environment.get("gpu"))
+    if gpus[0] != gpus[1]:
+        notes.append(f"note: the baseline ran on {gpus[0] or 'an unknown GPU'}, "
+                     f"the candidate on {gpus[1] or 'an unknown GPU'}")
+    return Comparison(tuple(changes), dict(thresholds_pct), tuple(dict.fromkeys(notes)))
+
+
+# ============================================================================
 # Rendering (pure: returns text)
 # ============================================================================
 
@@ -1845,6 +2150,501 @@ def format_summary(report: Report) -> str:
 
 
 # ============================================================================
+# Rendering comparisons (pure: returns text)
+# ============================================================================
+
+
+def fmt_change(pct: float | None) -> str:
+    return "-" if pct is None else f"{pct:+.1f}%"
+
+
+def metric_label(metric: str) -> str:
+    m = COMPARED_METRICS[metric]
+    return f"{m.label} ({m.unit})" if m.unit else m.label
+
+
+def verdict_text(c: MetricChange) -> str:
+    untested = not c.tested and c.verdict in (REGRESSED, IMPROVED)
+    return f"{c.verdict} (untested)" if untested else c.verdict
+
+
+COMPARISON_HEADERS = ("Model", "Metric", "Baseline", "Candidate", "Change", "Limit", "Verdict")
+
+
+def comparison_row(c: MetricChange) -> tuple[str, ...]:
+    """Model, metric, both values (mean ± stddev), change, threshold, verdict."""
+    digits = COMPARED_METRICS[c.metric].digits
+    limit = "-" if c.threshold_pct is None else f"{c.threshold_pct:g}%"
+    return (c.model, metric_label(c.metric), fmt_stat(c.baseline, digits),
+            fmt_stat(c.candidate, digits), fmt_change(c.change_pct), limit, verdict_text(c))
+
+
+def changes_by_scenario(comparison: Comparison) -> dict[str, list[MetricChange]]:
+    groups: dict[str, list[MetricChange]] = {}
+    for c in comparison.changes:
+        groups.setdefault(c.scenario, []).append(c)
+    return groups
+
+
+def comparison_tables(comparison: Comparison) -> list[TextTable]:
+    """One table per scenario: a row per model and metric."""
+    return [TextTable(scenario, COMPARISON_HEADERS, tuple(comparison_row(c) for c in changes))
+            for scenario, changes in changes_by_scenario(comparison).items()]
+
+
+def notable_changes(comparison: Comparison) -> list[MetricChange]:
+    """The changes past a threshold (regressed, improved, noise), worst first."""
+    order = {REGRESSED: 0, IMPROVED: 1, NOISE: 2}
+    return sorted((c for c in comparison.changes if c.verdict in order),
+                  key=lambda c: order[c.verdict])
+
+
+def report_label(name: str, report: Report) -> str:
+    """'base.json (started 2025-11-09T14:30:45+00:00, 2 models, 3 iterations)'."""
+    return (f"{name} (started {report.started_at}, {len(report.models)} model(s), "
+            f"{report.config.iterations} iteration(s))")
+
+
+def format_thresholds(thresholds_pct: Mapping[str, float]) -> str:
+    rules = ", ".join(f"{k}:{v:g}%" for k, v in thresholds_pct.items()) or "none"
+    return (f"thresholds: {rules}; past its threshold a change is noise when the 95% "
+            "intervals of the two means overlap; other metrics are not gated")
+
+
+def format_verdict_counts(comparison: Comparison) -> str:
+    counts = comparison.counts()
+    return "verdicts: " + (", ".join(f"{n} {v}" for v, n in counts.items()) or "nothing to compare")
+
+
+def regression_message(comparison: Comparison, limit: int = 5) -> str:
+    """One line naming the regressions: what a CI log shows on exit 3."""
+    regs = comparison.regressions
+    if not regs:
+        return "no metric regressed past its threshold"
+    items = [f"{c.model} {c.scenario} {c.metric} {fmt_change(c.change_pct)} "
+             f"(limit {c.threshold_pct:g}%)" for c in regs[:limit]]
+    more = f" and {len(regs) - limit} more" if len(regs) > limit else ""
+    return f"{len(regs)} metric(s) regressed past their threshold: {', '.join(items)}{more}"
+
+
+def format_comparison(comparison: Comparison, labels: tuple[str, str], styled: bool = False) -> str:
+    """The compare command's output: a table per scenario, notes, verdicts."""
+    head = [f"baseline:  {labels[0]}", f"candidate: {labels[1]}",
+            format_thresholds(comparison.thresholds_pct), ""]
+    parts = ["\n".join(head)]
+    parts.extend(render_table(t, styled) for t in comparison_tables(comparison))
+    tail = [*comparison.notes, format_verdict_counts(comparison),
+            f"REGRESSION: {regression_message(comparison)}" if comparison.regressions
+            else "no regression past a threshold"]
+    parts.append("\n".join(tail) + "\n")
+    return "\n".join(parts)
+
+
+# ============================================================================
+# Exports (pure: return text/bytes)
+# ============================================================================
+
+
+@dataclass(frozen=True)
+class ExportTargets:
+    """Where the exports go: a file path, '-' for stdout, or None (not wanted)."""
+
+    markdown: str | None = None
+    csv: str | None = None
+    html: str | None = None
+    charts: Path | None = None  # a folder for the PNG files
+
+    @property
+    def to_stdout(self) -> str | None:
+        """The option whose export takes stdout (at most one may)."""
+        return next((f"--{k}" for k in ("markdown", "csv", "html") if getattr(self, k) == "-"), None)
+
+
+def _md_cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ") or " "
+
+
+def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    """A GitHub-flavoured Markdown table; the first column left, the rest right."""
+    lines = ["| " + " | ".join(_md_cell(h) for h in headers) + " |",
+             "|" + "|".join(":---" if i == 0 else "---:" for i in range(len(headers))) + "|"]
+    lines.extend("| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows)
+    return "\n".join(lines) + "\n"
+
+
+def _md_notes(notes: Iterable[str]) -> str:
+    return "".join(f"- {_md_cell(n)}\n" for n in notes)
+
+
+def _run_line(report: Report) -> str:
+    cfg = report.config
+    gpu = report.environment.get("gpu")
+    return (f"{TOOL_NAME} {__version__}: {len(report.models)} model(s), {cfg.iterations} "
+            f"iteration(s), started {report.started_at}; hardware {cfg.hardware} "
+            f"({cfg.bandwidth_gbs:g} GB/s)" + (f"; gpu {gpu}" if gpu else ""))
+
+
+def _status_line(mr: ModelResult) -> str:
+    line = f"{mr.spec.name}: {mr.status}"
+    if mr.lifecycle.get("load_s") is not None:
+        line += f", loaded in {mr.lifecycle['load_s']:.1f} s"
+    return line + (f": {mr.error}" if mr.error else "")
+
+
+def format_comparison_markdown(comparison: Comparison, labels: tuple[str, str]) -> str:
+    """For a PR comment: the verdict, the changes past a threshold, and every
+    metric in a collapsed <details> block."""
+    regs = comparison.regressions
+    verdict = (f"**REGRESSION**: {regression_message(comparison)}" if regs
+               else "**No regression** past a threshold")
+    parts = [f"## Comparison with the baseline\n\n{verdict}\n",
+             f"- baseline: `{labels[0]}`\n- candidate: `{labels[1]}`\n"
+             f"- {_md_cell(format_thresholds(comparison.thresholds_pct))}\n"
+             f"- {format_verdict_counts(comparison)}\n"]
+    notable = notable_changes(comparison)
+    parts.append("### Changes past a threshold\n")
+    parts.append(markdown_table(("Scenario", *COMPARISON_HEADERS),
+                                ((c.scenario, *comparison_row(c)) for c in notable))
+                 if notable else "None: every judged metric is within its threshold.\n")
+    details = [f"<details><summary>Every metric ({len(comparison.changes)} rows)</summary>\n"]
+    for t in comparison_tables(comparison):
+        details.append(f"#### {t.title}\n\n{markdown_table(t.headers, t.rows)}")
+    details.append("</details>\n")
+    parts.append("\n".join(details))
+    if comparison.notes:
+        parts.append(_md_notes(comparison.notes))
+    return "\n".join(parts)
+
+
+def format_markdown(report: Report, comparison: Comparison | None = None,
+                    labels: tuple[str, str] | None = None) -> str:
+    """The results as Markdown (a PR comment or a wiki page): the comparison
+    first when there is one, then a table per scenario and the model status."""
+    parts = [f"# {TOOL_NAME} results\n\n{_run_line(report)}\n"]
+    if comparison is not None:
+        parts.append(format_comparison_markdown(comparison, labels or ("baseline", "candidate")))
+    for name, kind in scenario_names(report.models):
+        t = scenario_table(report.models, name, kind, report.config.bandwidth_gbs)
+        parts.append(f"### {t.title}\n\n{markdown_table(t.headers, t.rows)}"
+                     + (f"\n{_md_notes(t.notes)}" if t.notes else ""))
+    parts.append("### Models\n\n" + "".join(f"- {_md_cell(_status_line(mr))}\n"
+                                            for mr in report.models))
+    if report.interrupted:
+        parts.append(f"Interrupted by {report.interrupted}: the results are partial.\n")
+    return "\n".join(parts)
+
+
+CSV_SAMPLE_FIELDS = tuple(f.name for f in dataclasses.fields(Sample) if f.name != "itl_ms")
+
+
+def _csv_value(value: Any) -> Any:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return _round(value)
+
+
+def format_csv(report: Report) -> str:
+    """One row per sample (request): model, scenario, iteration (1-based,
+    the request's index within a throughput level), then every Sample field
+    but the per-token itl_ms. Numbers are rounded as in the JSON report."""
+    import csv  # noqa: PLC0415
+    import io  # noqa: PLC0415
+
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(("model", "scenario", "iteration", *CSV_SAMPLE_FIELDS))
+    for mr in report.models:
+        for sr in mr.scenarios:
+            for i, s in enumerate(sr.samples, 1):
+                writer.writerow((mr.spec.name, sr.scenario.name, i,
+                                 *(_csv_value(getattr(s, f)) for f in CSV_SAMPLE_FIELDS)))
+    return buf.getvalue()
+
+
+@dataclass(frozen=True)
+class Series:
+    """One line or set of bars: y (with optional error bars) against x.
+    For bar charts x holds category indices. `color` indexes CHART_COLORS, so
+    a model keeps its colour across charts; a baseline series is drawn dashed
+    or hatched in its model's colour."""
+
+    label: str
+    x: tuple[float, ...]
+    y: tuple[float, ...]
+    yerr: tuple[float, ...] | None = None
+    color: int = 0
+    baseline: bool = False
+
+
+@dataclass(frozen=True)
+class Chart:
+    name: str  # the PNG's file stem
+    kind: str  # "line" | "bars"
+    title: str
+    xlabel: str
+    ylabel: str
+    series: tuple[Series, ...]
+    categories: tuple[str, ...] = ()  # bars: the x tick labels
+    x_format: str = "plain"  # "plain" | "kilo" (1000 -> 1k) | "log2" (concurrency levels)
+
+
+CHART_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
+                "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
+
+
+def _stat_err(st: Stat) -> float:
+    return st.stddev if st.stddev is not None else 0.0
+
+
+def chart_data(report: Report, baseline: Report | None = None) -> tuple[Chart, ...]:
+    """The charts' numbers (pure): the prefill curve (TTFT against input
+    tokens, per model), decode tokens/s per model and scenario (mean ±
+    stddev), and aggregate output tokens/s against concurrency when there are
+    throughput levels. With a baseline, each model also gets a baseline series."""
+    runs = [(False, report)] + ([(True, baseline)] if baseline is not None else [])
+    # Models in the comparison's order: the baseline's, then the candidate's new ones.
+    names = list(dict.fromkeys(mr.spec.name for _, r in reversed(runs) for mr in r.models))
+    color = {n: i % len(CHART_COLORS) for i, n in enumerate(names)}
+    ordered = sorted(((is_base, mr) for is_base, r in runs for mr in r.models),
+                     key=lambda e: (names.index(e[1].spec.name), e[0]))
+
+    def label(mr: ModelResult, is_base: bool) -> str:
+        return f"{mr.spec.name} (baseline)" if is_base else mr.spec.name
+
+    prefill, throughput, decode = [], [], []
+    categories = list(dict.fromkeys(
+        sr.scenario.name for _, r in runs for mr in r.models for sr in mr.scenarios
+        if sr.scenario.kind != "throughput" and "tps" in sr.summary))
+    for is_base, mr in ordered:
+        points = []
+        for sr in mr.scenarios:
+            ttft, tin = sr.summary.get("ttft_ms"), sr.summary.get("tokens_in")
+            if sr.scenario.kind == "context" and ttft is not None:
+                points.append((tin.mean if tin else float(sr.scenario.target_tokens_in or 0), ttft))
+        if points:
+            points.sort(key=lambda p: p[0])
+            prefill.append(Series(label(mr, is_base), tuple(p[0] for p in points),
+                                  tuple(p[1].mean for p in points),
+                                  tuple(_stat_err(p[1]) for p in points), color[mr.spec.name], is_base))
+        levels = sorted((sr.scenario.concurrency, sr.aggregate["output_tps"]) for sr in mr.scenarios
+                        if sr.scenario.kind == "throughput" and sr.aggregate
+                        and isinstance(sr.aggregate.get("output_tps"), (int, float)))
+        if levels:
+            throughput.append(Series(label(mr, is_base), tuple(float(c) for c, _ in levels),
+                                     tuple(float(v) for _, v in levels), None,
+                                     color[mr.spec.name], is_base))
+        bars = [(categories.index(sr.scenario.name), sr.summary["tps"]) for sr in mr.scenarios
+                if sr.scenario.name in categories and "tps" in sr.summary]
+        if bars:
+            decode.append(Series(label(mr, is_base), tuple(float(i) for i, _ in bars),
+                                 tuple(st.mean for _, st in bars), tuple(_stat_err(st) for _, st in bars),
+                                 color[mr.spec.name], is_base))
+    charts = []
+    if prefill:
+        charts.append(Chart("prefill-ttft", "line", "Prefill: time to first token against context size",
+                            "Context (input tokens)", "TTFT (ms), mean ± stddev", tuple(prefill),
+                            x_format="kilo"))
+    if decode:
+        charts.append(Chart("decode-tps", "bars", "Decode speed per request",
+                            "Scenario", "Decode (tok/s), mean ± stddev", tuple(decode),
+                            categories=tuple(categories)))
+    if throughput:
+        charts.append(Chart("throughput", "line", "Throughput against concurrency",
+                            "Concurrent streams",
+                            "Output (tok/s, all streams)", tuple(throughput), x_format="log2"))
+    return tuple(charts)
+
+
+def draw_chart(chart: Chart) -> Any:
+    """A matplotlib Figure of one chart, drawn on the Agg canvas (no pyplot,
+    no display, no global state). matplotlib is the optional `charts` extra."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415
+    from matplotlib.figure import Figure  # noqa: PLC0415
+    from matplotlib.ticker import FuncFormatter, NullLocator, ScalarFormatter  # noqa: PLC0415
+
+    fig = Figure(figsize=(8, 4.5), dpi=120, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    if chart.kind == "bars":
+        width = 0.8 / max(1, len(chart.series))
+        for i, s in enumerate(chart.series):
+            c = CHART_COLORS[s.color]
+            xs = [x - 0.4 + width * (i + 0.5) for x in s.x]
+            bars = ax.bar(xs, s.y, width, yerr=s.yerr, capsize=3, label=s.label, color=c,
+                          edgecolor=c, alpha=0.45 if s.baseline else 0.9,
+                          hatch="//" if s.baseline else None, error_kw={"elinewidth": 1.2})
+            if len(chart.series) * len(chart.categories) <= 15:  # else the labels collide
+                ax.bar_label(bars, labels=[f"{y:.1f}" if y < 100 else f"{y:,.0f}" for y in s.y],
+                             padding=2, fontsize=8)
+        ax.set_xticks(range(len(chart.categories)), chart.categories)
+        ax.grid(True, axis="y", alpha=0.3)
+    else:
+        for s in chart.series:
+            ax.errorbar(s.x, s.y, yerr=s.yerr, label=s.label, color=CHART_COLORS[s.color],
+                        marker="s" if s.baseline else "o", linestyle="--" if s.baseline else "-",
+                        alpha=0.6 if s.baseline else 1.0, capsize=4, linewidth=2, markersize=6)
+        ax.grid(True, alpha=0.3)
+    if chart.x_format == "kilo":
+        ax.set_xlim(left=0)
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1000:g}k" if v else "0"))
+    elif chart.x_format == "log2":
+        levels = sorted({x for s in chart.series for x in s.x})
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(levels)
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_locator(NullLocator())
+        if len(levels) == 1:
+            ax.set_xlim(levels[0] / 2, levels[0] * 2)
+    ax.set_ylim(bottom=0)
+    ax.set_title(chart.title, fontsize=12)
+    ax.set_xlabel(chart.xlabel)
+    ax.set_ylabel(chart.ylabel)
+    fig.legend(loc="outside right upper", fontsize=9)
+    return fig
+
+
+def figure_png(fig: Any) -> bytes:
+    """The figure as PNG bytes, without the Software stamp (reproducible files)."""
+    import io  # noqa: PLC0415
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})
+    return buf.getvalue()
+
+
+def render_charts(report: Report, baseline: Report | None = None) -> dict[str, bytes]:
+    """{'prefill-ttft.png': PNG bytes, ...} for every chart the data allows."""
+    return {f"{c.name}.png": figure_png(draw_chart(c)) for c in chart_data(report, baseline)}
+
+
+_HTML_CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;
+  margin:1.5rem auto;max-width:1200px;padding:0 1rem;color:#1f2328;line-height:1.45}
+h1{font-size:1.7rem;margin:0 0 .3rem} h2{font-size:1.3rem;margin-top:2rem;
+  border-bottom:1px solid #d0d7de;padding-bottom:.25rem} h3{font-size:1.05rem;margin:1.2rem 0 .3rem}
+.meta,.notes{color:#57606a;font-size:.9rem} .notes{margin:.2rem 0 1rem;padding-left:1.2rem}
+table{border-collapse:collapse;margin:.4rem 0 .6rem;font-size:.88rem}
+th,td{border:1px solid #d0d7de;padding:.28rem .6rem;white-space:nowrap;text-align:right}
+th{background:#f6f8fa} .l{text-align:left}
+.banner{padding:.8rem 1rem;border-radius:6px;font-size:1.1rem;font-weight:600;margin:.6rem 0}
+.bad{background:#ffebe9;color:#82071e;border:1px solid #ff8182}
+.good{background:#dafbe1;color:#116329;border:1px solid #4ac26b}
+tr.regressed td{background:#ffebe9} tr.regressed td.v{color:#82071e;font-weight:600}
+tr.improved td{background:#dafbe1} tr.improved td.v{color:#116329;font-weight:600}
+tr.noise td{background:#fff8c5} tr.missing td{color:#9a6700;font-style:italic}
+figure{margin:1rem 0 1.5rem} figure img{max-width:100%;border:1px solid #d0d7de;border-radius:4px}
+figcaption{color:#57606a;font-size:.9rem} details{margin:.6rem 0} summary{cursor:pointer;font-weight:600}
+footer{margin-top:2.5rem;color:#57606a;font-size:.8rem} .win{color:#bf8700;font-weight:700}
+"""
+
+
+def _html_table(headers: Sequence[str], rows: Iterable[Sequence[str]], *,
+                left: Iterable[int] = (0,), row_classes: Iterable[str] | None = None) -> str:
+    from html import escape  # noqa: PLC0415
+
+    left = set(left)
+    classes = list(row_classes) if row_classes is not None else None
+    cls = lambda i: ' class="l"' if i in left else ""  # noqa: E731
+    head = "".join(f"<th{cls(i)}>{escape(h)}</th>" for i, h in enumerate(headers))
+    body = []
+    for n, row in enumerate(rows):
+        tr = f' class="{classes[n]}"' if classes else ""
+        cells = "".join(f"<td{_td_class(i in left, classes is not None and i == len(row) - 1)}>"
+                        f"{_html_text(c)}</td>" for i, c in enumerate(row))
+        body.append(f"<tr{tr}>{cells}</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>\n"
+
+
+def _html_text(text: str) -> str:
+    """Escaped text; the trophy becomes a star that every font has (a page
+    viewed where no emoji font is installed would show a box)."""
+    from html import escape  # noqa: PLC0415
+
+    return escape(text).replace(TROPHY, '<span class="win" title="winner">\u2605</span>')
+
+
+def _td_class(left: bool, verdict: bool) -> str:
+    names = " ".join(n for n, on in (("l", left), ("v", verdict)) if on)
+    return f' class="{names}"' if names else ""
+
+
+def _html_notes(notes: Iterable[str]) -> str:
+    items = "".join(f"<li>{_html_text(n)}</li>" for n in notes)
+    return f'<ul class="notes">{items}</ul>\n' if items else ""
+
+
+def _verdict_class(c: MetricChange) -> str:
+    return "missing" if c.verdict.startswith("missing") else c.verdict.replace(" ", "-")
+
+
+def _html_comparison(comparison: Comparison, labels: tuple[str, str]) -> str:
+    from html import escape  # noqa: PLC0415
+
+    regs = comparison.regressions
+    banner = (f'<div class="banner bad">REGRESSION: {len(regs)} metric(s) regressed past their '
+              "threshold</div>" if regs else '<div class="banner good">No regression past a threshold</div>')
+    parts = ["<h2>Comparison with the baseline</h2>", banner,
+             f'<p class="meta">baseline: {escape(labels[0])}<br>candidate: {escape(labels[1])}<br>'
+             f"{escape(format_thresholds(comparison.thresholds_pct))}<br>"
+             f"{escape(format_verdict_counts(comparison))}</p>",
+             "<h3>Changes past a threshold</h3>"]
+    notable = notable_changes(comparison)
+    left = (0, 1, 2, 7)
+    parts.append(_html_table(("Scenario", *COMPARISON_HEADERS),
+                             [(c.scenario, *comparison_row(c)) for c in notable], left=left,
+                             row_classes=[_verdict_class(c) for c in notable])
+                 if notable else "<p>None: every judged metric is within its threshold.</p>")
+    parts.append(f"<details><summary>Every metric ({len(comparison.changes)} rows)</summary>")
+    for scenario, changes in changes_by_scenario(comparison).items():
+        parts.append(f"<h3>{escape(scenario)}</h3>")
+        parts.append(_html_table(COMPARISON_HEADERS, [comparison_row(c) for c in changes],
+                                 left=(0, 1, 6), row_classes=[_verdict_class(c) for c in changes]))
+    parts.append("</details>")
+    parts.append(_html_notes(comparison.notes))
+    return "\n".join(parts)
+
+
+def format_html(report: Report, charts: Mapping[str, bytes], comparison: Comparison | None = None,
+                labels: tuple[str, str] | None = None) -> str:
+    """One self-contained HTML page: inline CSS, charts as base64 PNG, no
+    script and no network reference, so it opens anywhere, offline."""
+    import base64  # noqa: PLC0415
+    from html import escape  # noqa: PLC0415
+
+    titles = {f"{c.name}.png": c.title for c in chart_data(report)}
+    parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+             '<meta name="viewport" content="width=device-width, initial-scale=1">',
+             f"<title>{escape(TOOL_NAME)} report {escape(report.started_at)}</title>",
+             f"<style>{_HTML_CSS}</style></head><body>",
+             f"<h1>{escape(TOOL_NAME)} report</h1>", f'<p class="meta">{escape(_run_line(report))}</p>']
+    if comparison is not None:
+        parts.append(_html_comparison(comparison, labels or ("baseline", "candidate")))
+    if charts:
+        parts.append("<h2>Charts</h2>")
+        if comparison is not None:
+            parts.append('<p class="meta">Dashed lines and hatched bars: the baseline.</p>')
+    for name, png in charts.items():
+        title = titles.get(name, name)
+        data = base64.b64encode(png).decode("ascii")
+        parts.append(f'<figure><img alt="{escape(title)}" src="data:image/png;base64,{data}">'
+                     f"<figcaption>{escape(title)}</figcaption></figure>")
+    parts.append("<h2>Results</h2>")
+    for name, kind in scenario_names(report.models):
+        t = scenario_table(report.models, name, kind, report.config.bandwidth_gbs)
+        parts.append(f"<h3>{escape(t.title)}</h3>")
+        parts.append(_html_table(t.headers, t.rows) + _html_notes(t.notes))
+    parts.append("<h2>Models</h2>")
+    parts.append(_html_notes(_status_line(mr) for mr in report.models).replace(' class="notes"', ""))
+    if report.interrupted:
+        parts.append(f"<p>Interrupted by {escape(report.interrupted)}: the results are partial.</p>")
+    parts.append(f"<footer>{escape(TOOL_NAME)} {escape(__version__)}: one file, no network "
+                 "needed to view it.</footer></body></html>\n")
+    return "\n".join(parts)
+
+
+# ============================================================================
 # Output: JSON report, files
 # ============================================================================
 
@@ -2069,6 +2869,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="failed requests a model may have before it is marked failed (default 3)")
     env.add_argument("--report-dir", type=Path, default=Path("docs/reports"), metavar="DIR",
                      help="where the .txt and .json reports go (default docs/reports)")
+    add_output_options(p, run=True)
     return p
 
 
@@ -2083,10 +2884,13 @@ class Plan:
     base_url: str
     report_dir: Path
     api_key: str | None = field(default=None, repr=False)
+    baseline: Baseline | None = None
+    exports: ExportTargets = ExportTargets()
 
 
 def make_plan(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> Plan:
     """Validate the options and files into a Plan; UsageError on anything wrong."""
+    baseline, exports = check_output_options(args)  # first: a wrong --baseline costs nothing
     table = load_models_file(args.models, MODELS) if args.models else MODELS
     api_key = args.api_key or environ.get("VLLM_API_KEY") or environ.get("OPENAI_API_KEY") or None
     if args.max_failures < 0:
@@ -2115,7 +2919,8 @@ def make_plan(args: argparse.Namespace, environ: Mapping[str, str] = os.environ)
         hardware="custom" if args.bandwidth_gbs else args.hardware, bandwidth_gbs=hardware_bw,
         compose_file=str(args.compose_file) if compose else None,
         endpoint=base_url if args.endpoint else None, models=tuple(m.name for m in models))
-    return Plan(cfg, tuple(models), tuple(table), compose, base_url, args.report_dir, api_key)
+    return Plan(cfg, tuple(models), tuple(table), compose, base_url, args.report_dir, api_key,
+                baseline=baseline, exports=exports)
 
 
 def select_models(models: Sequence[ModelSpec], skip: Sequence[str], only: Sequence[str],
@@ -2175,6 +2980,197 @@ def _is_json(r: Any) -> bool:
         return True
     except ValueError:
         return False
+
+
+# ============================================================================
+# Baseline, exports and the compare command (command layer)
+# ============================================================================
+
+
+def _thresholds(text: str) -> dict[str, float | None]:
+    try:
+        return parse_thresholds(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_output_options(p: argparse.ArgumentParser, run: bool) -> None:
+    """The comparison and export options, shared by a run and `compare`."""
+    defaults = ", ".join(f"{k}:{v:g}%%" for k, v in DEFAULT_THRESHOLDS_PCT.items())
+    g = p.add_argument_group("compare with a baseline, export" if run else "thresholds and exports")
+    if run:
+        g.add_argument("--baseline", type=Path, metavar="FILE",
+                       help="after the run, compare with this saved JSON report and print the "
+                            "comparison; exit 3 when a metric regressed past its threshold "
+                            "(the file is checked before any model starts)")
+    g.add_argument("--threshold", type=_thresholds, metavar="RULES",
+                   help=f"regression thresholds in percent, e.g. ttft_ms:10%%,tps:5%%, on top of "
+                        f"the defaults {defaults}; METRIC:off stops judging one")
+    g.add_argument("--markdown", metavar="FILE|-",
+                   help="also write Markdown tables (for a PR comment or a wiki); - writes to stdout")
+    if run:
+        g.add_argument("--csv", metavar="FILE|-",
+                       help="also write one CSV row per request (sample); - writes to stdout")
+    g.add_argument("--html", metavar="FILE|-",
+                   help="also write one self-contained HTML page with tables and charts "
+                        "(needs matplotlib: pip install 'perftest-models[charts]')")
+    g.add_argument("--charts", type=Path, metavar="DIR",
+                   help="also write the charts as PNG files into DIR (needs matplotlib)")
+
+
+def check_output_options(args: argparse.Namespace) -> tuple[Baseline | None, ExportTargets]:
+    """Check the baseline and the export targets before anything runs: the
+    baseline is a report of this tool, export folders exist, at most one
+    export takes stdout, and matplotlib is there when charts are wanted."""
+    get = lambda name: getattr(args, name, None)  # noqa: E731 (tests build partial Namespaces)
+    targets = ExportTargets(markdown=get("markdown"), csv=get("csv"), html=get("html"),
+                            charts=get("charts"))
+    on_stdout = [f"--{k}" for k in ("markdown", "csv", "html") if get(k) == "-"]
+    if len(on_stdout) > 1:
+        raise UsageError(f"{' and '.join(on_stdout)} both write to stdout (-): send one to a file")
+    for key in ("markdown", "csv", "html"):
+        dest = get(key)
+        if dest in (None, "-"):
+            continue
+        path = Path(dest)
+        if path.is_dir():
+            raise UsageError(f"--{key} {dest} is a folder: give a file name, "
+                             f"e.g. {path / ('results.' + key)}")
+        if not path.parent.is_dir():
+            raise UsageError(f"--{key} {dest}: folder {path.parent} does not exist: create it first")
+    if targets.charts is not None and targets.charts.exists() and not targets.charts.is_dir():
+        raise UsageError(f"--charts {targets.charts} is a file: give a folder for the PNG files")
+    wants_charts = [flag for flag, value in (("--html", targets.html), ("--charts", targets.charts))
+                    if value is not None]
+    if wants_charts:
+        import importlib.util  # noqa: PLC0415
+
+        if importlib.util.find_spec("matplotlib") is None:
+            raise UsageError(f"{' and '.join(wants_charts)} draw charts with matplotlib, which is not "
+                             "installed: pip install 'perftest-models[charts]' (or pip install matplotlib)")
+    baseline = None
+    if get("baseline") is not None:
+        path = Path(get("baseline"))
+        baseline = Baseline(path, load_report(path, "--baseline file"),
+                            effective_thresholds(get("threshold") or {}))
+    elif get("threshold") is not None and hasattr(args, "baseline"):
+        raise UsageError("--threshold judges the comparison with a baseline: add --baseline FILE")
+    return baseline, targets
+
+
+def _write_export(path: Path, data: bytes, what: str) -> None:
+    try:
+        if path.parent != Path():
+            path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise PerftestError(f"cannot write {what} {path} ({exc.strerror or exc}): "
+                            "check the folder's permissions and free space") from None
+
+
+def write_exports(targets: ExportTargets, report: Report, stdout: Any, err: Any, *,
+                  comparison: Comparison | None = None, labels: tuple[str, str] | None = None,
+                  baseline: Report | None = None, compare_only: bool = False) -> None:
+    """Render and write each export that was asked for ('-' to `stdout`); the
+    charts are drawn once for both --html and --charts. `compare_only`: the
+    Markdown holds the comparison alone (the compare command)."""
+    charts: dict[str, bytes] = {}
+
+    def get_charts() -> dict[str, bytes]:
+        if not charts:
+            charts.update(render_charts(report, baseline))
+        return charts
+
+    makers: dict[str, Callable[[], str]] = {
+        "markdown": lambda: (format_comparison_markdown(comparison, labels or ("baseline", "candidate"))
+                             if compare_only and comparison is not None
+                             else format_markdown(report, comparison, labels)),
+        "csv": lambda: format_csv(report),
+        "html": lambda: format_html(report, get_charts(), comparison, labels),
+    }
+    for key, make in makers.items():
+        dest = getattr(targets, key)
+        if dest is None:
+            continue
+        if dest == "-":
+            stdout.write(make())
+            stdout.flush()
+            continue
+        _write_export(Path(dest), make().encode("utf-8"), f"--{key}")
+        err.write(f"{key}: {dest}\n")
+    if targets.charts is not None:
+        for name, png in get_charts().items():
+            _write_export(targets.charts / name, png, "--charts")
+        err.write(f"charts: {', '.join(get_charts())} in {targets.charts}\n")
+
+
+def finish_run(plan: Plan, report: Report, code: int, *, out: Any, stdout: Any, err: Any,
+               styled: bool = False) -> int:
+    """After the reports are saved: compare with --baseline (the table goes to
+    `out`), then write the exports. A regression turns exit 0 into 3; a failed
+    model (1) or an interrupt (130, 143) keeps its code."""
+    comparison, labels = None, None
+    if plan.baseline is not None:
+        comparison = compare_reports(plan.baseline.report, report, plan.baseline.thresholds_pct)
+        labels = (report_label(str(plan.baseline.path), plan.baseline.report),
+                  report_label("this run", report))
+        out.write("\n" + format_comparison(comparison, labels, styled=styled))
+        out.flush()
+    try:
+        write_exports(plan.exports, report, stdout, err, comparison=comparison, labels=labels,
+                      baseline=plan.baseline.report if plan.baseline else None)
+    except PerftestError as exc:
+        err.write(f"warning: {exc}; the JSON report holds every result\n")
+    if comparison is not None and comparison.regressions:
+        err.write(f"{TOOL_NAME}: {regression_message(comparison)}\n")
+        return code or RegressionFound.exit_code
+    return code
+
+
+def _compare_epilog() -> str:
+    metrics = "\n".join(f"  {k:<15} {metric_label(k):<28} "
+                        f"{'higher' if m.higher_is_better else 'lower'} is better"
+                        for k, m in COMPARED_METRICS.items())
+    return f"""\
+verdicts:
+  regressed, improved  past the metric's threshold, in its worse or better direction
+  noise                past the threshold, but the 95% intervals of the two means
+                       overlap: the change is within the runs' own spread
+  unchanged            within the threshold
+  not gated            the metric has no threshold (add one with --threshold)
+  missing in baseline, missing in candidate
+                       one report lacks the model, the scenario or the metric
+  A side with a single run has no interval: the threshold alone decides, and the
+  verdict says "(untested)".
+
+metrics (for --threshold):
+{metrics}
+
+examples:
+  perftest_models.py compare main.json pr.json
+  perftest_models.py compare main.json pr.json --threshold ttft_ms:5%,tps:3%,ttfo_ms:off
+  perftest_models.py compare main.json pr.json --markdown - > pr-comment.md
+  perftest_models.py compare main.json pr.json --html compare.html
+
+exit codes: 0 no regression, 2 usage error (a file that is not a report of this
+            tool, or has another schema_version), 3 a metric regressed past its
+            threshold (missing models or scenarios are reported, not failed).
+"""
+
+
+def build_compare_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="perftest_models.py compare",
+                description="Compare two saved JSON reports of this tool: every model, scenario "
+                            "and metric, both values (mean ± stddev), the change, and a verdict.",
+                epilog=_compare_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("baseline_report", type=Path, metavar="BASELINE.json",
+                   help="the report to compare against (e.g. from the main branch)")
+    p.add_argument("candidate_report", type=Path, metavar="CANDIDATE.json",
+                   help="the report to judge")
+    add_output_options(p, run=False)
+    return p
 
 
 # ============================================================================
@@ -2395,7 +3391,8 @@ class ReportFiles:
 
 def run_benchmark(plan: Plan, out: Any, err: Any, *, styled: bool = False,
                   err_tty: bool = False) -> int:
-    """The main job: every selected model in turn; exit 0, 1, 130 or 143."""
+    """The main job: every selected model in turn; exit 0, 1, 3, 130 or 143."""
+    out, stdout = (err, out) if plan.exports.to_stdout else (out, out)  # '-' export owns stdout
     report_dir = prepare_report_dir(plan.report_dir)
     started = _now()
     report = Report(plan.cfg, started.isoformat(), [ModelResult(m) for m in plan.models],
@@ -2454,7 +3451,7 @@ def run_benchmark(plan: Plan, out: Any, err: Any, *, styled: bool = False,
             where = f"{files.txt_path} and {files.json_path}" if saved else "stdout only"
             err.write(f"report: {where}\n")
         signals.restore()
-    return code
+    return finish_run(plan, report, code, out=out, stdout=stdout, err=err, styled=styled)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -2476,7 +3473,24 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def compare_main(argv: Sequence[str], out: Any, err: Any) -> int:
-    raise UsageError("compare is not available yet")
+    """compare BASELINE CANDIDATE: a table per scenario on stdout (or the
+    export named '-'); exit 0, or 3 (RegressionFound) past a threshold."""
+    args = build_compare_parser().parse_args(list(argv))
+    _, exports = check_output_options(args)
+    baseline = load_report(args.baseline_report, "baseline")
+    candidate = load_report(args.candidate_report, "candidate")
+    comparison = compare_reports(baseline, candidate, effective_thresholds(args.threshold or {}))
+    labels = (report_label(str(args.baseline_report), baseline),
+              report_label(str(args.candidate_report), candidate))
+    text_out = err if exports.to_stdout else out
+    styled = text_out.isatty() and not os.environ.get("NO_COLOR")
+    text_out.write(format_comparison(comparison, labels, styled=styled))
+    text_out.flush()
+    write_exports(exports, candidate, out, err, comparison=comparison, labels=labels,
+                  baseline=baseline, compare_only=True)
+    if comparison.regressions:
+        raise RegressionFound(regression_message(comparison))
+    return 0
 
 
 if __name__ == "__main__":
