@@ -441,7 +441,7 @@ def test_markdown_has_a_table_per_scenario_and_escapes_pipes():
     text = pm.format_markdown(report)
     headings = re.findall(r"^### (\S+?):", text, re.M)
     assert headings == ["latency", "context-1k", "context-4k", "throughput-c1", "throughput-c4"]
-    assert "| Model | TTFT (ms) | Decode (tok/s) |" in text
+    assert "| Model | TTFT (ms) | Server TTFT (ms) | Decode (tok/s) |" in text
     assert pm.markdown_table(("A", "B"), [("x|y", "1")]) == "| A | B |\n|:---|---:|\n| x\\|y | 1 |\n"
 
 
