@@ -288,7 +288,15 @@ class Sample:
     retries: int = 0
     queued_ms: float = 0.0
     start_s: float = 0.0
+    token_reads: int | None = None  # network reads that carried tokens
     itl_ms: tuple[float, ...] = ()
+
+    @property
+    def bursty(self) -> bool:
+        """Tokens arrived in bursts (more than 4 per network read on average):
+        the decode rate then shows the server's output batching, not its speed."""
+        return bool(self.ok and self.tokens_out and self.token_reads
+                    and self.tokens_out > 8 and self.tokens_out / self.token_reads > 4)
 
 
 @dataclass(frozen=True)
@@ -974,6 +982,7 @@ def measure_stream(t_sent: float, reads: Sequence[Read], target_tokens_out: int 
         cached_tokens=cached if isinstance(cached, int) else None,
         retries=retries,
         queued_ms=queued_ms,
+        token_reads=len(set(token_times)),
         itl_ms=tuple(itl),
     )
 
@@ -1131,15 +1140,16 @@ def served_models(doc: Any) -> list[dict[str, Any]]:
 # ============================================================================
 
 
-def filler(n_words: int) -> str:
-    words = _FILLER_WORDS
-    return " ".join(words[i % len(words)] for i in range(n_words))
+def filler(n_chars: int) -> str:
+    """The first `n_chars` characters of an endless plain-English filler."""
+    unit = " ".join(_FILLER_WORDS) + " "
+    return (unit * (n_chars // len(unit) + 1))[:n_chars]
 
 
-def context_messages(nonce: str, n_words: int) -> list[dict[str, str]]:
+def context_messages(nonce: str, n_chars: int) -> list[dict[str, str]]:
     """A long user message: unique head (defeats prefix caching), filler, task."""
     return [{"role": "user", "content": (
-        f"Request {nonce}. Read this log:\n{filler(n_words)}\n"
+        f"Request {nonce}. Read this log:\n{filler(n_chars)}\n"
         "Summarize the log above in one paragraph.")}]
 
 
@@ -1153,16 +1163,19 @@ def new_nonce() -> str:
 
 class PromptBuilder:
     """Builds context prompts of an exact token count with the server's
-    /tokenize; where the server has none, calibrates words per token from
-    `usage.prompt_tokens` and gets close."""
+    /tokenize: the filler is cut to the character, found by a bracketing
+    search, and the length that hit a target is remembered so that the next
+    prompt (another nonce) usually needs one or two calls. A server without
+    /tokenize is calibrated from `usage.prompt_tokens` and gets close."""
 
     def __init__(self, client: Any, model_id: str, chat_template_kwargs: Mapping[str, Any] | None):
         self.client = client
         self.model_id = model_id
         self.kwargs = dict(chat_template_kwargs or {})
         self.has_tokenize: bool | None = None
-        self.overhead: float | None = None  # tokens of an empty filler
-        self.per_word: float | None = None  # tokens per filler word
+        self.overhead: int | None = None  # tokens of the prompt with no filler
+        self.chars_per_token: float | None = None
+        self.hints: dict[int, int] = {}  # target tokens -> filler chars that hit it
 
     async def count(self, messages: list[dict[str, str]]) -> int | None:
         if self.has_tokenize is False:
@@ -1192,40 +1205,49 @@ class PromptBuilder:
             raise ModelFailed(f"calibration request failed: {_error_message(r.status_code, r.content)}")
         return int(r.json()["usage"]["prompt_tokens"])
 
-    async def calibrate(self) -> None:
-        probe = 400
+    async def calibrate(self, probe_chars: int = 4000) -> None:
         base = await self._count_or_usage(context_messages(new_nonce(), 0))
-        full = await self._count_or_usage(context_messages(new_nonce(), probe))
-        self.overhead, self.per_word = float(base), max(0.05, (full - base) / probe)
+        full = await self._count_or_usage(context_messages(new_nonce(), probe_chars))
+        self.overhead, self.chars_per_token = base, probe_chars / max(1, full - base)
 
     async def build(self, target: int, nonce: str) -> tuple[list[dict[str, str]], int | None]:
-        """Messages whose chat prompt is `target` tokens (exact with /tokenize;
-        the count is returned, or None when it could only be estimated)."""
-        if self.per_word is None:
+        """Messages whose chat prompt is `target` tokens and that count (the
+        closest count below when no length hits it exactly; None when it
+        could only be estimated)."""
+        if self.chars_per_token is None:
             await self.calibrate()
-        assert self.overhead is not None and self.per_word is not None
-        words = max(0, round((target - self.overhead) / self.per_word))
-        best: tuple[int, list[dict[str, str]], int | None] | None = None
-        for _ in range(8):
-            messages = context_messages(nonce, words)
-            n = await self.count(messages)
+        assert self.overhead is not None and self.chars_per_token is not None
+        cpt = self.chars_per_token
+        chars = self.hints.get(target, max(0, round((target - self.overhead) * cpt)))
+        if self.has_tokenize is False:
+            return context_messages(nonce, chars), None
+        under: tuple[int, int] | None = None  # (chars, tokens) below the target
+        over: tuple[int, int] | None = None  # (chars, tokens) above it
+        for _ in range(40):
+            n = await self.count(context_messages(nonce, chars))
             if n is None:
-                return messages, None
+                return context_messages(nonce, chars), None
             if n == target:
-                return messages, n
-            if n < target and (best is None or n > best[2]):  # type: ignore[operator]
-                best = (words, messages, n)
-            step = round((target - n) / self.per_word)
-            words = max(0, words + (step if step else (1 if n < target else -1)))
-        if best is None:  # every try overshot: shrink until under
-            while words > 0:
-                words = max(0, words - max(1, words // 100))
-                messages = context_messages(nonce, words)
-                n = await self.count(messages)
-                if n is not None and n <= target:
-                    return messages, n
-            return context_messages(nonce, 0), await self.count(context_messages(nonce, 0))
-        return best[1], best[2]
+                self.hints[target] = chars
+                return context_messages(nonce, chars), n
+            if n < target:
+                under = (chars, n) if under is None or chars > under[0] else under
+            else:
+                over = (chars, n) if over is None or chars < over[0] else over
+            if under and over:
+                if over[0] - under[0] <= 1:
+                    break  # no cut of the filler gives exactly `target`
+                frac = (target - under[1]) / (over[1] - under[1])
+                chars = under[0] + min(over[0] - under[0] - 1, max(1, round(frac * (over[0] - under[0]))))
+            elif under:
+                chars = under[0] + max(1, round((target - under[1]) * cpt))
+            else:
+                assert over is not None
+                if over[0] == 0:
+                    break  # even an empty filler is longer than the target
+                chars = max(0, over[0] - max(1, round((over[1] - target) * cpt)))
+        chars, n = under or over  # type: ignore[misc]
+        return context_messages(nonce, chars), n
 
 
 # ============================================================================
@@ -2002,6 +2024,12 @@ def scenario_table(models: Sequence[ModelResult], name: str, kind: str,
         server = sr.server or {}
         server_ttft = fmt_num(server.get("ttft_mean_ms"))
         tokens_out = fmt_stat(sr.summary.get("tokens_out"))
+        bursty = sum(s.bursty for s in sr.samples)
+        if bursty:
+            notes.append(f"(b) {mr.spec.name}: in {bursty} of {len(sr.samples)} requests the tokens "
+                         "arrived in bursts (over 4 per network read): decode and ITL show how "
+                         "the server flushed its output, not how fast it decoded")
+        decode = cell("tps") + (" (b)" if bursty else "")
         if any(s.ok and s.tokens_out_exact is False for s in sr.samples):
             tokens_out += " (!)"
             notes.append(f"(!) {mr.spec.name}: some samples did not produce exactly "
@@ -2010,7 +2038,7 @@ def scenario_table(models: Sequence[ModelResult], name: str, kind: str,
             agg = sr.aggregate or {}
             ttft = sr.summary.get("ttft_ms")
             rows.append((mr.spec.name, str(sr.scenario.concurrency), fmt_num(agg.get("output_tps"), 1),
-                         fmt_num(agg.get("requests_per_s"), 2), cell("tps"),
+                         fmt_num(agg.get("requests_per_s"), 2), decode,
                          fmt_num(ttft.median if ttft else None), fmt_num(ttft.p90 if ttft else None),
                          fmt_num(ttft.p99 if ttft else None), fmt_num(server.get("queue_mean_ms")),
                          fmt_pct(agg.get("peak_kv_cache_usage_perc")), str(agg.get("errors", 0))))
@@ -2022,7 +2050,7 @@ def scenario_table(models: Sequence[ModelResult], name: str, kind: str,
                              f"fit its {mr.spec.max_context_tokens}-token context; clamped to "
                              f"{sr.scenario.target_tokens_in}")
             rows.append((mr.spec.name, tin, cell("ttft_ms"), server_ttft, cell("prefill_tps"),
-                         cell("tps"), tokens_out, cell("total_s"), failed))
+                         decode, tokens_out, cell("total_s"), failed))
         else:
             ceiling = roofline_tps(mr.spec, bandwidth_gbs)
             tps = sr.summary.get("tps")
@@ -2030,7 +2058,7 @@ def scenario_table(models: Sequence[ModelResult], name: str, kind: str,
             itl = sr.summary.get("itl_ms")
             rows.append((mr.spec.name, cell("ttft_ms"), server_ttft,
                          *((cell("ttfo_ms"),) if thinking else ()),
-                         cell("tps"), f"{fmt_num(itl.median, 1)} / {fmt_num(itl.p99, 1)}" if itl else "-",
+                         decode, f"{fmt_num(itl.median, 1)} / {fmt_num(itl.p99, 1)}" if itl else "-",
                          fmt_stat(sr.summary.get("tokens_in")), tokens_out, cell("total_s"), roof,
                          failed))
         if server.get("prefix_cache_hits") and kind != "throughput":
@@ -2102,7 +2130,7 @@ def prefill_curve_table(models: Sequence[ModelResult]) -> TextTable | None:
                          if ttft and rate else "-")
         if any(c != "-" for c in cells):
             rows.append((mr.spec.name, *cells))
-    return TextTable("Prefill curve: mean TTFT and prefill rate by context size",
+    return TextTable("Prefill curve: mean TTFT, prefill rate",
                      ("Model", *names), tuple(rows))
 
 

@@ -299,3 +299,13 @@ def test_server_metrics_deltas_give_the_servers_own_ttft():
 def test_prometheus_sums_label_sets_and_skips_buckets():
     m = pm.parse_prometheus('a_total{x="1"} 2\na_total{x="2"} 3\nb_bucket{le="1"} 9\nc 1e3\n')
     assert m == {"a_total": 5.0, "c": 1000.0}
+
+
+def test_tokens_that_arrive_in_one_burst_are_flagged_bursty():
+    # vLLM on a starved CPU can flush a whole answer at once: 20 tokens, 1 read
+    reads = [(0.5, b"".join([chunk("", role="assistant")] + [chunk(f" t{i}") for i in range(20)]
+                           + [chunk(choices=False, usage=usage(5, 20)), DONE]))]
+    s = pm.measure_stream(0.0, reads, 20)
+    assert s.ok and s.token_reads == 1 and s.bursty
+    steady = pm.measure_stream(0.0, vllm_stream([0.0] + [0.1 * i for i in range(1, 21)]), 20)
+    assert steady.token_reads == 20 and not steady.bursty
