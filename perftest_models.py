@@ -2106,11 +2106,29 @@ def format_results(report: Report, styled: bool = False) -> str:
     parts = ["\n".join(lines), ""]
     for name, kind in scenario_names(report.models):
         parts.append(render_table(scenario_table(report.models, name, kind, cfg.bandwidth_gbs), styled))
-    curve = prefill_curve_table(report.models)
-    if curve is not None:
-        parts.append(render_table(curve, styled))
+    for extra in (decode_detail_table(report.models), prefill_curve_table(report.models)):
+        if extra is not None:
+            parts.append(render_table(extra, styled))
     parts.append(format_summary(report))
     return "\n".join(parts)
+
+
+def decode_detail_table(models: Sequence[ModelResult]) -> TextTable | None:
+    """TPOT, inter-token latency percentiles and end-to-end rate: a row per
+    model and scenario."""
+    rows = []
+    for mr in models:
+        for sr in mr.scenarios:
+            itl, tpot, e2e = (sr.summary.get(k) for k in ("itl_ms", "tpot_ms", "e2e_tps"))
+            if itl is None and tpot is None:
+                continue
+            rows.append((mr.spec.name, sr.scenario.name, fmt_stat(tpot, 2),
+                         *(fmt_num(getattr(itl, q), 2) if itl else "-" for q in ("median", "p90", "p99")),
+                         fmt_stat(e2e, 1)))
+    if not rows:
+        return None
+    return TextTable("Decode detail", ("Model", "Scenario", "TPOT (ms)", "ITL p50 (ms)", "p90", "p99",
+                                       "E2E (tok/s)"), tuple(rows))
 
 
 def prefill_curve_table(models: Sequence[ModelResult]) -> TextTable | None:

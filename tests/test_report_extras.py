@@ -80,3 +80,14 @@ def test_the_summary_names_the_roofline_share_power_and_image():
     assert lines[1] == "      command: Qwen/Qwen3-32B-FP8 --max-model-len 32000"
     d = pm.model_to_dict(mr, 273.0)
     assert d["roofline"] == {"bandwidth_gbs": 273.0, "ceiling_tps": 8.323, "achieved_pct": 74.5}
+
+
+def test_decode_detail_has_tpot_itl_percentiles_and_e2e_rate_per_scenario():
+    mr = pm.ModelResult(pm.ModelSpec("m", None, "m", 4096), status="ok")
+    samples = (pm.Sample(ok=True, tpot_ms=2.0, e2e_tps=400.0, itl_ms=(1.0, 2.0, 3.0, 4.0)),
+               pm.Sample(ok=True, tpot_ms=4.0, e2e_tps=200.0, itl_ms=(5.0,)))
+    sc = pm.Scenario("latency", "latency", None, 5, 2)
+    mr.scenarios.append(pm.ScenarioResult(sc, samples, pm.summarize_samples(samples)))
+    table = pm.decode_detail_table([mr])
+    # ITL pools every gap: [1, 2, 3, 4, 5] -> p50 3, p90 4.6, p99 4.96
+    assert table.rows == (("m", "latency", "3.00 ± 1.41", "3.00", "4.60", "4.96", "300.0 ± 141.4"),)
