@@ -162,3 +162,16 @@ def test_held_back_empty_tokens_count_like_vllm_sends_them(standin):
     assert s.ok and s.tokens_out == 10 and len(s.itl_ms) == 9  # one token per chunk
     assert s.ttft_ms - (rec.first_token_at - rec.arrival) * 1000 < 35.0  # the empty chunk counts
     assert s.ttfo_ms - s.ttft_ms >= 40.0  # the first text arrives with the last chunk
+
+
+def test_ttft_and_decode_rate_match_the_servers_true_timing_within_a_few_percent(standin):
+    # The server records when it wrote its first and last token (same clock,
+    # same process): the client's figures must agree with those, not with
+    # the scripted delays.
+    srv = standin(ttft_s=0.3, itl_s=0.01)
+    s = run(one_request(srv, tokens_out=50))
+    rec = srv.records[-1]
+    true_ttft_ms = (rec.first_token_at - rec.arrival) * 1000
+    true_tps = (rec.completion_tokens - 1) / (rec.finished_at - rec.first_token_at)
+    assert s.ttft_ms == pytest.approx(true_ttft_ms, rel=0.05)
+    assert s.tps == pytest.approx(true_tps, rel=0.05)
