@@ -288,7 +288,7 @@ class Sample:
     retries: int = 0
     queued_ms: float = 0.0
     start_s: float = 0.0
-    token_reads: int | None = None  # network reads that carried tokens
+    token_reads: int | None = None  # separate arrivals of token chunks (count_arrivals)
     itl_ms: tuple[float, ...] = ()
 
     @property
@@ -982,9 +982,19 @@ def measure_stream(t_sent: float, reads: Sequence[Read], target_tokens_out: int 
         cached_tokens=cached if isinstance(cached, int) else None,
         retries=retries,
         queued_ms=queued_ms,
-        token_reads=len(set(token_times)),
+        token_reads=count_arrivals(token_times),
         itl_ms=tuple(itl),
     )
+
+
+SAME_READ_S = 1e-4  # chunks this close together came in one network read
+
+
+def count_arrivals(times: Sequence[float]) -> int:
+    """How many separate arrivals the token chunks made: chunks less than
+    0.1 ms apart came in the same network read (httpx hands over one chunk at
+    a time, microseconds apart; decode steps are milliseconds apart)."""
+    return (1 + sum(b - a > SAME_READ_S for a, b in zip(times, times[1:]))) if times else 0
 
 
 def spread_gaps(times: Sequence[float], counts: Sequence[int | None], tokens_out: int
@@ -1099,11 +1109,13 @@ def chat_payload(model_id: str, messages: list[dict[str, str]], tokens_out: int,
 
     `min_tokens` + `ignore_eos` (vLLM extensions) make the output length
     exact; `cache_salt` keeps each request out of the prefix cache, on top of
-    the unique text at the head of every prompt.
+    the unique text at the head of every prompt; `continuous_usage_stats`
+    makes vLLM put the running token count on every chunk, so ITL is exact
+    even when it merges several tokens into one chunk.
     """
     body: dict[str, Any] = {
         "model": model_id, "messages": messages, "stream": True,
-        "stream_options": {"include_usage": True},
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
         "max_tokens": tokens_out, "min_tokens": tokens_out, "ignore_eos": True,
         "temperature": temperature, "cache_salt": cache_salt,
     }
@@ -3008,7 +3020,13 @@ def discover_endpoint_models(base_url: str, table: Sequence[ModelSpec], api_key:
     if not listed:
         raise UsageError(f"{base_url}/v1/models answered HTTP {r.status_code} without a model list: "
                          "is this an OpenAI-compatible server?")
-    by_id = {m.model_id: m for m in table}
+    by_id: dict[str, ModelSpec] = {}
+    for m in table:
+        if m.model_id in by_id:
+            raise UsageError(f"models {by_id[m.model_id].name} and {m.name} share the model id "
+                             f"{m.model_id!r}: with --endpoint a served model must match one "
+                             "entry; keep one of them in the --models file")
+        by_id[m.model_id] = m
     out = []
     for entry in listed:
         known = by_id.get(entry["id"])

@@ -258,3 +258,12 @@ def test_the_project_name_is_derived_like_compose_does(tmp_path, monkeypatch):
     assert pm.compose_project_name(d / "docker-compose.yml", {}) == "myinferencebox"
     monkeypatch.setenv("COMPOSE_PROJECT_NAME", "ci")
     assert pm.compose_project_name(d / "docker-compose.yml", {"name": "x"}) == "ci"
+
+
+def test_an_endpoint_model_that_matches_two_table_entries_is_refused(standin, tmp_path, capsys):
+    srv = standin(model="tiny")
+    path = write_models(tmp_path, {"replace": True, "models": [
+        {"name": "a", "model_id": "tiny", "max_context_tokens": 4096},
+        {"name": "b", "model_id": "tiny", "max_context_tokens": 4096}]})
+    assert pm.main(["--endpoint", srv.base_url, "--models", str(path)]) == 2
+    assert "share the model id 'tiny'" in capsys.readouterr().err

@@ -164,23 +164,27 @@ def test_an_interrupt_mid_test_stops_the_container_and_keeps_the_report(run, sig
     r = run()
     proc = subprocess.Popen(r.argv("model-slow", "model-dies"), env=r.env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    lines = []
+    lines, out_parts = [], []
     healthy = threading.Event()
 
-    def read():
+    def read():  # the only reader of stderr, so no line is lost
         for line in proc.stderr:
             lines.append(line)
             if "model-slow: healthy" in line:
                 healthy.set()
 
     reader = threading.Thread(target=read, daemon=True)
+    writer = threading.Thread(target=lambda: out_parts.append(proc.stdout.read()), daemon=True)
     reader.start()
+    writer.start()
     assert healthy.wait(120), "".join(lines)
     time.sleep(1.5)  # inside the 10 s latency test
     assert project_containers(r.project), "the service should be running now"
     proc.send_signal(signum)
-    out, _ = proc.communicate(timeout=60)
-    reader.join(5)
+    proc.wait(60)
+    reader.join(10)
+    writer.join(10)
+    out = "".join(out_parts)
     assert proc.returncode == code, "".join(lines)
     assert project_containers(r.project) == []
     assert any("model-slow: stopped svc-slow" in line for line in lines)

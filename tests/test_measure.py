@@ -309,3 +309,10 @@ def test_tokens_that_arrive_in_one_burst_are_flagged_bursty():
     assert s.ok and s.token_reads == 1 and s.bursty
     steady = pm.measure_stream(0.0, vllm_stream([0.0] + [0.1 * i for i in range(1, 21)]), 20)
     assert steady.token_reads == 20 and not steady.bursty
+
+
+def test_chunks_microseconds_apart_are_one_arrival_and_milliseconds_apart_are_not():
+    # httpx hands over a buffered burst one chunk at a time, ~7 us apart
+    assert pm.count_arrivals([1.0 + i * 7e-6 for i in range(256)]) == 1
+    assert pm.count_arrivals([1.0 + i * 2e-3 for i in range(256)]) == 256
+    assert pm.count_arrivals([]) == 0

@@ -500,10 +500,6 @@ def test_the_tool_sees_a_one_write_answer_as_late_first_token_and_no_decode_time
     assert sample.total_s * 1000 - sample.ttft_ms < 20  # "decode" took no time at all
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "perftest_models counts HTTP chunks as network reads (httpx yields one item per chunk "
-    "even when all arrived in one read), so token_reads == tokens_out and a whole answer "
-    "sent in one write is not flagged bursty"))
 def test_the_tool_flags_a_one_write_answer_as_bursty(server: StandinServer) -> None:
     server.config.update(ttft_s=0.02, itl_s=0.005, burst_events=0)
     sample = measure_with_the_tool(server, 40)
