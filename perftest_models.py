@@ -1053,17 +1053,20 @@ async def send_chat(client: Any, payload: bytes, target_tokens_out: int | None, 
                     reads.append((clock(), chunk))
             finally:
                 await response.aclose()
-        except httpx.ConnectError as exc:
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:  # nothing was sent: safe
             if retries < max_retries:
                 retries += 1
                 await asyncio.sleep(retry_wait_s)
                 continue
-            return Sample(ok=False, error=f"cannot connect: {exc}", retries=retries)
+            return Sample(ok=False, error=f"cannot connect: {str(exc) or type(exc).__name__}",
+                          retries=retries)
         except httpx.TimeoutException:
             return Sample(ok=False, retries=retries, error=(
-                f"stalled: no bytes for {client.timeout.read:.0f} s "
+                f"stalled: no bytes for {client.timeout.read:g} s "
                 f"after {len(reads)} read(s) (raise --request-timeout if the server is just slow)"))
-        except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
+        except httpx.TransportError as exc:  # reset, closed mid-stream, protocol errors, ...
+            # A failed request is data: any transport error must become a sample,
+            # or it would end the whole run with a traceback.
             return Sample(ok=False, retries=retries, error=(
                 f"connection broken after {len(reads)} read(s): {type(exc).__name__}: {exc}"))
         return measure_stream(t_sent, reads, target_tokens_out, t_scheduled, retries)

@@ -1,0 +1,187 @@
+"""Faults and bad input (issue 7): every fault the stand-in can produce, the
+signals, the report folder, bad input, fuzzing, and the secrets.
+
+Everything here runs against the stand-in server on 127.0.0.1, in-process or
+as a subprocess; the faults that need a real Docker engine (a container
+killed or OOM-killed mid-scenario, a signal while a container runs) are in
+tests/test_docker_lifecycle.py. docs/faults.md maps each case to its test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import perftest_models as pm
+import standin as standin_module
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "perftest_models.py"
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 with nothing listening on it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout_s=20.0, what="condition"):
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.005)
+
+
+async def _one(base_url, model="standin", tokens_out=20, timeout_s=30.0, messages=None,
+               retry_wait_s=0.01, max_retries=2):
+    async with pm.http_client(base_url, None, timeout_s) as client:
+        payload = pm.chat_payload(model, messages or pm.latency_messages("n"), tokens_out, 0.7,
+                                  None, pm.new_nonce())
+        return await pm.send_chat(client, payload, tokens_out, retry_wait_s=retry_wait_s,
+                                  max_retries=max_retries)
+
+
+def one_request(srv, **kw) -> pm.Sample:
+    """One streaming chat request through the real client over a real socket."""
+    return asyncio.run(_one(srv.base_url, srv.config.model, **kw))
+
+
+def json_report(report_dir) -> dict:
+    (path,) = report_dir.glob("*.json")
+    return json.loads(path.read_text())
+
+
+# ============================================================================
+# Server faults: each is a failed sample with its reason, never a crash
+# ============================================================================
+
+# fault -> the start of the reason the sample carries. None of these is retried:
+# they fail after the server accepted the request (it may have generated).
+NOT_RETRIED = {
+    "close_mid_stream": "connection broken after ",
+    "reset": "connection broken after ",
+    "http_400": "HTTP 400: stand-in fault http_400: Bad Request",
+    "http_500": "HTTP 500: stand-in fault http_500: Internal Server Error",
+    "malformed_sse": "malformed SSE event: '{not json'",
+    "error_event": "error event in stream: Internal server error",
+    "no_usage": "no usage in the stream: the server ignored stream_options.include_usage",
+    "done_no_tokens": "stream finished without any generated token",
+    "empty_body": "stream ended before [DONE] after 0 token chunk(s)",
+}
+
+
+@pytest.mark.parametrize("fault, reason", sorted(NOT_RETRIED.items()))
+def test_each_server_fault_is_a_failed_sample_with_its_reason(standin, fault, reason):
+    srv = standin(faults=[fault])
+    s = one_request(srv)
+    assert not s.ok and s.error.startswith(reason), s.error
+    assert s.retries == 0 and len(srv.records) == 1  # sent once: resending is not safe
+    # a failed sample carries no numbers at all, so nothing averages in a zero
+    assert all(getattr(s, k) is None for k in pm.SAMPLE_METRICS) and s.itl_ms == ()
+
+
+def test_a_mid_stream_close_or_reset_names_what_broke(standin):
+    srv = standin(faults=["close_mid_stream", "reset"], fault_after_chunks=3)
+    closed, reset = one_request(srv), one_request(srv)
+    assert "RemoteProtocolError" in closed.error  # FIN without the chunked terminator
+    assert "ReadError" in reset.error or "RemoteProtocolError" in reset.error  # RST
+
+
+@pytest.mark.parametrize("fault", ["http_429", "http_503"])
+def test_a_refusal_before_generation_is_retried_and_counted(standin, fault):
+    srv = standin(faults=[fault])
+    s = one_request(srv)
+    assert s.ok and s.retries == 1 and len(srv.records) == 2
+
+
+def test_a_429_waits_as_long_as_retry_after_says(standin):
+    srv = standin(faults=["http_429"])  # the stand-in sends Retry-After: 1
+    s = one_request(srv, retry_wait_s=0.0)
+    rec = srv.records
+    assert s.ok and s.retries == 1
+    assert rec[1].arrival - rec[0].arrival >= 1.0  # the server's wish, not ours (0 s)
+
+
+def test_retries_stop_at_the_limit_and_the_sample_says_so(standin):
+    srv = standin(faults=["http_503"] * 5)
+    s = one_request(srv, max_retries=2)
+    assert not s.ok and s.retries == 2 and len(srv.records) == 3
+    assert s.error == "HTTP 503: stand-in fault http_503: Service Unavailable"
+
+
+def test_a_server_still_loading_answers_503_and_the_request_is_retried(standin):
+    srv = standin(load_s=0.3)
+    s = one_request(srv, retry_wait_s=0.2, max_retries=5)
+    assert s.ok and s.retries >= 1
+    assert [r.status for r in srv.records][:-1] == [503] * s.retries
+
+
+def test_a_refused_connection_is_retried_and_counted():
+    url = f"http://127.0.0.1:{free_port()}"
+    s = asyncio.run(_one(url, max_retries=2))
+    assert not s.ok and s.retries == 2 and s.error.startswith("cannot connect: ")
+
+
+def test_a_stalled_stream_fails_after_the_read_timeout(standin):
+    srv = standin(faults=["stall"], stall_s=10.0)
+    t0 = time.monotonic()
+    s = one_request(srv, timeout_s=0.5)
+    assert time.monotonic() - t0 < 5.0  # gave up at the read timeout, not after the stall
+    assert not s.ok and s.retries == 0
+    assert s.error.startswith("stalled: no bytes for 0.5 s after 1 read(s)"), s.error
+
+
+def test_a_prompt_longer_than_the_context_is_a_400_with_the_servers_reason(standin):
+    srv = standin(max_model_len=500)
+    s = one_request(srv, messages=pm.context_messages("n", 800))
+    assert not s.ok and s.retries == 0 and len(srv.records) == 1
+    assert s.error.startswith("HTTP 400: This model's maximum context length is 500 tokens"), s.error
+
+
+def _send_through(transport_error):
+    import httpx
+
+    def handler(request):
+        raise transport_error(request)
+
+    async def go():
+        async with httpx.AsyncClient(base_url="http://fake.invalid",
+                                     transport=httpx.MockTransport(handler)) as client:
+            return await pm.send_chat(client, b"{}", 5, retry_wait_s=0.0)
+
+    return asyncio.run(go())
+
+
+@pytest.mark.parametrize("name", ["CloseError", "LocalProtocolError", "ProxyError",
+                                  "UnsupportedProtocol", "WriteError"])
+def test_any_transport_error_is_a_failed_sample_not_an_exception(name):
+    import httpx
+
+    exc_type = getattr(httpx, name)
+    s = _send_through(lambda request: exc_type("boom") if name == "LocalProtocolError"
+                      else exc_type("boom", request=request))
+    assert not s.ok and s.retries == 0
+    assert s.error == f"connection broken after 0 read(s): {name}: boom"
+
+
+def test_a_connect_timeout_is_retried_like_a_refused_connection():
+    import httpx
+
+    s = _send_through(lambda request: httpx.ConnectTimeout("", request=request))
+    assert not s.ok and s.retries == 2 and s.error == "cannot connect: ConnectTimeout"
