@@ -1067,8 +1067,9 @@ async def send_chat(client: Any, payload: bytes, target_tokens_out: int | None, 
         except httpx.TransportError as exc:  # reset, closed mid-stream, protocol errors, ...
             # A failed request is data: any transport error must become a sample,
             # or it would end the whole run with a traceback.
-            return Sample(ok=False, retries=retries, error=(
-                f"connection broken after {len(reads)} read(s): {type(exc).__name__}: {exc}"))
+            why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            return Sample(ok=False, retries=retries,
+                          error=f"connection broken after {len(reads)} read(s): {why}")
         return measure_stream(t_sent, reads, target_tokens_out, t_scheduled, retries)
 
 
@@ -1146,6 +1147,20 @@ def new_nonce() -> str:
     return uuid.uuid4().hex[:12]
 
 
+def _answer_int(response: Any, keys: Sequence[str], what: str) -> int:
+    """An integer from a JSON answer (`keys` is its path); ModelFailed if absent."""
+    try:
+        value = response.json()
+        for key in keys:
+            value = value[key]
+    except (ValueError, KeyError, IndexError, TypeError):
+        value = None
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ModelFailed(f"{what} answered without {'.'.join(keys)}: "
+                          f"{response.text[:120]!r} (is this a vLLM server?)")
+    return value
+
+
 class PromptBuilder:
     """Builds context prompts of an exact token count with the server's
     /tokenize; where the server has none, calibrates words per token from
@@ -1166,14 +1181,24 @@ class PromptBuilder:
                                 "add_generation_prompt": True}
         if self.kwargs:
             body["chat_template_kwargs"] = self.kwargs
-        r = await self.client.post("/tokenize", json=body)
+        r = await self._post("/tokenize", body)
         if r.status_code in (404, 405, 501):
             self.has_tokenize = False
             return None
         if r.status_code != 200:
             raise ModelFailed(f"/tokenize failed: {_error_message(r.status_code, r.content)}")
         self.has_tokenize = True
-        return int(r.json()["count"])
+        return _answer_int(r, ("count",), "/tokenize")
+
+    async def _post(self, path: str, body: Mapping[str, Any]) -> Any:
+        """POST; a broken connection ends the model (ModelFailed), not the run."""
+        import httpx  # noqa: PLC0415
+
+        try:
+            return await self.client.post(path, json=body)
+        except httpx.HTTPError as exc:
+            raise ModelFailed(f"{path} failed: {type(exc).__name__}: {exc} "
+                              "(is the server still running?)") from None
 
     async def _count_or_usage(self, messages: list[dict[str, str]]) -> int:
         n = await self.count(messages)
@@ -1182,10 +1207,10 @@ class PromptBuilder:
         body = json.loads(chat_payload(self.model_id, messages, 1, 0.0, self.kwargs, new_nonce()))
         body.update(stream=False, min_tokens=None)
         body.pop("stream_options")
-        r = await self.client.post("/v1/chat/completions", json=body)
+        r = await self._post("/v1/chat/completions", body)
         if r.status_code != 200:
             raise ModelFailed(f"calibration request failed: {_error_message(r.status_code, r.content)}")
-        return int(r.json()["usage"]["prompt_tokens"])
+        return _answer_int(r, ("usage", "prompt_tokens"), "calibration request")
 
     async def calibrate(self) -> None:
         probe = 400
@@ -1398,7 +1423,12 @@ async def run_scenario(client: Any, spec: ModelSpec, scenario: Scenario, cfg: Ru
     failure: ModelFailed | None = None
     if scenario.concurrency == 1 and scenario.kind != "throughput":
         for i in range(scenario.requests):
-            sample = await send_chat(client, await payload(), scenario.target_tokens_out, clock=clock)
+            try:
+                body = await payload()
+            except ModelFailed as exc:  # the server broke between requests: keep what we have
+                failure = exc
+                break
+            sample = await send_chat(client, body, scenario.target_tokens_out, clock=clock)
             samples.append(sample)
             events.sample(spec.name, scenario, i, sample)
             if not sample.ok:

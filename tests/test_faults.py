@@ -185,3 +185,154 @@ def test_a_connect_timeout_is_retried_like_a_refused_connection():
 
     s = _send_through(lambda request: httpx.ConnectTimeout("", request=request))
     assert not s.ok and s.retries == 2 and s.error == "cannot connect: ConnectTimeout"
+
+
+# ============================================================================
+# Through the whole run: recorded in the report, the failure budget
+# ============================================================================
+
+
+@pytest.mark.parametrize("fault", sorted({*NOT_RETRIED, "stall"}))
+def test_a_fault_in_a_run_is_a_failed_sample_in_the_report_and_the_run_goes_on(
+        standin, report_dir, fault, capsys):
+    srv = standin(faults=["none", fault], stall_s=10.0)  # warm-up ok, then the fault
+    rc = pm.main(["--endpoint", srv.base_url, "--iterations", "2", "--context-sizes", "1k",
+                  "--request-timeout", "0.5", "--report-dir", str(report_dir)])
+    out, err = capsys.readouterr()
+    assert rc == 0, err  # one failure is within the budget (--max-failures 3)
+    assert "Traceback" not in err
+    (model,) = json_report(report_dir)["models"]
+    latency, context = model["scenarios"]
+    bad, good = latency["samples"]
+    reason = NOT_RETRIED.get(fault, "stalled: no bytes for 0.5 s")
+    assert not bad["ok"] and bad["error"].startswith(reason)
+    assert bad["ttft_ms"] is None and bad["tokens_out"] is None  # no silent zero
+    assert good["ok"] and latency["summary"]["ttft_ms"]["n"] == 1  # only the ok sample counts
+    assert all(s["ok"] for s in context["samples"])
+    assert f"[1/2] latency: FAILED: {reason}" in err
+    latency_row = next(ln for ln in out.splitlines() if ln.startswith("| standin"))
+    assert [c.strip() for c in latency_row.split("|")][-2] == "1"  # the Failed column
+
+
+def two_model_plan(srv, report_dir, **cfg) -> pm.Plan:
+    """Two models behind one server (the stand-in serves any name we give it
+    under one model id), so the run can be watched going on after a failure."""
+    specs = tuple(pm.ModelSpec(name, None, srv.config.model, srv.config.max_model_len)
+                  for name in ("first", "second"))
+    config = pm.RunConfig(compose_file=None, endpoint=srv.base_url,
+                          models=tuple(m.name for m in specs), **cfg)
+    return pm.Plan(config, specs, specs, None, srv.base_url, report_dir)
+
+
+def test_a_model_past_its_failure_limit_is_failed_and_the_next_model_runs(standin, report_dir):
+    # warm-up ok, then every latency request of the first model fails
+    srv = standin(faults=["none", "http_500", "reset"])
+    plan = two_model_plan(srv, report_dir, iterations=3, context_sizes=(1000,),
+                          max_failed_samples=1)
+    out, err = io.StringIO(), io.StringIO()
+    rc = pm.run_benchmark(plan, out, err)
+    assert rc == 1
+    first, second = json_report(report_dir)["models"]
+    assert first["status"] == "failed"
+    assert first["error"].startswith("too many failed requests (limit --max-failures); last: "
+                                     "connection broken after")
+    (latency,) = first["scenarios"]  # the failed scenario's samples are kept
+    assert [s["ok"] for s in latency["samples"]] == [False, False]
+    assert second["status"] == "ok" and [s["name"] for s in second["scenarios"]] == [
+        "latency", "context-1k"]
+    assert all(s["ok"] for sc in second["scenarios"] for s in sc["samples"])
+    assert "first: failed: too many failed requests" in out.getvalue()
+    assert "second: ok" in out.getvalue()
+
+
+def test_failures_count_across_scenarios_against_one_budget(standin, report_dir):
+    # one failure in the latency test, one in the context test: limit 1 -> failed
+    srv = standin(faults=["none", "http_500", "none", "none", "http_500"])
+    plan = two_model_plan(srv, report_dir, iterations=2, context_sizes=(1000,),
+                          max_failed_samples=1)
+    assert pm.run_benchmark(plan, io.StringIO(), io.StringIO()) == 1
+    first, second = json_report(report_dir)["models"]
+    assert first["status"] == "failed" and len(first["scenarios"]) == 2
+    assert [s["ok"] for s in first["scenarios"][1]["samples"]] == [True, False]
+    assert second["status"] == "ok"
+
+
+def test_max_failures_zero_fails_a_model_at_its_first_failed_request(standin, report_dir):
+    srv = standin(faults=["none", "http_500"])
+    plan = two_model_plan(srv, report_dir, iterations=3, context_sizes=(1000,),
+                          max_failed_samples=0)
+    assert pm.run_benchmark(plan, io.StringIO(), io.StringIO()) == 1
+    first, second = json_report(report_dir)["models"]
+    assert first["status"] == "failed" and len(first["scenarios"][0]["samples"]) == 1
+    assert second["status"] == "ok"
+
+
+def test_a_models_file_that_overstates_the_context_gives_400s_that_fail_the_model(
+        standin, report_dir, tmp_path, capsys):
+    # The table says 40,000 tokens; the server was started with a 3,000-token
+    # context: every 8k request is refused with the server's own reason.
+    srv = standin(max_model_len=3000)
+    models = tmp_path / "models.yml"
+    models.write_text("models:\n- {name: standin, model_id: standin, max_context_tokens: 40000}\n")
+    rc = pm.main(["--endpoint", srv.base_url, "--models", str(models), "--iterations", "1",
+                  "--context-sizes", "1k,8k", "--max-failures", "0",
+                  "--report-dir", str(report_dir)])
+    assert rc == 1
+    (model,) = json_report(report_dir)["models"]
+    assert model["status"] == "failed"
+    assert "last: HTTP 400: This model's maximum context length is 3000 tokens" in model["error"]
+    assert [sc["name"] for sc in model["scenarios"]] == ["latency", "context-1k", "context-8k"]
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def _die_on_tokenize_after(srv, monkeypatch, context_requests):
+    """Make the stand-in die (stop listening, drop every connection) at the
+    first /tokenize after `context_requests` context-sized chat requests: the
+    client is sequential, so that is exactly mid-scenario."""
+    original = standin_module._ROUTES[("POST", "/tokenize")]
+    died = threading.Event()
+
+    def tokenize(handler):
+        if not died.is_set() and sum(r.prompt_tokens >= 900 for r in srv.records) >= context_requests:
+            died.set()
+            threading.Thread(target=srv.stop, daemon=True).start()
+            srv._state.stopping.wait(5)
+            raise standin_module._ClientGone()
+        original(handler)
+
+    monkeypatch.setitem(standin_module._ROUTES, ("POST", "/tokenize"), tokenize)
+    return died
+
+
+def test_a_server_that_dies_mid_scenario_fails_the_model_and_keeps_its_samples(
+        standin, report_dir, monkeypatch, capsys):
+    srv = standin()
+    died = _die_on_tokenize_after(srv, monkeypatch, context_requests=2)
+    rc = pm.main(["--endpoint", srv.base_url, "--iterations", "3", "--context-sizes", "1k",
+                  "--report-dir", str(report_dir)])
+    out, err = capsys.readouterr()
+    assert died.is_set()
+    assert rc == 1 and "Traceback" not in err
+    (model,) = json_report(report_dir)["models"]
+    assert model["status"] == "failed" and model["error"].startswith("/tokenize failed: ")
+    latency, context = model["scenarios"]
+    assert len(latency["samples"]) == 3
+    assert [s["ok"] for s in context["samples"]] == [True, True]  # measured before the death
+    assert "standin: failed: /tokenize failed" in out
+
+
+def test_a_tokenize_answer_without_a_count_fails_the_model_not_the_run(
+        standin, report_dir, monkeypatch, capsys):
+    srv = standin()
+
+    def tokenize(handler):
+        handler._send_json(200, {"tokens": [1, 2, 3]})
+
+    monkeypatch.setitem(standin_module._ROUTES, ("POST", "/tokenize"), tokenize)
+    rc = pm.main(["--endpoint", srv.base_url, "--iterations", "1", "--context-sizes", "1k",
+                  "--report-dir", str(report_dir)])
+    assert rc == 1 and "Traceback" not in capsys.readouterr().err
+    (model,) = json_report(report_dir)["models"]
+    assert model["error"] == ("/tokenize answered without count: '{\"tokens\":[1,2,3]}' "
+                              "(is this a vLLM server?)")
+    assert [sc["name"] for sc in model["scenarios"]] == ["latency", "context-1k"]
