@@ -1403,9 +1403,12 @@ class ScenarioAborted(Exception):
 async def run_scenario(client: Any, spec: ModelSpec, scenario: Scenario, cfg: RunConfig,
                        builder: PromptBuilder, events: Events, *, failures_left: int,
                        check_alive: Callable[[], None] | None = None,
-                       clock: Clock = time.perf_counter) -> ScenarioResult:
+                       clock: Clock = time.perf_counter,
+                       measured: list[Sample] | None = None) -> ScenarioResult:
     """Send a scenario's requests (sequentially, or `concurrency` at a time)
-    and summarize them. Every request has a unique prompt head."""
+    and summarize them. Every request has a unique prompt head. Each sample
+    is also appended to `measured` as it completes, so that a caller that is
+    interrupted mid-scenario still holds what was measured."""
     kwargs = spec.chat_template_kwargs
 
     async def payload() -> bytes:
@@ -1418,7 +1421,7 @@ async def run_scenario(client: Any, spec: ModelSpec, scenario: Scenario, cfg: Ru
                             kwargs, nonce)
 
     before = await scrape_metrics(client)
-    samples: list[Sample] = []
+    samples: list[Sample] = [] if measured is None else measured
     aggregate: dict[str, Any] | None = None
     failure: ModelFailed | None = None
     if scenario.concurrency == 1 and scenario.kind != "throughput":
@@ -1440,7 +1443,9 @@ async def run_scenario(client: Any, spec: ModelSpec, scenario: Scenario, cfg: Ru
         payloads = [await payload() for _ in range(scenario.requests)]
         stop = asyncio.Event()
         peak_task = asyncio.create_task(_peak_metrics(client, stop))
-        samples, duration_s = await run_concurrent(client, payloads, scenario, clock=clock)
+        done, duration_s = await run_concurrent(client, payloads, scenario, clock=clock,
+                                                measured=samples)
+        samples[:] = done  # payload order, not completion order
         stop.set()
         peak = await peak_task
         for i, s in enumerate(samples):
@@ -1473,12 +1478,14 @@ async def _after_failure(sample: Sample, check_alive: Callable[[], None] | None,
 
 
 async def run_concurrent(client: Any, payloads: Sequence[bytes], scenario: Scenario, *,
-                         clock: Clock = time.perf_counter) -> tuple[list[Sample], float]:
+                         clock: Clock = time.perf_counter,
+                         measured: list[Sample] | None = None) -> tuple[list[Sample], float]:
     """`scenario.concurrency` streams at once until every payload is sent.
 
     Each sample's TTFT counts from the moment its stream was free to send
     (`t_scheduled`), so any delay inside the client is counted, not hidden.
-    Returns the samples in payload order and the level's wall time.
+    Returns the samples in payload order and the level's wall time; each is
+    also appended to `measured` as it completes.
     """
     samples: list[Sample | None] = [None] * len(payloads)
     todo = iter(range(len(payloads)))
@@ -1490,6 +1497,8 @@ async def run_concurrent(client: Any, payloads: Sequence[bytes], scenario: Scena
             s = await send_chat(client, payloads[i], scenario.target_tokens_out,
                                 clock=clock, t_scheduled=t_scheduled)
             samples[i] = dataclasses.replace(s, start_s=t_scheduled - t_start)
+            if measured is not None:
+                measured.append(samples[i])
 
     await asyncio.gather(*(stream() for _ in range(scenario.concurrency)))
     done = [s for s in samples if s is not None]
@@ -1529,14 +1538,20 @@ async def benchmark_model(client: Any, result: ModelResult, cfg: RunConfig, even
     failures_left = cfg.max_failed_samples + 1
     for scenario in plan_scenarios(cfg, spec):
         events.info(f"{spec.name}: {describe_scenario(scenario)}")
+        measured: list[Sample] = []
         try:
             sr = await run_scenario(client, spec, scenario, cfg, builder, events,
                                     failures_left=failures_left, check_alive=check_alive,
-                                    clock=clock)
+                                    clock=clock, measured=measured)
         except ScenarioAborted as exc:
             result.scenarios.append(exc.result)
             events.scenario_done(result, exc.result)
             raise exc.failure from None
+        except BaseException:  # interrupted (a signal cancels the scenario): keep its samples
+            if measured:
+                samples = tuple(measured)
+                result.scenarios.append(ScenarioResult(scenario, samples, summarize_samples(samples)))
+            raise
         if scenario.kind != "throughput":
             failures_left -= sr.failed
         result.scenarios.append(sr)
@@ -2465,17 +2480,24 @@ def run_benchmark(plan: Plan, out: Any, err: Any, *, styled: bool = False,
                 mr.status = "skipped"
         code = 130 if signum == signal.SIGINT else 143
     finally:
-        with signals.held():
-            report.finished_at = _now().isoformat()
-            plain = format_results(report, styled=False)
-            saved = files.save_json(report) & files.save_text(plain)
-            out.write(format_results(report, styled=True) if styled else plain)
-            if not saved:
-                out.write("\n" + json.dumps(report_to_dict(report), indent=1) + "\n")
-            out.flush()
-            where = f"{files.txt_path} and {files.json_path}" if saved else "stdout only"
-            err.write(f"report: {where}\n")
-        signals.restore()
+        try:
+            with signals.held():
+                report.finished_at = _now().isoformat()
+                plain = format_results(report, styled=False)
+                saved = files.save_json(report) & files.save_text(plain)
+                out.write(format_results(report, styled=True) if styled else plain)
+                if not saved:
+                    out.write("\n" + json.dumps(report_to_dict(report), indent=1) + "\n")
+                out.flush()
+                where = f"{files.txt_path} and {files.json_path}" if saved else "stdout only"
+                err.write(f"report: {where}\n")
+        except (KeyboardInterrupt, Interrupted) as exc:
+            # A signal held back while the report was written: the report is
+            # complete, so exit as interrupted (a first signal's code stands).
+            if not report.interrupted:
+                code = 143 if isinstance(exc, Interrupted) else 130
+        finally:
+            signals.restore()
     return code
 
 
@@ -2492,9 +2514,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PerftestError as exc:
         err.write(f"perftest-models: error: {exc}\n")
         return exc.exit_code
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Interrupted) as exc:  # before the run started, or a second signal
         err.write("perftest-models: interrupted\n")
-        return 130
+        return 143 if isinstance(exc, Interrupted) else 130
 
 
 def compare_main(argv: Sequence[str], out: Any, err: Any) -> int:

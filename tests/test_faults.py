@@ -336,3 +336,227 @@ def test_a_tokenize_answer_without_a_count_fails_the_model_not_the_run(
     assert model["error"] == ("/tokenize answered without count: '{\"tokens\":[1,2,3]}' "
                               "(is this a vLLM server?)")
     assert [sc["name"] for sc in model["scenarios"]] == ["latency", "context-1k"]
+
+
+# ============================================================================
+# Signals: the tool as a subprocess, interrupted at every point
+# ============================================================================
+
+SIGNALS = [("SIGINT", 130), ("SIGTERM", 143), ("SIGHUP", 143)]
+
+# Runs main() with one os.replace patched to signal (or SIGKILL) the process
+# from inside the rename of the Nth report file of a kind: a deterministic
+# "while writing the report". The signal arrives before the rename is done.
+DRIVER = """\
+import os, signal, sys
+sys.path.insert(0, {root!r})
+import perftest_models as pm
+sig, suffix, nth = getattr(signal, sys.argv[1]), sys.argv[2], int(sys.argv[3])
+real_replace, seen = os.replace, []
+def replace(src, dst):
+    if str(dst).endswith(suffix):
+        seen.append(dst)
+        if len(seen) == nth:
+            os.kill(os.getpid(), sig)
+    return real_replace(src, dst)
+os.replace = replace
+raise SystemExit(pm.main(sys.argv[4:]))
+"""
+
+
+def start_run(srv, report_dir, *args, cwd, driver=None):
+    """The tool as a subprocess against `srv`, with plain pipes."""
+    cmd = [sys.executable, str(SCRIPT)]
+    if driver is not None:
+        path = cwd / "driver.py"
+        path.write_text(DRIVER.format(root=str(ROOT)))
+        cmd = [sys.executable, str(path), *driver]
+    argv = ["--endpoint", srv.base_url, "--report-dir", str(report_dir), *args]
+    env = {k: v for k, v in os.environ.items() if k not in ("VLLM_API_KEY", "OPENAI_API_KEY")}
+    return subprocess.Popen([*cmd, *argv], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc, timeout_s=30):
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        raise AssertionError(f"the run did not exit in {timeout_s} s; stderr:\n{err}") from None
+    assert "Traceback" not in err, err
+    return proc.returncode, out, err
+
+
+def assert_clean_report_dir(report_dir):
+    """Both reports whole, no temp file, and nothing else."""
+    names = sorted(p.name for p in report_dir.iterdir())
+    assert len(names) == 2 and names[0].endswith(".json") and names[1].endswith(".txt"), names
+    report = json_report(report_dir)
+    txt = next(report_dir.glob("*.txt")).read_text()
+    assert txt.endswith("\n") and txt.startswith("perftest-models ")
+    return report, txt
+
+
+def mid_stream(srv, index):
+    """True once chat request `index` is streaming tokens."""
+    records = srv.records
+    return len(records) > index and records[index].first_token_at is not None
+
+
+@pytest.mark.parametrize("name, code", SIGNALS)
+def test_a_signal_during_the_warm_up_saves_the_report_and_exits_with_its_code(
+        standin, report_dir, tmp_path, name, code):
+    srv = standin(itl_s=0.2)  # the 50-token warm-up takes 10 s
+    proc = start_run(srv, report_dir, "--iterations", "1", "--context-sizes", "1k", cwd=tmp_path)
+    wait_for(lambda: mid_stream(srv, 0), what="the warm-up to stream")
+    proc.send_signal(getattr(signal, name))
+    rc, out, err = finish(proc)
+    assert rc == code
+    report, txt = assert_clean_report_dir(report_dir)
+    assert report["interrupted"] == name and report["finished_at"] is not None
+    (model,) = report["models"]
+    assert model["status"] == "interrupted" and model["error"] == f"interrupted by {name}"
+    assert model["scenarios"] == []
+    assert txt == out and f"interrupted by {name}: the results above are partial" in out
+    assert f"standin: interrupted: interrupted by {name}" in out
+    assert "report: " in err
+
+
+def _slow_down_at_context_request(srv, monkeypatch, n, itl_s):
+    """From the n-th context-sized chat request on (1-based), stream slowly.
+    Set at the /tokenize that builds it: the client is sequential, so this
+    point is deterministic and the earlier requests are not slowed."""
+    original = standin_module._ROUTES[("POST", "/tokenize")]
+
+    def tokenize(handler):
+        if sum(r.prompt_tokens >= 900 for r in srv.records) >= n - 1:
+            srv.config.itl_s = itl_s
+        original(handler)
+
+    monkeypatch.setitem(standin_module._ROUTES, ("POST", "/tokenize"), tokenize)
+
+
+@pytest.mark.parametrize("name, code", SIGNALS)
+def test_a_signal_mid_scenario_keeps_every_sample_measured_so_far(
+        standin, report_dir, tmp_path, monkeypatch, name, code):
+    srv = standin()
+    _slow_down_at_context_request(srv, monkeypatch, n=2, itl_s=0.5)
+    proc = start_run(srv, report_dir, "--iterations", "3", "--context-sizes", "1k,2k",
+                     cwd=tmp_path)
+    # warm-up, 3 latency, then context-1k: its 2nd request (chat record 5) streams slowly
+    wait_for(lambda: mid_stream(srv, 5), what="the second context request to stream")
+    proc.send_signal(getattr(signal, name))
+    rc, out, _ = finish(proc)
+    assert rc == code
+    report, txt = assert_clean_report_dir(report_dir)
+    assert report["interrupted"] == name
+    (model,) = report["models"]
+    latency, context = model["scenarios"]  # context-2k never started
+    assert [s["ok"] for s in latency["samples"]] == [True] * 3
+    assert context["name"] == "context-1k" and context["requests"] == 3
+    assert [s["ok"] for s in context["samples"]] == [True]  # the one done before the signal
+    assert context["summary"]["ttft_ms"]["n"] == 1
+    assert "context-1k: 1000 tokens in, 100 out, x3" in txt
+
+
+def _block_nth_get(srv, monkeypatch, path, nth):
+    """Hold the n-th GET of `path` until released; returns (entered, release)."""
+    original = standin_module._ROUTES[("GET", path)]
+    entered, release, calls = threading.Event(), threading.Event(), []
+
+    def handler(h):
+        calls.append(1)
+        if len(calls) == nth:
+            entered.set()
+            release.wait(30)
+        original(h)
+
+    monkeypatch.setitem(standin_module._ROUTES, ("GET", path), handler)
+    return entered, release
+
+
+@pytest.mark.parametrize("name, code", SIGNALS)
+def test_a_signal_between_scenarios_keeps_the_finished_ones(
+        standin, report_dir, tmp_path, monkeypatch, name, code):
+    srv = standin()
+    # /metrics is scraped before and after each scenario: the 3rd scrape is the
+    # one before context-1k, after the latency scenario was saved.
+    entered, release = _block_nth_get(srv, monkeypatch, "/metrics", 3)
+    proc = start_run(srv, report_dir, "--iterations", "2", "--context-sizes", "1k",
+                     cwd=tmp_path)
+    try:
+        assert entered.wait(20), "the run never reached the second scenario"
+        saved = json_report(report_dir)  # the mid-run save, on disk already
+        assert [sc["name"] for sc in saved["models"][0]["scenarios"]] == ["latency"]
+        assert saved["interrupted"] is None and saved["finished_at"] is None
+        proc.send_signal(getattr(signal, name))
+        rc, _, _ = finish(proc)
+    finally:
+        release.set()
+    assert rc == code
+    report, _ = assert_clean_report_dir(report_dir)
+    assert report["interrupted"] == name
+    (model,) = report["models"]
+    assert model["status"] == "interrupted"
+    assert [sc["name"] for sc in model["scenarios"]] == ["latency"]
+    assert len(model["scenarios"][0]["samples"]) == 2
+
+
+@pytest.mark.parametrize("name, code", SIGNALS)
+def test_a_signal_while_the_final_report_is_written_finishes_it_then_exits(
+        standin, report_dir, tmp_path, name, code):
+    srv = standin()
+    proc = start_run(srv, report_dir, "--iterations", "1", "--context-sizes", "1k",
+                     cwd=tmp_path, driver=[name, ".txt", "1"])
+    rc, out, _ = finish(proc)
+    assert rc == code
+    report, txt = assert_clean_report_dir(report_dir)
+    assert txt == out
+    # The signal came after every model had finished: nothing was cut short.
+    assert report["interrupted"] is None and report["models"][0]["status"] == "ok"
+    assert len(report["models"][0]["scenarios"]) == 2
+
+
+@pytest.mark.parametrize("name, code", SIGNALS)
+def test_a_signal_during_a_mid_run_save_leaves_no_temp_file_and_a_whole_report(
+        standin, report_dir, tmp_path, name, code):
+    srv = standin()
+    # the first .json rename is the save after the latency scenario
+    proc = start_run(srv, report_dir, "--iterations", "1", "--context-sizes", "1k",
+                     cwd=tmp_path, driver=[name, ".json", "1"])
+    rc, _, _ = finish(proc)
+    assert rc == code
+    report, _ = assert_clean_report_dir(report_dir)
+    assert report["interrupted"] == name
+    assert [sc["name"] for sc in report["models"][0]["scenarios"]] == ["latency"]
+
+
+def test_a_second_signal_while_an_interrupted_run_saves_keeps_the_first_code(
+        standin, report_dir, tmp_path):
+    srv = standin(itl_s=0.2)
+    # SIGTERM again inside the rename of the text report, after Ctrl-C mid-request
+    proc = start_run(srv, report_dir, "--iterations", "1", "--context-sizes", "1k",
+                     cwd=tmp_path, driver=["SIGTERM", ".txt", "1"])
+    wait_for(lambda: mid_stream(srv, 0), what="the warm-up to stream")
+    proc.send_signal(signal.SIGINT)
+    rc, _, _ = finish(proc)
+    assert rc == 130
+    report, _ = assert_clean_report_dir(report_dir)
+    assert report["interrupted"] == "SIGINT"
+
+
+def test_ctrl_c_before_any_model_starts_is_a_quiet_exit_130(tmp_path, monkeypatch):
+    # the server answers /v1/models only after a long time: Ctrl-C while planning
+    srv = standin_module.StandinServer(standin_module.StandinConfig(quiet=True))
+    entered, release = _block_nth_get(srv, monkeypatch, "/v1/models", 1)
+    try:
+        proc = start_run(srv, tmp_path / "reports", cwd=tmp_path)
+        assert entered.wait(20)
+        proc.send_signal(signal.SIGINT)
+        rc, out, err = finish(proc)
+    finally:
+        release.set()
+        srv.stop()
+    assert rc == 130 and out == "" and err == "perftest-models: interrupted\n"
+    assert not (tmp_path / "reports").exists()  # nothing measured, nothing written
