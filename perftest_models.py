@@ -1950,18 +1950,49 @@ def report_to_dict(report: Report) -> dict[str, Any]:
 
 def atomic_write(path: Path, text: str) -> None:
     """Write via a temp file in the same folder and rename, so a reader (or a
-    SIGKILL) never sees a half-written file."""
+    SIGKILL) never sees a half-written file.
+
+    The file gets the mode a plain open() would give it (mkstemp's is 0600,
+    which hid reports from the other users of a shared box). A SIGKILL between
+    write and rename can leave one hidden `.NAME.*.tmp`; prepare_report_dir
+    removes it on a later run."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
+            if hasattr(os, "fchmod"):
+                os.fchmod(f.fileno(), 0o666 & ~_umask())
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    with contextlib.suppress(OSError, AttributeError):  # make the rename durable too
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+STALE_TEMP_S = 600  # a report write takes milliseconds: an older temp file is a killed run's
+
+
+def remove_stale_temp_files(folder: Path, now: Callable[[], float] = time.time) -> None:
+    """Remove the temp files a killed run left (atomic_write's, the write probe's)."""
+    for pattern in (".model-comparison-*.tmp", ".write-test-*"):
+        for p in folder.glob(pattern):
+            with contextlib.suppress(OSError):
+                if now() - p.stat().st_mtime > STALE_TEMP_S:
+                    p.unlink()
 
 
 def report_stem(started: dt.datetime) -> str:
@@ -1980,6 +2011,7 @@ def prepare_report_dir(path: Path) -> Path:
     except OSError as exc:
         raise UsageError(f"report folder {path} is not writable ({exc.strerror or exc}): "
                          "fix its permissions or free space, or choose --report-dir") from None
+    remove_stale_temp_files(path)
     return path
 
 

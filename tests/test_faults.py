@@ -560,3 +560,80 @@ def test_ctrl_c_before_any_model_starts_is_a_quiet_exit_130(tmp_path, monkeypatc
         srv.stop()
     assert rc == 130 and out == "" and err == "perftest-models: interrupted\n"
     assert not (tmp_path / "reports").exists()  # nothing measured, nothing written
+
+
+# ============================================================================
+# SIGKILL and the atomic write: the last complete version, nothing half-written
+# ============================================================================
+
+
+def test_sigkill_mid_run_leaves_the_last_complete_json(standin, report_dir, tmp_path,
+                                                       monkeypatch):
+    srv = standin()
+    _slow_down_at_context_request(srv, monkeypatch, n=1, itl_s=0.5)
+    proc = start_run(srv, report_dir, "--iterations", "2", "--context-sizes", "1k",
+                     cwd=tmp_path)
+    wait_for(lambda: mid_stream(srv, 3), what="the first context request to stream")
+    proc.kill()
+    proc.communicate(timeout=10)
+    assert proc.returncode == -signal.SIGKILL
+    (path,) = report_dir.iterdir()  # the JSON, and no temp file, no text report
+    assert path.suffix == ".json"
+    report = json.loads(path.read_text())
+    assert report["finished_at"] is None and report["interrupted"] is None
+    (model,) = report["models"]
+    assert model["status"] == "running"
+    assert [sc["name"] for sc in model["scenarios"]] == ["latency"]
+    assert [s["ok"] for s in model["scenarios"][0]["samples"]] == [True, True]
+
+
+def test_sigkill_inside_the_rename_leaves_the_previous_version_and_one_temp_file(
+        standin, report_dir, tmp_path):
+    srv = standin()
+    # killed at the second JSON save (after context-1k), between write and rename
+    proc = start_run(srv, report_dir, "--iterations", "1", "--context-sizes", "1k",
+                     cwd=tmp_path, driver=["SIGKILL", ".json", "2"])
+    proc.communicate(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    (path,) = report_dir.glob("*.json")
+    previous = json.loads(path.read_text())
+    assert [sc["name"] for sc in previous["models"][0]["scenarios"]] == ["latency"]
+    (temp,) = report_dir.glob(".*")  # whole (it was fsynced), hidden, never read as a report
+    assert temp.name.startswith(f".{path.name}.") and temp.name.endswith(".tmp")
+    assert len(json.loads(temp.read_text())["models"][0]["scenarios"]) == 2
+
+    # A later run into the same folder clears what a killed run left ...
+    fresh = report_dir / f".{path.name}.concurrent.tmp"  # ... but not a live run's temp
+    fresh.write_text("{}")
+    old = time.time() - 3600
+    os.utime(temp, (old, old))
+    pm.prepare_report_dir(report_dir)
+    assert not temp.exists() and fresh.exists()
+
+
+def test_reports_get_the_mode_a_plain_open_would_give_them(standin, report_dir):
+    srv = standin()
+    old = os.umask(0o022)
+    try:
+        assert pm.main(["--endpoint", srv.base_url, "--iterations", "1", "--context-sizes", "1k",
+                        "--report-dir", str(report_dir)]) == 0
+        os.umask(0o077)
+        pm.atomic_write(report_dir / "private.json", "{}")
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in report_dir.iterdir()}
+    assert modes.pop("private.json") == 0o600  # the umask decides, as with open()
+    assert sorted(modes.values()) == [0o644, 0o644]  # the .json and .txt reports
+
+
+def test_a_failed_atomic_write_leaves_the_old_file_and_no_temp(tmp_path, monkeypatch):
+    target = tmp_path / "r.json"
+    pm.atomic_write(target, "old\n")
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError):
+        pm.atomic_write(target, "new\n")
+    assert target.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == ["r.json"]
