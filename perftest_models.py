@@ -2004,10 +2004,14 @@ def prepare_report_dir(path: Path) -> Path:
     """Create the report folder and prove it is writable, before any model starts."""
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-", delete=True)
-        probe.write(b"x" * 4096)
-        probe.flush()
-        probe.close()
+        # Unbuffered: a buffered probe on a full disk failed again when it was
+        # garbage-collected, printing "Exception ignored ..." after the error.
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".write-test-")
+        try:
+            os.write(fd, b"x" * 4096)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
     except OSError as exc:
         raise UsageError(f"report folder {path} is not writable ({exc.strerror or exc}): "
                          "fix its permissions or free space, or choose --report-dir") from None

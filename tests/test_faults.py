@@ -637,3 +637,173 @@ def test_a_failed_atomic_write_leaves_the_old_file_and_no_temp(tmp_path, monkeyp
     with pytest.raises(OSError):
         pm.atomic_write(target, "new\n")
     assert target.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+# ============================================================================
+# The report folder: missing, unwritable, full
+# ============================================================================
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """Mount small tmpfs folders (`tmpfs(size="64k", ro=False)`); skips the
+    test where mounting is not allowed (not root, no CAP_SYS_ADMIN)."""
+    mounted: list[Path] = []
+
+    def mount(size="64k", ro=False) -> Path:
+        path = tmp_path / f"mnt{len(mounted)}"
+        path.mkdir()
+        opts = f"size={size}" + (",ro" if ro else "")
+        try:
+            proc = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)],
+                                  capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            pytest.skip(f"cannot mount a tmpfs here: {exc}")
+        if proc.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+        mounted.append(path)
+        return path
+
+    yield mount
+    for path in reversed(mounted):
+        subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=10)
+
+
+def run_main(argv, capsys):
+    rc = pm.main(argv)
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    return rc, out, err
+
+
+def test_a_missing_report_folder_is_created(standin, tmp_path, capsys):
+    srv = standin()
+    folder = tmp_path / "a" / "b" / "reports"
+    rc, _, _ = run_main(["--endpoint", srv.base_url, "--iterations", "1", "--context-sizes", "1k",
+                         "--report-dir", str(folder)], capsys)
+    assert rc == 0 and len(list(folder.glob("*.json"))) == 1
+
+
+def _unwritable_is_refused_before_any_model_starts(srv, folder, capsys, because):
+    rc, out, err = run_main(["--endpoint", srv.base_url, "--iterations", "1",
+                             "--context-sizes", "1k", "--report-dir", str(folder)], capsys)
+    assert rc == 2 and out == ""
+    assert err == (f"perftest-models: error: report folder {folder} is not writable ({because}): "
+                   "fix its permissions or free space, or choose --report-dir\n")
+    assert srv.records == []  # no model started: not even a warm-up request
+
+
+def test_a_report_folder_under_a_regular_file_is_refused_before_any_model_starts(
+        standin, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    _unwritable_is_refused_before_any_model_starts(standin(), tmp_path / "file" / "reports",
+                                                   capsys, "Not a directory")
+
+
+def test_a_report_folder_that_is_a_file_is_refused(standin, tmp_path, capsys):
+    (tmp_path / "reports").write_text("x")
+    _unwritable_is_refused_before_any_model_starts(standin(), tmp_path / "reports", capsys,
+                                                   "File exists")
+
+
+def test_a_read_only_report_folder_is_refused_before_any_model_starts(standin, tmpfs, capsys):
+    _unwritable_is_refused_before_any_model_starts(standin(), tmpfs(ro=True), capsys,
+                                                   "Read-only file system")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through any permission bits")
+def test_a_report_folder_without_write_permission_is_refused(standin, tmp_path, capsys):
+    folder = tmp_path / "reports"
+    folder.mkdir(mode=0o555)
+    _unwritable_is_refused_before_any_model_starts(standin(), folder, capsys, "Permission denied")
+
+
+def test_a_full_disk_is_refused_before_any_model_starts(standin, tmpfs, capsys):
+    folder = tmpfs(size="64k")
+    with open(folder / "ballast", "wb", buffering=0) as f:  # fill it to the last block
+        with pytest.raises(OSError):
+            while True:
+                f.write(b"\0" * 4096)
+    _unwritable_is_refused_before_any_model_starts(standin(), folder, capsys,
+                                                   "No space left on device")
+    assert [p.name for p in folder.iterdir()] == ["ballast"]  # the probe cleaned up
+
+
+def test_a_full_disk_says_one_line_and_nothing_after_it(tmpfs, tmp_path):
+    # As a process: garbage collection at exit must not add "Exception ignored".
+    folder = tmpfs(size="64k")
+    subprocess.run(["dd", "if=/dev/zero", f"of={folder}/ballast", "bs=4k"], capture_output=True)
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import perftest_models as pm; "
+            "from pathlib import Path\n"
+            "try: pm.prepare_report_dir(Path(sys.argv[2]))\n"
+            "except pm.UsageError as e: print(e, file=sys.stderr)")
+    proc = subprocess.run([sys.executable, "-c", code, str(ROOT), str(folder)],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.stderr.count("\n") == 1 and "No space left on device" in proc.stderr
+
+
+def split_stdout(out):
+    """stdout when the reports could not be saved: the text, then the JSON."""
+    text, brace, rest = out.partition("\n{\n")
+    return text, json.loads(brace.strip() + rest)
+
+
+def test_a_disk_that_fills_up_mid_run_sends_the_whole_report_to_stdout(
+        standin, report_dir, monkeypatch, capsys):
+    srv = standin()
+    real, calls = pm.atomic_write, []
+
+    def atomic_write(path, text):  # the first save works, then the disk is full
+        calls.append(path)
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, text)
+
+    monkeypatch.setattr(pm, "atomic_write", atomic_write)
+    rc, out, err = run_main(["--endpoint", srv.base_url, "--iterations", "2",
+                             "--context-sizes", "1k,2k", "--report-dir", str(report_dir)], capsys)
+    assert rc == 0
+    assert err.count("warning: ") == 1  # said once, not after every scenario
+    assert (f"warning: cannot write {report_dir}" in err
+            and "(No space left on device); the results go to stdout instead" in err)
+    assert err.endswith("report: stdout only\n")
+    text, report = split_stdout(out)
+    assert "context-2k: 2000 tokens in, 100 out, x2" in text and "Summary:" in text
+    (model,) = report["models"]
+    assert [sc["name"] for sc in model["scenarios"]] == ["latency", "context-1k", "context-2k"]
+    assert all(len(sc["samples"]) == 2 for sc in model["scenarios"])
+    assert report["finished_at"] is not None
+
+
+def test_a_disk_that_recovers_before_the_end_gets_the_whole_report(
+        standin, report_dir, monkeypatch, capsys):
+    srv = standin()
+    real, calls = pm.atomic_write, []
+
+    def atomic_write(path, text):  # full for the mid-run saves only
+        calls.append(path)
+        if len(calls) <= 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, text)
+
+    monkeypatch.setattr(pm, "atomic_write", atomic_write)
+    rc, out, err = run_main(["--endpoint", srv.base_url, "--iterations", "1",
+                             "--context-sizes", "1k", "--report-dir", str(report_dir)], capsys)
+    assert rc == 0 and err.count("warning: ") == 1
+    assert "\n{\n" not in out  # the text only: the files hold everything
+    report = json_report(report_dir)
+    assert len(report["models"][0]["scenarios"]) == 2
+
+
+def test_a_real_full_tmpfs_mid_run_loses_nothing(standin, tmpfs, capsys):
+    folder = tmpfs(size="64k")  # room for the probe and a first save, not for the whole run
+    srv = standin()
+    rc, out, err = run_main(["--endpoint", srv.base_url, "--iterations", "6",
+                             "--context-sizes", "1k,2k", "--report-dir", str(folder)], capsys)
+    assert rc == 0
+    assert err.count("warning: ") == 1 and "No space left on device" in err
+    _, report = split_stdout(out)
+    assert [len(sc["samples"]) for sc in report["models"][0]["scenarios"]] == [6, 6, 6]
+    assert list(folder.glob(".*")) == []  # the failed writes left no temp file behind
+    for path in folder.glob("*.json"):  # whatever made it to disk is whole
+        json.loads(path.read_text())
