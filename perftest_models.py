@@ -460,7 +460,7 @@ def model_from_mapping(data: Any, source: str) -> ModelSpec:
     if not isinstance(data, dict):
         raise UsageError(f"{source}: each model must be a mapping with name, service, model_id, "
                          "max_context_tokens")
-    unknown = sorted(set(data) - set(_MODEL_FIELDS))
+    unknown = sorted(map(str, set(data) - set(_MODEL_FIELDS)))  # keys may be any YAML scalar
     if unknown:
         raise UsageError(f"{source}: unknown field(s) {', '.join(map(str, unknown))}; "
                          f"known fields: {', '.join(_MODEL_FIELDS)}")
@@ -479,6 +479,15 @@ def model_from_mapping(data: Any, source: str) -> ModelSpec:
         _check_name(service, "service", source)
     if data["max_context_tokens"] < 2:
         raise UsageError(f"{source}: model {name!r}: max_context_tokens must be >= 2")
+    for key in ("params_total_b", "params_active_b", "bytes_per_weight"):
+        value = data.get(key)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise UsageError(f"{source}: model {name!r}: '{key}' must be a number > 0, not {value}")
+    try:  # it goes into every request body and the report, as JSON
+        json.dumps(data.get("chat_template_kwargs"), allow_nan=False)
+    except (TypeError, ValueError):
+        raise UsageError(f"{source}: model {name!r}: 'chat_template_kwargs' must hold only "
+                         "strings, numbers, booleans, lists and mappings") from None
     if not data["model_id"].strip():
         raise UsageError(f"{source}: model {name!r}: model_id is empty")
     return ModelSpec(**{**data, "service": service})
@@ -509,7 +518,9 @@ def _load_yaml(path: Path, what: str) -> Any:
         raise UsageError(f"{what} {path} cannot be read: {exc}") from None
     try:
         return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, ValueError, RecursionError) as exc:
+        # safe_load's constructors raise ValueError (a date like 2024-13-45,
+        # `!!int 0x`), and deep nesting exhausts the stack: all bad YAML.
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UsageError(f"{what} {path} is not valid YAML ({first}): fix the file") from None
 
@@ -2168,7 +2179,7 @@ def make_plan(args: argparse.Namespace, environ: Mapping[str, str] = os.environ)
     if args.max_failures < 0:
         raise UsageError(f"--max-failures must be >= 0, got {args.max_failures} (see --help)")
     compose = None
-    if args.endpoint:
+    if args.endpoint is not None:  # an empty --endpoint "$URL" must not start containers
         base_url = check_endpoint_url(args.endpoint)
         models = discover_endpoint_models(base_url, table, api_key)
         models = select_models(models, args.skip, args.only, what="the server's models")
@@ -2190,7 +2201,8 @@ def make_plan(args: argparse.Namespace, environ: Mapping[str, str] = os.environ)
         request_timeout_s=args.request_timeout, max_failed_samples=args.max_failures,
         hardware="custom" if args.bandwidth_gbs else args.hardware, bandwidth_gbs=hardware_bw,
         compose_file=str(args.compose_file) if compose else None,
-        endpoint=base_url if args.endpoint else None, models=tuple(m.name for m in models))
+        endpoint=base_url if args.endpoint is not None else None,
+        models=tuple(m.name for m in models))
     return Plan(cfg, tuple(models), tuple(table), compose, base_url, args.report_dir, api_key)
 
 
@@ -2209,8 +2221,13 @@ def select_models(models: Sequence[ModelSpec], skip: Sequence[str], only: Sequen
 def check_endpoint_url(url: str) -> str:
     from urllib.parse import urlsplit  # noqa: PLC0415
 
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    try:
+        parts = urlsplit(url)
+        ok = parts.scheme in ("http", "https") and bool(parts.hostname)
+        parts.port  # noqa: B018 (raises ValueError when out of range)
+    except ValueError:  # "http://[::1", "http://host:99999"
+        ok = False
+    if not ok:
         raise UsageError(f"--endpoint {url!r} is not an http(s) URL: use e.g. http://127.0.0.1:8000")
     return url.rstrip("/").removesuffix("/v1")
 
@@ -2224,6 +2241,9 @@ def discover_endpoint_models(base_url: str, table: Sequence[ModelSpec], api_key:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
         r = httpx.get(f"{base_url}/v1/models", headers=headers, timeout=10.0)
+    except (httpx.InvalidURL, ValueError):  # control characters, lone surrogates
+        raise UsageError(f"--endpoint {base_url!r} is not a valid URL: use e.g. "
+                         "http://127.0.0.1:8000") from None
     except httpx.HTTPError as exc:
         raise UsageError(f"cannot reach {base_url} ({type(exc).__name__}): is the server running?"
                          ) from None
@@ -2240,8 +2260,10 @@ def discover_endpoint_models(base_url: str, table: Sequence[ModelSpec], api_key:
         if known:
             out.append(dataclasses.replace(known, service=None))
         else:
+            size = entry.get("max_model_len")
+            size = size if isinstance(size, int) and not isinstance(size, bool) and size >= 2 else 32768
             out.append(ModelSpec(name=entry["id"], service=None, model_id=entry["id"],
-                                 max_context_tokens=int(entry.get("max_model_len") or 32768)))
+                                 max_context_tokens=size))
     return out
 
 

@@ -807,3 +807,209 @@ def test_a_real_full_tmpfs_mid_run_loses_nothing(standin, tmpfs, capsys):
     assert list(folder.glob(".*")) == []  # the failed writes left no temp file behind
     for path in folder.glob("*.json"):  # whatever made it to disk is whole
         json.loads(path.read_text())
+
+
+# ============================================================================
+# Bad input: one line that says what to do, exit 2 (test_cli.py has the rest)
+# ============================================================================
+
+
+def usage_error(argv, capsys, cwd=None, monkeypatch=None):
+    if cwd is not None:
+        monkeypatch.chdir(cwd)
+    rc, out, err = run_main(argv, capsys)
+    assert rc == 2 and out == "", err
+    assert err.startswith("perftest-models: error: ") and err.count("\n") == 1, err
+    return err
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--iterations", "1.5", "expected a whole number >= 1, got '1.5'"),
+    ("--iterations", "", "expected a whole number >= 1, got ''"),
+    ("--throughput-requests", "-3", "argument --throughput-requests: must be >= 1, got -3"),
+    ("--throughput-requests", "0", "argument --throughput-requests: must be >= 1, got 0"),
+    ("--throughput-requests", "many", "argument --throughput-requests: expected a whole number"),
+    ("--concurrency", "-4", "argument --concurrency: expected levels like 1,4,16,64, got '-4'"),
+    ("--concurrency", "1,0", "argument --concurrency: expected levels like 1,4,16,64"),
+    ("--concurrency", "1,x", "argument --concurrency: expected levels like 1,4,16,64"),
+    ("--concurrency", ",", "argument --concurrency: expected at least one level"),
+    ("--context-sizes", "-1k", "argument --context-sizes: expected sizes like 1k,8k"),
+    ("--context-sizes", "0", "argument --context-sizes: expected sizes like 1k,8k"),
+    ("--context-sizes", "1.5k", "argument --context-sizes: expected sizes like 1k,8k"),
+    ("--port", "-1", "argument --port: must be >= 1, got -1"),
+    ("--port", "0", "argument --port: must be >= 1, got 0"),
+    ("--port", "http", "argument --port: expected a whole number >= 1, got 'http'"),
+    ("--health-timeout", "0", "argument --health-timeout: must be a number > 0, got 0"),
+    ("--health-timeout", "nan", "argument --health-timeout: must be a number > 0, got nan"),
+    ("--health-timeout", "inf", "argument --health-timeout: must be a number > 0, got inf"),
+    ("--health-timeout", "soon", "argument --health-timeout: expected a number > 0, got 'soon'"),
+    ("--request-timeout", "-0.5", "argument --request-timeout: must be a number > 0, got -0.5"),
+    ("--request-timeout", "1e999", "argument --request-timeout: must be a number > 0"),
+    ("--request-timeout", "x", "argument --request-timeout: expected a number > 0, got 'x'"),
+    ("--max-failures", "-1", "--max-failures must be >= 0, got -1"),
+    ("--max-failures", "few", "argument --max-failures: invalid int value: 'few'"),
+    ("--bandwidth-gbs", "-273", "argument --bandwidth-gbs: must be a number > 0, got -273"),
+    ("--bandwidth-gbs", "0", "argument --bandwidth-gbs: must be a number > 0, got 0"),
+    ("--bandwidth-gbs", "fast", "argument --bandwidth-gbs: expected a number > 0, got 'fast'"),
+    ("--hardware", "tpu", "argument --hardware: invalid choice: 'tpu'"),
+])
+def test_every_numeric_option_refuses_negative_and_non_numeric_values(
+        option, value, message, capsys, monkeypatch):
+    err = usage_error([f"{option}={value}"], capsys, cwd=ROOT, monkeypatch=monkeypatch)
+    assert message in err and err.rstrip().endswith("(see --help)")
+
+
+def test_a_context_size_that_no_served_model_fits_is_refused(standin, capsys):
+    srv = standin(max_model_len=4096)
+    err = usage_error(["--endpoint", srv.base_url, "--context-sizes", "1k,8k"], capsys)
+    assert "context size 8000 tokens fits no selected model (largest context: 4096 tokens): " \
+           "drop it from --context-sizes" in err
+    assert srv.records == []
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "is not a mapping of Compose keys"),
+    (b"services: {}\n", "has no 'services:' mapping"),
+    (b"services: [vllm-a, vllm-b]\n", "has no 'services:' mapping"),
+    (b"services:\n  vllm-a: {image: x}\ncreated: 2024-13-45\n", "is not valid YAML (month must be"),
+    pytest.param(b"[" * 5000, "is not valid YAML", id="nested-5000-deep"),
+    (b"\xff\xfe binary \x00", "cannot be read"),
+    (b"services: !!python/object/apply:os.system ['touch pwned']\n",
+     "is not valid YAML (could not determine a constructor for the tag"),
+])
+def test_a_compose_file_that_is_not_one_is_refused_in_one_line(tmp_path, content, message,
+                                                               capsys, monkeypatch):
+    (tmp_path / "docker-compose.yml").write_bytes(content)
+    err = usage_error([], capsys, cwd=tmp_path, monkeypatch=monkeypatch)
+    assert message in err
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_a_compose_file_that_is_a_folder_is_refused(tmp_path, capsys):
+    err = usage_error(["--compose-file", str(tmp_path)], capsys)
+    assert f"compose file {tmp_path} cannot be read" in err
+
+
+MODEL = {"name": "m", "model_id": "org/m", "max_context_tokens": 4096}
+
+
+@pytest.mark.parametrize("text, message", [
+    ("", "expected a mapping with a 'models:' list"),
+    ("- name: m\n", "expected a mapping with a 'models:' list"),
+    ("models: {name: m}\n", "expected a mapping with a 'models:' list"),
+    ("models: [just-a-name]\n", "each model must be a mapping"),
+    ("models: [{model_id: x, max_context_tokens: 9}]\n", "model '?' lacks 'name': add it"),
+    ("models: [{name: m, max_context_tokens: 9}]\n", "model 'm' lacks 'model_id': add it"),
+    ("models: [{name: m, model_id: x, max_context_tokens: 9}]\nreplace: yes please\n",
+     "'replace' must be true or false"),
+    ("models:\n- {name: m, model_id: x, max_context_tokens: 9, 1: one, colour: red}\n",
+     "unknown field(s) 1, colour"),
+    ("models: [{name: m, model_id: x, max_context_tokens: 1}]\n", "max_context_tokens must be >= 2"),
+    ("models: [{name: m, model_id: '  ', max_context_tokens: 9}]\n", "model_id is empty"),
+    ("models: [{name: m, model_id: x, max_context_tokens: 9.5}]\n",
+     "'max_context_tokens' must be int, not float"),
+    ("models: [{name: m, service: 8000, model_id: x, max_context_tokens: 9}]\n",
+     "'service' must be str or null, not int"),
+    ("models: [{name: m, model_id: [x], max_context_tokens: 9}]\n", "'model_id' must be str, not list"),
+    ("models: [{name: m, model_id: x, max_context_tokens: 9, architecture: 7}]\n",
+     "'architecture' must be str, not int"),
+    ("models: [{name: m, model_id: x, max_context_tokens: 9, params_total_b: big}]\n",
+     "'params_total_b' must be int or float or null, not str"),
+    ("models: [{name: m, model_id: x, max_context_tokens: 9, params_active_b: .nan}]\n",
+     "'params_active_b' must be a number > 0, not nan"),
+    ("models: [{name: m, model_id: x, max_context_tokens: 9, bytes_per_weight: -1}]\n",
+     "'bytes_per_weight' must be a number > 0, not -1"),
+    ("models: [{name: m, model_id: x, max_context_tokens: 9, chat_template_kwargs: [x]}]\n",
+     "'chat_template_kwargs' must be dict or null, not list"),
+    ("models: [{name: m, model_id: x, max_context_tokens: 9,"
+     " chat_template_kwargs: {since: 2024-01-01}}]\n",
+     "'chat_template_kwargs' must hold only strings, numbers, booleans, lists and mappings"),
+    ("models: [{name: m, model_id: x, max_context_tokens: 9, created: 2024-02-30}]\n",
+     "is not valid YAML (day is out of range for month)"),
+    ("models: !!python/object/new:os.system [touch pwned]\n",
+     "is not valid YAML (could not determine a constructor for the tag"),
+])
+def test_a_models_file_with_missing_or_wrong_fields_is_refused_in_one_line(
+        tmp_path, text, message, capsys, monkeypatch):
+    (tmp_path / "models.yml").write_text(text)
+    err = usage_error(["--models", "models.yml"], capsys, cwd=tmp_path, monkeypatch=monkeypatch)
+    assert message in err
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_a_missing_models_file_is_refused(tmp_path, capsys):
+    err = usage_error(["--models", str(tmp_path / "nope.yml")], capsys)
+    assert f"--models file {tmp_path / 'nope.yml'} not found: check the path" in err
+
+
+@pytest.mark.parametrize("url", ["", "http://", "https://:8000", "file:///etc/passwd",
+                                 "mailto:ops@example.com", "127.0.0.1:8000", "http://[::1",
+                                 "http://127.0.0.1:99999", "//127.0.0.1:8000"])
+def test_an_endpoint_that_is_not_an_http_url_is_refused_without_a_connection(
+        url, tmp_path, capsys, monkeypatch):
+    # run where a compose file exists: an empty --endpoint must not fall back to it
+    (tmp_path / "docker-compose.yml").write_text("services:\n  vllm-qwen3-32b-fp8: {image: x}\n")
+    err = usage_error(["--endpoint", url], capsys, cwd=tmp_path, monkeypatch=monkeypatch)
+    assert f"--endpoint {url!r} is not an http(s) URL: use e.g. http://127.0.0.1:8000" in err
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:9/\x00", "http://127.0.0.1:9/\ud800"])
+def test_an_endpoint_with_characters_no_url_may_hold_is_refused(url, capsys):
+    err = usage_error(["--endpoint", url], capsys)
+    assert "is not a valid URL: use e.g. http://127.0.0.1:8000" in err
+
+
+class _Canned:
+    """A tiny server that answers GET /v1/models with a fixed reply."""
+
+    def __init__(self, status, body, content_type="application/json"):
+        import http.server
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802
+                data = body if isinstance(body, bytes) else json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def stop(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.mark.parametrize("status, body, message", [
+    (404, {"detail": "Not Found"}, "answered HTTP 404 without a model list"),
+    (200, b"<html>hello</html>", "answered HTTP 200 without a model list"),
+    (200, {"models": ["a"]}, "answered HTTP 200 without a model list"),
+    (200, {"data": [{"name": "no id"}, "x", 3]}, "answered HTTP 200 without a model list"),
+    (500, b"", "answered HTTP 500 without a model list"),
+    (401, {"error": "Unauthorized"}, "wants an API key: pass --api-key or set VLLM_API_KEY"),
+])
+def test_a_server_that_is_not_openai_compatible_is_refused_in_one_line(status, body, message,
+                                                                       capsys):
+    server = _Canned(status, body)
+    try:
+        err = usage_error(["--endpoint", server.url], capsys)
+    finally:
+        server.stop()
+    assert message in err
+
+
+def test_a_server_with_a_nonsense_context_length_gets_the_default(capsys):
+    server = _Canned(200, {"data": [{"id": "m", "max_model_len": "lots"},
+                                    {"id": "n", "max_model_len": [1]}]})
+    try:
+        base = pm.check_endpoint_url(server.url)
+        specs = pm.discover_endpoint_models(base, pm.MODELS, None)
+    finally:
+        server.stop()
+    assert [(m.name, m.max_context_tokens) for m in specs] == [("m", 32768), ("n", 32768)]
