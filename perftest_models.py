@@ -194,9 +194,12 @@ class RegressionFound(PerftestError):
     exit_code = 3
 
 
-class Interrupted(BaseException):
-    """Raised from a signal handler (SIGTERM, SIGHUP); like KeyboardInterrupt
-    it is a BaseException so that no `except Exception` swallows it."""
+class Interrupted(KeyboardInterrupt):
+    """Raised from a signal handler (SIGTERM, SIGHUP). A KeyboardInterrupt, not
+    just a BaseException: asyncio catches BaseException around socket writes
+    and in tasks, and lets only KeyboardInterrupt and SystemExit through, so a
+    SIGTERM that landed in a write was logged and lost. Tell it from Ctrl-C
+    with isinstance(exc, Interrupted)."""
 
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)

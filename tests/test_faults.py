@@ -344,22 +344,31 @@ def test_a_tokenize_answer_without_a_count_fails_the_model_not_the_run(
 
 SIGNALS = [("SIGINT", 130), ("SIGTERM", 143), ("SIGHUP", 143)]
 
-# Runs main() with one os.replace patched to signal (or SIGKILL) the process
-# from inside the rename of the Nth report file of a kind: a deterministic
-# "while writing the report". The signal arrives before the rename is done.
+# Runs main() with a hook that signals (or SIGKILLs) the process from inside
+# a call, deterministically: WHERE ".json"/".txt" is inside the rename of the
+# Nth report file of that kind ("while writing the report"; the signal comes
+# before the rename is done); WHERE "send" is inside the Nth socket send of a
+# chat request (deep in asyncio's transport code).
 DRIVER = """\
-import os, signal, sys
+import os, signal, socket, sys
 sys.path.insert(0, {root!r})
 import perftest_models as pm
-sig, suffix, nth = getattr(signal, sys.argv[1]), sys.argv[2], int(sys.argv[3])
-real_replace, seen = os.replace, []
+sig, where, nth = getattr(signal, sys.argv[1]), sys.argv[2], int(sys.argv[3])
+seen = []
+def hit():
+    seen.append(1)
+    if len(seen) == nth:
+        os.kill(os.getpid(), sig)
+real_replace, real_send = os.replace, socket.socket.send
 def replace(src, dst):
-    if str(dst).endswith(suffix):
-        seen.append(dst)
-        if len(seen) == nth:
-            os.kill(os.getpid(), sig)
+    if str(dst).endswith(where):
+        hit()
     return real_replace(src, dst)
-os.replace = replace
+def send(self, data, *flags):
+    if where == "send" and b"POST /v1/chat/completions" in bytes(data):
+        hit()
+    return real_send(self, data, *flags)
+os.replace, socket.socket.send = replace, send
 raise SystemExit(pm.main(sys.argv[4:]))
 """
 
@@ -530,6 +539,21 @@ def test_a_signal_during_a_mid_run_save_leaves_no_temp_file_and_a_whole_report(
     report, _ = assert_clean_report_dir(report_dir)
     assert report["interrupted"] == name
     assert [sc["name"] for sc in report["models"][0]["scenarios"]] == ["latency"]
+
+
+@pytest.mark.parametrize("name, code", SIGNALS)
+def test_a_signal_inside_a_socket_write_is_not_swallowed_by_asyncio(
+        standin, report_dir, tmp_path, name, code):
+    # asyncio's transports catch BaseException around sock.send() and log it
+    # as a "Fatal write error"; only KeyboardInterrupt and SystemExit go on.
+    srv = standin()
+    proc = start_run(srv, report_dir, "--iterations", "1", "--context-sizes", "1k",
+                     cwd=tmp_path, driver=[name, "send", "2"])  # the first latency request
+    rc, _, err = finish(proc)
+    assert rc == code and "Fatal write error" not in err
+    report, _ = assert_clean_report_dir(report_dir)
+    assert report["interrupted"] == name
+    assert report["models"][0]["status"] == "interrupted"
 
 
 def test_a_second_signal_while_an_interrupted_run_saves_keeps_the_first_code(
