@@ -895,7 +895,7 @@ def _delta_tokens(chunk: Mapping[str, Any]) -> tuple[bool, bool]:
     the role chunk. A delta without content (a final finish chunk) is no token.
     """
     choices = chunk.get("choices")
-    if not choices or not isinstance(choices[0], dict):
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
         return False, False
     delta = choices[0].get("delta")
     if not isinstance(delta, dict):
@@ -931,7 +931,7 @@ def measure_stream(t_sent: float, reads: Sequence[Read], target_tokens_out: int 
             break
         try:
             chunk = json.loads(data)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
             return fail(f"malformed SSE event: {data[:80]!r}")
         if not isinstance(chunk, dict):
             return fail(f"malformed SSE event: {data[:80]!r}")
@@ -957,9 +957,10 @@ def measure_stream(t_sent: float, reads: Sequence[Read], target_tokens_out: int 
     if usage is None:
         return fail("no usage in the stream: the server ignored stream_options.include_usage")
     tokens_out, tokens_in = usage.get("completion_tokens"), usage.get("prompt_tokens")
-    if not isinstance(tokens_out, int) or not isinstance(tokens_in, int) or tokens_out < 1:
+    if not _count(tokens_out) or not _count(tokens_in) or tokens_out < 1:
         return fail(f"usage without valid token counts: {json.dumps(usage)[:120]}")
-    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
+    details = usage.get("prompt_tokens_details")
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
 
     ttft_s = token_times[0] - t0
     latency_s = token_times[-1] - t0
@@ -984,6 +985,14 @@ def measure_stream(t_sent: float, reads: Sequence[Read], target_tokens_out: int 
     )
 
 
+MAX_TOKENS = 100_000_000  # more than any context: a larger count is a broken server
+
+
+def _count(value: Any) -> bool:
+    """A plausible token count from a server (JSON true is no count)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_TOKENS
+
+
 def spread_gaps(times: Sequence[float], counts: Sequence[int | None], tokens_out: int
                 ) -> list[float]:
     """Inter-token latencies in ms: each gap between token chunks is shared
@@ -992,7 +1001,9 @@ def spread_gaps(times: Sequence[float], counts: Sequence[int | None], tokens_out
     sends it; otherwise the tokens after the first chunk are spread evenly."""
     if len(times) < 2:
         return []
-    known = all(isinstance(c, int) and c > 0 for c in counts[1:])
+    # per-chunk counts that add up to more than the total are not to be trusted
+    known = (all(isinstance(c, int) and c > 0 for c in counts[1:])
+             and sum(counts[1:]) < tokens_out)  # type: ignore[arg-type]
     per_chunk = (tokens_out - 1) / (len(times) - 1) if tokens_out > 1 else 1.0
     itl: list[float] = []
     for i in range(1, len(times)):
@@ -2562,6 +2573,16 @@ def run_benchmark(plan: Plan, out: Any, err: Any, *, styled: bool = False,
     return code
 
 
+# Control characters in an error message come from the user's input (an
+# argument, a field name in someone's YAML): shown escaped, so the message
+# stays one line and cannot drive the terminal.
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(32), 127)} | {10: "\\n", 13: "\\r", 9: "\\t"}
+
+
+def one_line(text: str) -> str:
+    return text.translate(_CONTROL)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse, plan, run; every PerftestError becomes its one-line message and exit code."""
     args_list = list(sys.argv[1:] if argv is None else argv)
@@ -2573,7 +2594,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         styled = out.isatty() and not os.environ.get("NO_COLOR")
         return run_benchmark(plan, out, err, styled=styled, err_tty=err.isatty())
     except PerftestError as exc:
-        err.write(f"perftest-models: error: {exc}\n")
+        err.write(f"perftest-models: error: {one_line(str(exc))}\n")
         return exc.exit_code
     except (KeyboardInterrupt, Interrupted) as exc:  # before the run started, or a second signal
         err.write("perftest-models: interrupted\n")

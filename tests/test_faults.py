@@ -13,6 +13,7 @@ import asyncio
 import errno
 import io
 import json
+import re
 import os
 import signal
 import socket
@@ -1002,7 +1003,8 @@ class _Canned:
                 pass
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02},
+                         daemon=True).start()
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
 
     def stop(self):
@@ -1037,3 +1039,283 @@ def test_a_server_with_a_nonsense_context_length_gets_the_default(capsys):
     finally:
         server.stop()
     assert [(m.name, m.max_context_tokens) for m in specs] == [("m", 32768), ("n", 32768)]
+
+
+# ============================================================================
+# Fuzzing: the SSE parser, the YAML files, the command line
+# ============================================================================
+
+from hypothesis import HealthCheck, example, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+# Fixed seed and a bounded count, so CI is fast and repeatable; for a deeper
+# random search: PERFTEST_FUZZ_EXAMPLES=20000 python3 -m pytest --timeout 0 -k "fuzz or sse"
+_FUZZ_EXAMPLES = os.environ.get("PERFTEST_FUZZ_EXAMPLES")
+
+
+def fuzz(examples: int):
+    return settings(max_examples=int(_FUZZ_EXAMPLES or examples), deadline=None,
+                    derandomize=_FUZZ_EXAMPLES is None, database=None,
+                    suppress_health_check=[HealthCheck.too_slow,
+                                           HealthCheck.function_scoped_fixture])
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**70, 2**70)
+    | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    max_leaves=12)
+
+# chunks shaped like vLLM's, with every field free to take any JSON value
+chunk_like = st.fixed_dictionaries({}, optional={
+    "choices": json_values | st.lists(st.fixed_dictionaries({}, optional={
+        "delta": json_values | st.fixed_dictionaries({}, optional={
+            "content": json_values, "reasoning_content": json_values, "reasoning": json_values,
+            "role": json_values}),
+        "finish_reason": json_values}), max_size=2),
+    "usage": json_values | st.fixed_dictionaries({}, optional={
+        "prompt_tokens": json_values, "completion_tokens": json_values,
+        "prompt_tokens_details": json_values}),
+    "error": json_values,
+})
+
+
+def split_at(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    return [data[a:b] for a, b in zip([0, *points], [*points, len(data)])]
+
+
+def check_sample(s):
+    assert isinstance(s, pm.Sample)
+    if s.ok:
+        assert s.error is None and isinstance(s.tokens_out, int) and s.tokens_out >= 1
+        assert s.ttft_ms is not None and s.total_s is not None
+        assert len(s.itl_ms) <= s.tokens_out
+    else:
+        assert isinstance(s.error, str) and s.error
+
+
+@fuzz(200)
+@given(data=st.binary(max_size=400), cuts=st.lists(st.integers(0, 400), max_size=8))
+def test_the_sse_parser_survives_any_bytes_in_any_split(data, cuts):
+    reads = [(0.001 * i, b) for i, b in enumerate(split_at(data, cuts))]
+    check_sample(pm.measure_stream(0.0, reads, 20))
+
+
+@fuzz(200)
+@given(events=st.lists(st.one_of(chunk_like.map(json.dumps), json_values.map(json.dumps),
+                                 st.sampled_from(["[DONE]", "{not json", "", "[" * 3000])),
+                       max_size=8),
+       done=st.booleans(), crlf=st.booleans(), cuts=st.lists(st.integers(0, 10**6), max_size=10))
+def test_the_sse_parser_survives_any_events_and_any_chunk_boundaries(events, done, crlf, cuts):
+    sep = b"\r\n" if crlf else b"\n"
+    body = b"".join(b"data: " + e.encode("utf-8", "surrogatepass") + sep + sep for e in events)
+    body += (b"data: [DONE]" + sep + sep) if done else b""
+    whole = pm.measure_stream(0.0, [(1.0, body)], 20)
+    check_sample(whole)
+    # with every read at the same moment, where the reads split cannot matter
+    split = pm.measure_stream(0.0, [(1.0, part) for part in split_at(body, cuts)], 20)
+    assert split == whole
+
+
+def sse(*events, done=True):
+    body = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events)
+    return [(0.5, body + (b"data: [DONE]\n\n" if done else b""))]
+
+
+TOKEN = {"choices": [{"delta": {"content": " tok"}}]}
+
+
+@pytest.mark.parametrize("event, reason", [
+    ({"choices": {"0": {"delta": {"content": "x"}}}}, "stream finished without any generated token"),
+    ({"choices": 5}, "stream finished without any generated token"),
+    ({"choices": ["x"]}, "stream finished without any generated token"),
+    ({"error": {"message": ["not", "a", "string"]}}, "error event in stream: ['not', 'a', 'string']"),
+])
+def test_chunks_of_the_wrong_shape_fail_the_sample_not_the_parser(event, reason):
+    s = pm.measure_stream(0.0, sse(event), 5)
+    assert not s.ok and s.error == reason
+
+
+@pytest.mark.parametrize("usage", [
+    {"prompt_tokens": 5, "completion_tokens": True},
+    {"prompt_tokens": 5, "completion_tokens": 10**12},  # would have built a 10^12-entry list
+    {"prompt_tokens": "5", "completion_tokens": 3},
+    {"prompt_tokens": 5, "completion_tokens": -3},
+])
+def test_usage_with_implausible_counts_fails_the_sample(usage):
+    s = pm.measure_stream(0.0, sse(TOKEN, TOKEN, {"choices": [], "usage": usage}), 5)
+    assert not s.ok and s.error.startswith("usage without valid token counts: ")
+
+
+def test_odd_prompt_token_details_are_ignored_not_fatal():
+    usage = {"prompt_tokens": 5, "completion_tokens": 2, "prompt_tokens_details": ["x"]}
+    s = pm.measure_stream(0.0, sse(TOKEN, TOKEN, {"choices": [], "usage": usage}), 2)
+    assert s.ok and s.cached_tokens is None
+
+
+def test_continuous_usage_that_overcounts_falls_back_to_an_even_spread():
+    t = [(0.1, b'data: {"choices":[{"delta":{"content":"a"}}],"usage":{"completion_tokens":1}}\n\n'),
+         (0.2, b'data: {"choices":[{"delta":{"content":"b"}}],"usage":{"completion_tokens":10000000}}'
+               b'\n\n'),
+         (0.3, b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":3}}\n\n'
+               b"data: [DONE]\n\n")]
+    s = pm.measure_stream(0.0, t, 3)
+    assert s.ok and s.itl_ms == pytest.approx((50.0, 50.0))  # 2 tokens over the one 100 ms gap
+
+
+def test_a_deeply_nested_event_is_malformed_not_a_recursion_error():
+    s = pm.measure_stream(0.0, [(0.1, b"data: " + b"[" * 100_000 + b"\n\ndata: [DONE]\n\n")], 5)
+    assert not s.ok and s.error.startswith("malformed SSE event: '[[[[")
+
+
+yaml_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.floats() | st.dates()
+    | st.text(max_size=10) | st.sampled_from(["qwen", "vllm-qwen", "org/m", "a b", "-rm", ""]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+        st.text(max_size=8) | st.integers(0, 3), inner, max_size=4),
+    max_leaves=10)
+
+model_entries = st.fixed_dictionaries({}, optional={
+    key: yaml_values | st.sampled_from(good) for key, good in {
+        "name": ["m", "qwen3-32b-fp8"], "service": ["vllm-m", None], "model_id": ["org/m"],
+        "max_context_tokens": [4096, 1, 2], "architecture": ["Dense"],
+        "params_total_b": [32.8, 0], "params_active_b": [3.3], "bytes_per_weight": [1.0, 2],
+        "chat_template_kwargs": [{"enable_thinking": False}, None]}.items()
+}) | yaml_values
+
+
+def assert_loads_or_usage_error(load, path):
+    try:
+        result = load(path)
+    except pm.UsageError:
+        return None
+    return result
+
+
+@fuzz(150)
+@given(text=st.text(max_size=300) | st.sampled_from([
+    "models:\n- {name: m, model_id: x, max_context_tokens: 9, since: 2024-13-45}\n",
+    "services: !!python/name:os.system\n", "a: &x [*x]\n", "? [a]\n: b\n", "%YAML 9.9\n---\n"]))
+def test_fuzz_the_yaml_files_give_a_model_table_or_a_usage_error(text, tmp_path):
+    path = tmp_path / "f.yml"
+    path.write_text(text, encoding="utf-8", errors="surrogatepass")
+    for spec in assert_loads_or_usage_error(lambda p: pm.load_models_file(p, pm.MODELS), path) or ():
+        assert isinstance(spec, pm.ModelSpec)
+    assert_loads_or_usage_error(pm.load_compose_file, path)
+
+
+@fuzz(200)
+@given(doc=st.fixed_dictionaries({"models": st.lists(model_entries, max_size=3)},
+                                 optional={"replace": yaml_values}) | yaml_values,
+       compose=st.fixed_dictionaries({}, optional={"services": yaml_values, "name": yaml_values}))
+def test_fuzz_a_loaded_model_is_valid_and_fits_in_a_request_and_a_report(doc, compose, tmp_path):
+    import yaml
+
+    path = tmp_path / "models.yml"
+    path.write_text(yaml.safe_dump(doc))
+    for spec in assert_loads_or_usage_error(lambda p: pm.load_models_file(p, ()), path) or ():
+        assert pm.NAME_RE.match(spec.name) and spec.max_context_tokens >= 2
+        assert spec.service is None or pm.NAME_RE.match(spec.service)
+        json.dumps(pm.model_to_dict(pm.ModelResult(spec), 273.0), allow_nan=False)
+        pm.chat_payload(spec.model_id, pm.latency_messages("n"), 5, 0.7,
+                        spec.chat_template_kwargs, "n")
+    path.write_text(yaml.safe_dump(compose))
+    loaded = assert_loads_or_usage_error(pm.load_compose_file, path)
+    if loaded is not None:  # a project name Compose accepts, never an option
+        assert re.fullmatch(r"[a-z0-9][a-z0-9_-]*", loaded.project), loaded.project
+
+
+# --- the command line --------------------------------------------------------
+
+OPTIONS = ["--skip", "--only", "--models", "--endpoint", "--api-key", "--iterations",
+           "--context-sizes", "--concurrency", "--throughput-requests", "--hardware",
+           "--bandwidth-gbs", "--compose-file", "--port", "--health-timeout",
+           "--request-timeout", "--max-failures", "--report-dir", "--version", "--help",
+           "--end", "--iter", "compare", "-h", "--", "-"]
+PATHS = ["missing.yml", "folder", "bad.yml", "list.yml", "models.yml", "nested/x.yml", ""]
+URLS = ["http://127.0.0.1:8000", "http://127.0.0.1:8000/v1", "https://127.0.0.1",
+        "http://[::1", "http://127.0.0.1:99999", "ftp://127.0.0.1", "127.0.0.1:8000",
+        "http://127.0.0.1:1/\x00", ""]
+numbers = (st.integers(-10, 10**6).map(str) | st.floats().map(str)
+           | st.sampled_from(["1k,8k", "1,4", "-1k", "k", ",", "0x10", "1e3", "1_000", "٣"]))
+argv_values = (numbers | st.text(max_size=12)
+               | st.sampled_from(["dgx-spark", "qwen3-32b-fp8", "standin", "nope", *PATHS, *URLS]))
+# values that fit their option reach the checks behind the parser
+fitting = {"--endpoint": st.sampled_from(URLS),
+           "--models": st.sampled_from(PATHS), "--compose-file": st.sampled_from(PATHS),
+           "--report-dir": st.sampled_from(PATHS), "--skip": st.sampled_from(["standin", "nope"]),
+           "--only": st.sampled_from(["standin", "qwen3-32b-fp8"])}
+pairs = st.sampled_from([*OPTIONS, *fitting, *fitting]).flatmap(
+    lambda opt: st.tuples(st.just(opt), fitting.get(opt, numbers)).map(list))
+flat = lambda parts: [tok for part in parts for tok in part]  # noqa: E731
+argv_lists = (st.lists(pairs, max_size=4).map(flat)  # well-formed: past argparse, into the checks
+              | st.lists(pairs | st.one_of(st.sampled_from(OPTIONS), argv_values).map(
+                  lambda x: [x]), max_size=6).map(flat))
+
+
+@pytest.fixture
+def fuzz_sandbox(tmp_path_factory, monkeypatch):
+    """A folder with bad files and no compose file; no network, no Docker:
+    the one 'server' answers for 127.0.0.1:8000 from memory, every other URL
+    is refused, and a plan that passes every check is recorded, not run."""
+    import httpx
+
+    folder = tmp_path_factory.mktemp("fuzz")
+    (folder / "folder").mkdir()
+    (folder / "bad.yml").write_text("services: [")
+    (folder / "list.yml").write_text("- a\n- b\n")
+    (folder / "models.yml").write_text(
+        "models: [{name: standin, model_id: standin, max_context_tokens: 40960}]\n")
+    monkeypatch.chdir(folder)
+    planned = []
+
+    def fake_get(url, **kwargs):
+        request = httpx.Request("GET", url)  # httpx's own URL checks, then no socket
+        if request.url.host == "127.0.0.1" and request.url.port == 8000:
+            return httpx.Response(200, json={"object": "list", "data": [
+                {"id": "standin", "max_model_len": 40960}]}, request=request)
+        raise httpx.ConnectError("refused (fuzz: no network)", request=request)
+
+    def no_docker(*args, **kwargs):
+        raise AssertionError("a fuzzed command line reached Docker")
+
+    monkeypatch.setattr(httpx, "get", fake_get)
+    monkeypatch.setattr(pm, "run_benchmark", lambda plan, *a, **k: planned.append(plan) or 0)
+    for name in ("find_compose_command", "docker_client", "_run"):
+        monkeypatch.setattr(pm, name, no_docker)
+    monkeypatch.delenv("VLLM_API_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    return planned
+
+
+@fuzz(300)
+@given(argv=argv_lists)
+@example(argv=["--endpoint", "http://[::1"])  # each of these once ended in a traceback
+@example(argv=["--endpoint", "http://127.0.0.1:1/\x00"])
+@example(argv=["--models", "list.yml"])
+@example(argv=["--skip", "a\nb"])
+def test_fuzz_the_command_line_never_shows_a_traceback(argv, fuzz_sandbox, capsys):
+    try:
+        rc = pm.main(argv)
+    except SystemExit as exc:  # --help and --version exit from argparse, with 0
+        rc = exc.code
+    out, err = capsys.readouterr()
+    assert rc in (0, 1, 2, 3, 130, 143)
+    assert "Traceback" not in err and "Traceback" not in out
+    if rc == 2:
+        assert out == "" and err.startswith("perftest-models: error: ") and err.count("\n") == 1
+    if rc == 0 and fuzz_sandbox:  # a plan that passed every check: a sane one
+        plan = fuzz_sandbox.pop()
+        assert plan.base_url == "http://127.0.0.1:8000" and plan.compose is None
+        assert plan.cfg.iterations >= 1 and all(s >= 1 for s in plan.cfg.context_sizes)
+
+
+@pytest.mark.parametrize("argv, shown", [
+    (["--skip", "a\nb"], "unknown model 'a\\nb'"),
+    (["--frob\nnicate"], "unrecognized arguments: --frob\\nnicate"),
+    (["--compose-file", "x\x1b[31mred.yml"], "compose file x\\x1b[31mred.yml not found"),
+])
+def test_input_with_control_characters_is_shown_escaped_on_one_line(argv, shown, capsys,
+                                                                    monkeypatch):
+    err = usage_error(argv, capsys, cwd=ROOT, monkeypatch=monkeypatch)
+    assert shown in err and "\x1b" not in err
