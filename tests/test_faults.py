@@ -1319,3 +1319,193 @@ def test_input_with_control_characters_is_shown_escaped_on_one_line(argv, shown,
                                                                     monkeypatch):
     err = usage_error(argv, capsys, cwd=ROOT, monkeypatch=monkeypatch)
     assert shown in err and "\x1b" not in err
+
+
+# ============================================================================
+# Security: no shell, safe YAML, names checked, the API key never written
+# ============================================================================
+
+
+def _calls(tree):
+    import ast
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+            owner = getattr(func.value, "id", "") if isinstance(func, ast.Attribute) else ""
+            yield node, owner, name
+
+
+def test_the_source_never_uses_a_shell_or_an_unsafe_yaml_loader():
+    import ast
+
+    tree = ast.parse(SCRIPT.read_text())
+    found = []
+    for node, owner, name in _calls(tree):
+        for kw in node.keywords:
+            if kw.arg == "shell" and not (isinstance(kw.value, ast.Constant) and not kw.value.value):
+                found.append(f"line {node.lineno}: shell={ast.unparse(kw.value)}")
+        if (owner, name) in {("os", "system"), ("os", "popen"), ("subprocess", "getoutput"),
+                             ("subprocess", "getstatusoutput"), ("os", "execl"), ("os", "spawnl")}:
+            found.append(f"line {node.lineno}: {owner}.{name}")
+        if owner == "yaml" and name != "safe_load" and name not in ("YAMLError",):
+            found.append(f"line {node.lineno}: yaml.{name}")
+        if owner == "subprocess" or name == "runner":  # the argv is a list, never a string
+            first = node.args[0] if node.args else None
+            if isinstance(first, (ast.Constant, ast.JoinedStr, ast.BinOp)):
+                found.append(f"line {node.lineno}: {ast.unparse(node)[:60]}")
+        if name in ("eval", "exec", "compile", "__import__") and not owner:
+            found.append(f"line {node.lineno}: {name}()")
+    assert found == []
+    assert "yaml.safe_load(" in SCRIPT.read_text()
+
+
+class Recorder:
+    """A subprocess.run stand-in that keeps every call's argv and options."""
+
+    def __init__(self, stdout="", returncode=0):
+        self.calls, self.stdout, self.returncode = [], stdout, returncode
+
+    def __call__(self, argv, **kwargs):
+        self.calls.append((argv, kwargs))
+        return subprocess.CompletedProcess(argv, self.returncode, self.stdout, "")
+
+
+def test_every_external_command_is_an_argv_list_without_a_shell(tmp_path, monkeypatch):
+    # a compose path with shell characters stays one argument
+    path = tmp_path / "my compose; rm -rf ~.yml"
+    path.write_text("services:\n  vllm-a: {image: x}\n")
+    rec = Recorder(stdout="150\n")
+    compose = pm.Compose(pm.load_compose_file(path), ("docker", "compose"), rec)
+    compose.up("vllm-a")
+    compose.stop(["vllm-a"])
+    compose.running(["vllm-a"])
+    pm._run(["docker", "version"], rec)
+    monkeypatch.setattr(pm.shutil, "which", lambda name: f"/usr/bin/{name}")
+    pm.find_compose_command(rec)
+    pm.PowerSampler(rec).read_w()
+    pm.collect_environment(rec)
+    assert len(rec.calls) == 7  # up, stop, ps, _run, compose version, nvidia-smi x2
+    for argv, kwargs in rec.calls:
+        assert isinstance(argv, list) and all(isinstance(a, str) for a in argv), argv
+        assert kwargs.get("shell", False) is False
+    assert rec.calls[0][0][:4] == ["docker", "compose", "-f", str(path)]
+
+
+@pytest.mark.parametrize("bad", ["-d", "--rm", "a b", "a\nb", "x" * 129, "", "../etc", "a/b",
+                                 "é", "name;", "$(id)", "`id`", "a|b", "a&b", ">x", "a*"])
+@pytest.mark.parametrize("field", ["name", "service"])
+def test_names_from_yaml_are_checked_before_any_command_line(bad, field, tmp_path):
+    import yaml
+
+    entry = {"name": "m", "model_id": "org/m", "max_context_tokens": 9, field: bad}
+    path = tmp_path / "models.yml"
+    path.write_text(yaml.safe_dump({"models": [entry]}))
+    with pytest.raises(pm.UsageError, match="is not a valid name"):
+        pm.load_models_file(path, pm.MODELS)
+
+
+def test_the_built_in_names_and_any_project_name_are_safe_arguments(tmp_path, monkeypatch):
+    for m in pm.MODELS:
+        assert pm.NAME_RE.match(m.name) and pm.NAME_RE.match(m.service)
+    monkeypatch.delenv("COMPOSE_PROJECT_NAME", raising=False)
+    for raw in ("--rm -f", "-_-x", "; rm -rf /", "$(id)", "---"):
+        project = pm.compose_project_name(tmp_path / "c.yml", {"name": raw})
+        assert re.fullmatch(r"[a-z0-9][a-z0-9_-]*", project), project
+
+
+def test_a_yaml_file_with_a_python_tag_is_read_never_run(tmp_path):
+    sentinel = tmp_path / "pwned"
+    for name in ("compose.yml", "models.yml"):
+        path = tmp_path / name
+        path.write_text(f"services: !!python/object/apply:os.system ['touch {sentinel}']\n"
+                        f"models: !!python/object/apply:os.system ['touch {sentinel}']\n")
+        with pytest.raises(pm.UsageError, match="could not determine a constructor"):
+            pm.load_compose_file(path)
+        with pytest.raises(pm.UsageError, match="could not determine a constructor"):
+            pm.load_models_file(path, pm.MODELS)
+    assert not sentinel.exists()
+
+
+KEY = "sk-CANARY-7f3a9b-do-not-log"
+
+
+def assert_key_nowhere(key, *texts, folder=None):
+    for text in texts:
+        assert key not in text
+        assert key[3:] not in text  # not even without its prefix
+    for path in (folder.rglob("*") if folder else ()):
+        if path.is_file():
+            assert key[3:].encode() not in path.read_bytes(), path
+
+
+def run_with_key(srv, report_dir, tmp_path, how, key=KEY, extra=()):
+    env = {k: v for k, v in os.environ.items() if k not in ("VLLM_API_KEY", "OPENAI_API_KEY")}
+    argv = ["--endpoint", srv.base_url, "--iterations", "1", "--context-sizes", "1k",
+            "--report-dir", str(report_dir), *extra]
+    if how == "--api-key":
+        argv += ["--api-key", key]
+    else:
+        env[how] = key
+    proc = subprocess.run([sys.executable, str(SCRIPT), *argv], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return proc
+
+
+@pytest.mark.parametrize("how", ["--api-key", "OPENAI_API_KEY", "VLLM_API_KEY"])
+def test_the_api_key_is_sent_as_a_bearer_token_and_never_written(standin, report_dir, tmp_path,
+                                                                  how):
+    srv = standin(api_key=KEY)
+    proc = run_with_key(srv, report_dir, tmp_path, how)
+    assert proc.returncode == 0, proc.stderr
+    assert {r.headers.get("Authorization") for r in srv.records} == {f"Bearer {KEY}"}
+    assert len(list(report_dir.iterdir())) == 2
+    assert_key_nowhere(KEY, proc.stdout, proc.stderr, folder=report_dir)
+
+
+def test_a_rejected_api_key_is_never_echoed(standin, report_dir, tmp_path):
+    srv = standin(api_key="the-right-one")
+    proc = run_with_key(srv, report_dir, tmp_path, "VLLM_API_KEY")
+    assert proc.returncode == 2
+    assert proc.stderr.endswith("wants an API key: pass --api-key or set VLLM_API_KEY\n")
+    assert_key_nowhere(KEY, proc.stdout, proc.stderr)
+
+
+def test_a_key_revoked_mid_run_fails_requests_with_401_and_is_never_written(
+        standin, report_dir, tmp_path, monkeypatch):
+    srv = standin(api_key=KEY)
+    original = standin_module._ROUTES[("POST", "/v1/chat/completions")]
+
+    def chat(handler):  # after the warm-up, the server stops accepting the key
+        original(handler)
+        srv.config.api_key = "rotated"
+
+    monkeypatch.setitem(standin_module._ROUTES, ("POST", "/v1/chat/completions"), chat)
+    proc = run_with_key(srv, report_dir, tmp_path, "--api-key", extra=["--max-failures", "0"])
+    assert proc.returncode == 1
+    assert "[1/1] latency: FAILED: HTTP 401: Unauthorized" in proc.stderr
+    report = json_report(report_dir)
+    assert report["models"][0]["error"].endswith("last: HTTP 401: Unauthorized")
+    assert_key_nowhere(KEY, proc.stdout, proc.stderr, folder=report_dir)
+
+
+def test_the_plan_and_the_config_hold_no_key(standin, monkeypatch):
+    srv = standin(api_key=KEY)
+    args = pm.build_parser().parse_args(["--endpoint", srv.base_url])
+    plan = pm.make_plan(args, environ={"VLLM_API_KEY": KEY})
+    assert plan.api_key == KEY
+    assert KEY not in repr(plan) and KEY not in json.dumps(pm.dataclasses.asdict(plan.cfg))
+
+
+@fuzz(100)
+@given(when=st.datetimes(timezones=st.timezones()))
+def test_report_file_names_stay_inside_the_report_folder(when, tmp_path):
+    stem = pm.report_stem(when)  # the stem is a timestamp, never user input
+    assert "/" not in stem and "\\" not in stem and not stem.startswith(".")
+    if when.year >= 1000:  # %Y pads no earlier year; the stems come from _now() anyway
+        assert re.fullmatch(r"model-comparison-\d{4}-\d\d-\d\dT\d\d-\d\d-\d\d", stem), stem
+    files = pm.ReportFiles(tmp_path, stem, io.StringIO())
+    for path in (files.json_path, files.txt_path):
+        assert path.parent == tmp_path and path.resolve().parent == tmp_path.resolve()
