@@ -1509,3 +1509,22 @@ def test_report_file_names_stay_inside_the_report_folder(when, tmp_path):
     files = pm.ReportFiles(tmp_path, stem, io.StringIO())
     for path in (files.json_path, files.txt_path):
         assert path.parent == tmp_path and path.resolve().parent == tmp_path.resolve()
+
+
+# ============================================================================
+# Load: the soak script, in miniature (the figures are in docs/faults.md)
+# ============================================================================
+
+
+def test_the_soak_script_loses_no_sample_and_leaks_no_descriptor():
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "soak.py"), "--requests", "192",
+                           "--concurrency", "32", "--per-stream", "2", "--tokens-out", "8",
+                           "--ttft-s", "0", "--itl-s", "0", "--faults"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    figures = json.loads(proc.stdout)
+    assert figures["requests"] == figures["samples"] == 192 and figures["samples_lost"] == 0
+    assert figures["fds_after"] == figures["fds_before"] and figures["fd_leak"] == 0
+    # each round of 64 meets, at 9, 19, ... 59: reset, close, 500, 503, reset, close
+    assert figures["failed"] == 3 * 5 and figures["retries"] == 3 * 1
+    assert figures["server_chat_requests"] == 192 + figures["retries"]
