@@ -127,10 +127,18 @@ def test_retries_stop_at_the_limit_and_the_sample_says_so(standin):
 
 
 def test_a_server_still_loading_answers_503_and_the_request_is_retried(standin):
-    srv = standin(load_s=0.3)
-    s = one_request(srv, retry_wait_s=0.2, max_retries=5)
+    srv = standin(load_s=600.0)
+
+    def finish_loading():  # once a request has been refused as "still loading"
+        wait_for(lambda: any(r.status == 503 for r in srv.records), what="a 503")
+        srv.config.load_s = 0.0
+
+    loader = threading.Thread(target=finish_loading, daemon=True)
+    loader.start()
+    s = one_request(srv, retry_wait_s=0.05, max_retries=100)
+    loader.join(timeout=10)
     assert s.ok and s.retries >= 1
-    assert [r.status for r in srv.records][:-1] == [503] * s.retries
+    assert [r.status for r in srv.records] == [503] * s.retries + [200]
 
 
 def test_a_refused_connection_is_retried_and_counted():
@@ -1478,9 +1486,9 @@ def test_a_key_revoked_mid_run_fails_requests_with_401_and_is_never_written(
     srv = standin(api_key=KEY)
     original = standin_module._ROUTES[("POST", "/v1/chat/completions")]
 
-    def chat(handler):  # after the warm-up, the server stops accepting the key
-        original(handler)
+    def chat(handler):  # the warm-up passed the key check; every request after it fails
         srv.config.api_key = "rotated"
+        original(handler)
 
     monkeypatch.setitem(standin_module._ROUTES, ("POST", "/v1/chat/completions"), chat)
     proc = run_with_key(srv, report_dir, tmp_path, "--api-key", extra=["--max-failures", "0"])
