@@ -13,8 +13,8 @@ import asyncio
 import errno
 import io
 import json
-import re
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -24,9 +24,11 @@ import time
 from pathlib import Path
 
 import pytest
+import standin as standin_module
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
 import perftest_models as pm
-import standin as standin_module
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "perftest_models.py"
@@ -465,7 +467,7 @@ def test_a_signal_mid_scenario_keeps_every_sample_measured_so_far(
     # warm-up, 3 latency, then context-1k: its 2nd request (chat record 5) streams slowly
     wait_for(lambda: mid_stream(srv, 5), what="the second context request to stream")
     proc.send_signal(getattr(signal, name))
-    rc, out, _ = finish(proc)
+    rc, _, _ = finish(proc)
     assert rc == code
     report, txt = assert_clean_report_dir(report_dir)
     assert report["interrupted"] == name
@@ -753,10 +755,9 @@ def test_a_report_folder_without_write_permission_is_refused(standin, tmp_path, 
 
 def test_a_full_disk_is_refused_before_any_model_starts(standin, tmpfs, capsys):
     folder = tmpfs(size="64k")
-    with open(folder / "ballast", "wb", buffering=0) as f:  # fill it to the last block
-        with pytest.raises(OSError):
-            while True:
-                f.write(b"\0" * 4096)
+    with open(folder / "ballast", "wb", buffering=0) as f, pytest.raises(OSError):
+        while True:  # fill it to the last block
+            f.write(b"\0" * 4096)
     _unwritable_is_refused_before_any_model_starts(standin(), folder, capsys,
                                                    "No space left on device")
     assert [p.name for p in folder.iterdir()] == ["ballast"]  # the probe cleaned up
@@ -954,8 +955,8 @@ MODEL = {"name": "m", "model_id": "org/m", "max_context_tokens": 4096}
      "'bytes_per_weight' must be a number > 0, not -1"),
     ("models: [{name: m, model_id: x, max_context_tokens: 9, chat_template_kwargs: [x]}]\n",
      "'chat_template_kwargs' must be dict or null, not list"),
-    ("models: [{name: m, model_id: x, max_context_tokens: 9,"
-     " chat_template_kwargs: {since: 2024-01-01}}]\n",
+    (("models: [{name: m, model_id: x, max_context_tokens: 9,"
+      " chat_template_kwargs: {since: 2024-01-01}}]\n"),
      "'chat_template_kwargs' must hold only strings, numbers, booleans, lists and mappings"),
     ("models: [{name: m, model_id: x, max_context_tokens: 9, created: 2024-02-30}]\n",
      "is not valid YAML (day is out of range for month)"),
@@ -999,7 +1000,7 @@ class _Canned:
         import http.server
 
         class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802
+            def do_GET(self):  # noqa: N802 (stdlib naming)
                 data = body if isinstance(body, bytes) else json.dumps(body).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", content_type)
@@ -1052,9 +1053,6 @@ def test_a_server_with_a_nonsense_context_length_gets_the_default(capsys):
 # ============================================================================
 # Fuzzing: the SSE parser, the YAML files, the command line
 # ============================================================================
-
-from hypothesis import HealthCheck, example, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 
 # Fixed seed and a bounded count, so CI is fast and repeatable; for a deeper
 # random search: PERFTEST_FUZZ_EXAMPLES=20000 python3 -m pytest --timeout 0 -k "fuzz or sse"
@@ -1163,10 +1161,10 @@ def test_odd_prompt_token_details_are_ignored_not_fatal():
 
 def test_continuous_usage_that_overcounts_falls_back_to_an_even_spread():
     t = [(0.1, b'data: {"choices":[{"delta":{"content":"a"}}],"usage":{"completion_tokens":1}}\n\n'),
-         (0.2, b'data: {"choices":[{"delta":{"content":"b"}}],"usage":{"completion_tokens":10000000}}'
-               b'\n\n'),
-         (0.3, b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":3}}\n\n'
-               b"data: [DONE]\n\n")]
+         (0.2, (b'data: {"choices":[{"delta":{"content":"b"}}],"usage":{"completion_tokens":10000000}}'
+                b'\n\n')),
+         (0.3, (b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":3}}\n\n'
+                b"data: [DONE]\n\n"))]
     s = pm.measure_stream(0.0, t, 3)
     assert s.ok and s.itl_ms == pytest.approx((50.0, 50.0))  # 2 tokens over the one 100 ms gap
 
