@@ -194,9 +194,12 @@ class RegressionFound(PerftestError):
     exit_code = 3
 
 
-class Interrupted(BaseException):
-    """Raised from a signal handler (SIGTERM, SIGHUP); like KeyboardInterrupt
-    it is a BaseException so that no `except Exception` swallows it."""
+class Interrupted(KeyboardInterrupt):
+    """Raised from a signal handler (SIGTERM, SIGHUP). A KeyboardInterrupt, not
+    just a BaseException: asyncio catches BaseException around socket writes
+    and in tasks, and lets only KeyboardInterrupt and SystemExit through, so a
+    SIGTERM that landed in a write was logged and lost. Tell it from Ctrl-C
+    with isinstance(exc, Interrupted)."""
 
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
@@ -468,7 +471,7 @@ def model_from_mapping(data: Any, source: str) -> ModelSpec:
     if not isinstance(data, dict):
         raise UsageError(f"{source}: each model must be a mapping with name, service, model_id, "
                          "max_context_tokens")
-    unknown = sorted(set(data) - set(_MODEL_FIELDS))
+    unknown = sorted(map(str, set(data) - set(_MODEL_FIELDS)))  # keys may be any YAML scalar
     if unknown:
         raise UsageError(f"{source}: unknown field(s) {', '.join(map(str, unknown))}; "
                          f"known fields: {', '.join(_MODEL_FIELDS)}")
@@ -487,6 +490,15 @@ def model_from_mapping(data: Any, source: str) -> ModelSpec:
         _check_name(service, "service", source)
     if data["max_context_tokens"] < 2:
         raise UsageError(f"{source}: model {name!r}: max_context_tokens must be >= 2")
+    for key in ("params_total_b", "params_active_b", "bytes_per_weight"):
+        value = data.get(key)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise UsageError(f"{source}: model {name!r}: '{key}' must be a number > 0, not {value}")
+    try:  # it goes into every request body and the report, as JSON
+        json.dumps(data.get("chat_template_kwargs"), allow_nan=False)
+    except (TypeError, ValueError):
+        raise UsageError(f"{source}: model {name!r}: 'chat_template_kwargs' must hold only "
+                         "strings, numbers, booleans, lists and mappings") from None
     if not data["model_id"].strip():
         raise UsageError(f"{source}: model {name!r}: model_id is empty")
     return ModelSpec(**{**data, "service": service})
@@ -517,7 +529,9 @@ def _load_yaml(path: Path, what: str) -> Any:
         raise UsageError(f"{what} {path} cannot be read: {exc}") from None
     try:
         return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, ValueError, RecursionError) as exc:
+        # safe_load's constructors raise ValueError (a date like 2024-13-45,
+        # `!!int 0x`), and deep nesting exhausts the stack: all bad YAML.
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UsageError(f"{what} {path} is not valid YAML ({first}): fix the file") from None
 
@@ -897,7 +911,7 @@ def _delta_tokens(chunk: Mapping[str, Any]) -> tuple[bool, bool]:
     the role chunk. A delta without content (a final finish chunk) is no token.
     """
     choices = chunk.get("choices")
-    if not choices or not isinstance(choices[0], dict):
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
         return False, False
     delta = choices[0].get("delta")
     if not isinstance(delta, dict):
@@ -933,7 +947,7 @@ def measure_stream(t_sent: float, reads: Sequence[Read], target_tokens_out: int 
             break
         try:
             chunk = json.loads(data)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
             return fail(f"malformed SSE event: {data[:80]!r}")
         if not isinstance(chunk, dict):
             return fail(f"malformed SSE event: {data[:80]!r}")
@@ -959,9 +973,10 @@ def measure_stream(t_sent: float, reads: Sequence[Read], target_tokens_out: int 
     if usage is None:
         return fail("no usage in the stream: the server ignored stream_options.include_usage")
     tokens_out, tokens_in = usage.get("completion_tokens"), usage.get("prompt_tokens")
-    if not isinstance(tokens_out, int) or not isinstance(tokens_in, int) or tokens_out < 1:
+    if not _count(tokens_out) or not _count(tokens_in) or tokens_out < 1:
         return fail(f"usage without valid token counts: {json.dumps(usage)[:120]}")
-    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
+    details = usage.get("prompt_tokens_details")
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
 
     ttft_s = token_times[0] - t0
     latency_s = token_times[-1] - t0
@@ -997,6 +1012,14 @@ def count_arrivals(times: Sequence[float]) -> int:
     return (1 + sum(b - a > SAME_READ_S for a, b in zip(times, times[1:]))) if times else 0
 
 
+MAX_TOKENS = 100_000_000  # more than any context: a larger count is a broken server
+
+
+def _count(value: Any) -> bool:
+    """A plausible token count from a server (JSON true is no count)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_TOKENS
+
+
 def spread_gaps(times: Sequence[float], counts: Sequence[int | None], tokens_out: int
                 ) -> list[float]:
     """Inter-token latencies in ms: each gap between token chunks is shared
@@ -1005,7 +1028,9 @@ def spread_gaps(times: Sequence[float], counts: Sequence[int | None], tokens_out
     sends it; otherwise the tokens after the first chunk are spread evenly."""
     if len(times) < 2:
         return []
-    known = all(isinstance(c, int) and c > 0 for c in counts[1:])
+    # per-chunk counts that add up to more than the total are not to be trusted
+    known = (all(isinstance(c, int) and c > 0 for c in counts[1:])
+             and sum(counts[1:]) < tokens_out)  # type: ignore[arg-type]
     per_chunk = (tokens_out - 1) / (len(times) - 1) if tokens_out > 1 else 1.0
     itl: list[float] = []
     for i in range(1, len(times)):
@@ -1080,19 +1105,23 @@ async def send_chat(client: Any, payload: bytes, target_tokens_out: int | None, 
                     reads.append((clock(), chunk))
             finally:
                 await response.aclose()
-        except httpx.ConnectError as exc:
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:  # nothing was sent: safe
             if retries < max_retries:
                 retries += 1
                 await asyncio.sleep(retry_wait_s)
                 continue
-            return Sample(ok=False, error=f"cannot connect: {exc}", retries=retries)
+            return Sample(ok=False, error=f"cannot connect: {str(exc) or type(exc).__name__}",
+                          retries=retries)
         except httpx.TimeoutException:
             return Sample(ok=False, retries=retries, error=(
-                f"stalled: no bytes for {client.timeout.read:.0f} s "
+                f"stalled: no bytes for {client.timeout.read:g} s "
                 f"after {len(reads)} read(s) (raise --request-timeout if the server is just slow)"))
-        except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
-            return Sample(ok=False, retries=retries, error=(
-                f"connection broken after {len(reads)} read(s): {type(exc).__name__}: {exc}"))
+        except httpx.TransportError as exc:  # reset, closed mid-stream, protocol errors, ...
+            # A failed request is data: any transport error must become a sample,
+            # or it would end the whole run with a traceback.
+            why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            return Sample(ok=False, retries=retries,
+                          error=f"connection broken after {len(reads)} read(s): {why}")
         return measure_stream(t_sent, reads, target_tokens_out, t_scheduled, retries)
 
 
@@ -1173,6 +1202,20 @@ def new_nonce() -> str:
     return uuid.uuid4().hex[:12]
 
 
+def _answer_int(response: Any, keys: Sequence[str], what: str) -> int:
+    """An integer from a JSON answer (`keys` is its path); ModelFailed if absent."""
+    try:
+        value = response.json()
+        for key in keys:
+            value = value[key]
+    except (ValueError, KeyError, IndexError, TypeError):
+        value = None
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ModelFailed(f"{what} answered without {'.'.join(keys)}: "
+                          f"{response.text[:120]!r} (is this a vLLM server?)")
+    return value
+
+
 class PromptBuilder:
     """Builds context prompts of an exact token count with the server's
     /tokenize: the filler is cut to the character, found by a bracketing
@@ -1196,14 +1239,24 @@ class PromptBuilder:
                                 "add_generation_prompt": True}
         if self.kwargs:
             body["chat_template_kwargs"] = self.kwargs
-        r = await self.client.post("/tokenize", json=body)
+        r = await self._post("/tokenize", body)
         if r.status_code in (404, 405, 501):
             self.has_tokenize = False
             return None
         if r.status_code != 200:
             raise ModelFailed(f"/tokenize failed: {_error_message(r.status_code, r.content)}")
         self.has_tokenize = True
-        return int(r.json()["count"])
+        return _answer_int(r, ("count",), "/tokenize")
+
+    async def _post(self, path: str, body: Mapping[str, Any]) -> Any:
+        """POST; a broken connection ends the model (ModelFailed), not the run."""
+        import httpx  # noqa: PLC0415
+
+        try:
+            return await self.client.post(path, json=body)
+        except httpx.HTTPError as exc:
+            raise ModelFailed(f"{path} failed: {type(exc).__name__}: {exc} "
+                              "(is the server still running?)") from None
 
     async def _count_or_usage(self, messages: list[dict[str, str]]) -> int:
         n = await self.count(messages)
@@ -1212,10 +1265,10 @@ class PromptBuilder:
         body = json.loads(chat_payload(self.model_id, messages, 1, 0.0, self.kwargs, new_nonce()))
         body.update(stream=False, min_tokens=None)
         body.pop("stream_options")
-        r = await self.client.post("/v1/chat/completions", json=body)
+        r = await self._post("/v1/chat/completions", body)
         if r.status_code != 200:
             raise ModelFailed(f"calibration request failed: {_error_message(r.status_code, r.content)}")
-        return int(r.json()["usage"]["prompt_tokens"])
+        return _answer_int(r, ("usage", "prompt_tokens"), "calibration request")
 
     async def calibrate(self, probe_chars: int = 4000) -> None:
         base = await self._count_or_usage(context_messages(new_nonce(), 0))
@@ -1417,9 +1470,12 @@ class ScenarioAborted(Exception):
 async def run_scenario(client: Any, spec: ModelSpec, scenario: Scenario, cfg: RunConfig,
                        builder: PromptBuilder, events: Events, *, failures_left: int,
                        check_alive: Callable[[], None] | None = None,
-                       clock: Clock = time.perf_counter) -> ScenarioResult:
+                       clock: Clock = time.perf_counter,
+                       measured: list[Sample] | None = None) -> ScenarioResult:
     """Send a scenario's requests (sequentially, or `concurrency` at a time)
-    and summarize them. Every request has a unique prompt head."""
+    and summarize them. Every request has a unique prompt head. Each sample
+    is also appended to `measured` as it completes, so that a caller that is
+    interrupted mid-scenario still holds what was measured."""
     kwargs = spec.chat_template_kwargs
 
     async def payload() -> bytes:
@@ -1432,12 +1488,17 @@ async def run_scenario(client: Any, spec: ModelSpec, scenario: Scenario, cfg: Ru
                             kwargs, nonce)
 
     before = await scrape_metrics(client)
-    samples: list[Sample] = []
+    samples: list[Sample] = [] if measured is None else measured
     aggregate: dict[str, Any] | None = None
     failure: ModelFailed | None = None
     if scenario.concurrency == 1 and scenario.kind != "throughput":
         for i in range(scenario.requests):
-            sample = await send_chat(client, await payload(), scenario.target_tokens_out, clock=clock)
+            try:
+                body = await payload()
+            except ModelFailed as exc:  # the server broke between requests: keep what we have
+                failure = exc
+                break
+            sample = await send_chat(client, body, scenario.target_tokens_out, clock=clock)
             samples.append(sample)
             events.sample(spec.name, scenario, i, sample)
             if not sample.ok:
@@ -1449,7 +1510,9 @@ async def run_scenario(client: Any, spec: ModelSpec, scenario: Scenario, cfg: Ru
         payloads = [await payload() for _ in range(scenario.requests)]
         stop = asyncio.Event()
         peak_task = asyncio.create_task(_peak_metrics(client, stop))
-        samples, duration_s = await run_concurrent(client, payloads, scenario, clock=clock)
+        done, duration_s = await run_concurrent(client, payloads, scenario, clock=clock,
+                                                measured=samples)
+        samples[:] = done  # payload order, not completion order
         stop.set()
         peak = await peak_task
         for i, s in enumerate(samples):
@@ -1482,12 +1545,14 @@ async def _after_failure(sample: Sample, check_alive: Callable[[], None] | None,
 
 
 async def run_concurrent(client: Any, payloads: Sequence[bytes], scenario: Scenario, *,
-                         clock: Clock = time.perf_counter) -> tuple[list[Sample], float]:
+                         clock: Clock = time.perf_counter,
+                         measured: list[Sample] | None = None) -> tuple[list[Sample], float]:
     """`scenario.concurrency` streams at once until every payload is sent.
 
     Each sample's TTFT counts from the moment its stream was free to send
     (`t_scheduled`), so any delay inside the client is counted, not hidden.
-    Returns the samples in payload order and the level's wall time.
+    Returns the samples in payload order and the level's wall time; each is
+    also appended to `measured` as it completes.
     """
     samples: list[Sample | None] = [None] * len(payloads)
     todo = iter(range(len(payloads)))
@@ -1499,6 +1564,8 @@ async def run_concurrent(client: Any, payloads: Sequence[bytes], scenario: Scena
             s = await send_chat(client, payloads[i], scenario.target_tokens_out,
                                 clock=clock, t_scheduled=t_scheduled)
             samples[i] = dataclasses.replace(s, start_s=t_scheduled - t_start)
+            if measured is not None:
+                measured.append(samples[i])
 
     await asyncio.gather(*(stream() for _ in range(scenario.concurrency)))
     done = [s for s in samples if s is not None]
@@ -1538,14 +1605,20 @@ async def benchmark_model(client: Any, result: ModelResult, cfg: RunConfig, even
     failures_left = cfg.max_failed_samples + 1
     for scenario in plan_scenarios(cfg, spec):
         events.info(f"{spec.name}: {describe_scenario(scenario)}")
+        measured: list[Sample] = []
         try:
             sr = await run_scenario(client, spec, scenario, cfg, builder, events,
                                     failures_left=failures_left, check_alive=check_alive,
-                                    clock=clock)
+                                    clock=clock, measured=measured)
         except ScenarioAborted as exc:
             result.scenarios.append(exc.result)
             events.scenario_done(result, exc.result)
             raise exc.failure from None
+        except BaseException:  # interrupted (a signal cancels the scenario): keep its samples
+            if measured:
+                samples = tuple(measured)
+                result.scenarios.append(ScenarioResult(scenario, samples, summarize_samples(samples)))
+            raise
         if scenario.kind != "throughput":
             failures_left -= sr.failed
         result.scenarios.append(sr)
@@ -2768,18 +2841,49 @@ def report_to_dict(report: Report) -> dict[str, Any]:
 
 def atomic_write(path: Path, text: str) -> None:
     """Write via a temp file in the same folder and rename, so a reader (or a
-    SIGKILL) never sees a half-written file."""
+    SIGKILL) never sees a half-written file.
+
+    The file gets the mode a plain open() would give it (mkstemp's is 0600,
+    which hid reports from the other users of a shared box). A SIGKILL between
+    write and rename can leave one hidden `.NAME.*.tmp`; prepare_report_dir
+    removes it on a later run."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
+            if hasattr(os, "fchmod"):
+                os.fchmod(f.fileno(), 0o666 & ~_umask())
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    with contextlib.suppress(OSError, AttributeError):  # make the rename durable too
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+STALE_TEMP_S = 600  # a report write takes milliseconds: an older temp file is a killed run's
+
+
+def remove_stale_temp_files(folder: Path, now: Callable[[], float] = time.time) -> None:
+    """Remove the temp files a killed run left (atomic_write's, the write probe's)."""
+    for pattern in (".model-comparison-*.tmp", ".write-test-*"):
+        for p in folder.glob(pattern):
+            with contextlib.suppress(OSError):
+                if now() - p.stat().st_mtime > STALE_TEMP_S:
+                    p.unlink()
 
 
 def report_stem(started: dt.datetime) -> str:
@@ -2791,13 +2895,18 @@ def prepare_report_dir(path: Path) -> Path:
     """Create the report folder and prove it is writable, before any model starts."""
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-", delete=True)
-        probe.write(b"x" * 4096)
-        probe.flush()
-        probe.close()
+        # Unbuffered: a buffered probe on a full disk failed again when it was
+        # garbage-collected, printing "Exception ignored ..." after the error.
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".write-test-")
+        try:
+            os.write(fd, b"x" * 4096)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
     except OSError as exc:
         raise UsageError(f"report folder {path} is not writable ({exc.strerror or exc}): "
                          "fix its permissions or free space, or choose --report-dir") from None
+    remove_stale_temp_files(path)
     return path
 
 
@@ -2954,7 +3063,7 @@ def make_plan(args: argparse.Namespace, environ: Mapping[str, str] = os.environ)
     if args.max_failures < 0:
         raise UsageError(f"--max-failures must be >= 0, got {args.max_failures} (see --help)")
     compose = None
-    if args.endpoint:
+    if args.endpoint is not None:  # an empty --endpoint "$URL" must not start containers
         base_url = check_endpoint_url(args.endpoint)
         models = discover_endpoint_models(base_url, table, api_key)
         models = select_models(models, args.skip, args.only, what="the server's models")
@@ -2976,7 +3085,8 @@ def make_plan(args: argparse.Namespace, environ: Mapping[str, str] = os.environ)
         request_timeout_s=args.request_timeout, max_failed_samples=args.max_failures,
         hardware="custom" if args.bandwidth_gbs else args.hardware, bandwidth_gbs=hardware_bw,
         compose_file=str(args.compose_file) if compose else None,
-        endpoint=base_url if args.endpoint else None, models=tuple(m.name for m in models))
+        endpoint=base_url if args.endpoint is not None else None,
+        models=tuple(m.name for m in models))
     return Plan(cfg, tuple(models), tuple(table), compose, base_url, args.report_dir, api_key,
                 baseline=baseline, exports=exports)
 
@@ -2996,8 +3106,13 @@ def select_models(models: Sequence[ModelSpec], skip: Sequence[str], only: Sequen
 def check_endpoint_url(url: str) -> str:
     from urllib.parse import urlsplit  # noqa: PLC0415
 
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    try:
+        parts = urlsplit(url)
+        ok = parts.scheme in ("http", "https") and bool(parts.hostname)
+        parts.port  # noqa: B018 (raises ValueError when out of range)
+    except ValueError:  # "http://[::1", "http://host:99999"
+        ok = False
+    if not ok:
         raise UsageError(f"--endpoint {url!r} is not an http(s) URL: use e.g. http://127.0.0.1:8000")
     return url.rstrip("/").removesuffix("/v1")
 
@@ -3011,6 +3126,9 @@ def discover_endpoint_models(base_url: str, table: Sequence[ModelSpec], api_key:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
         r = httpx.get(f"{base_url}/v1/models", headers=headers, timeout=10.0)
+    except (httpx.InvalidURL, ValueError):  # control characters, lone surrogates
+        raise UsageError(f"--endpoint {base_url!r} is not a valid URL: use e.g. "
+                         "http://127.0.0.1:8000") from None
     except httpx.HTTPError as exc:
         raise UsageError(f"cannot reach {base_url} ({type(exc).__name__}): is the server running?"
                          ) from None
@@ -3033,8 +3151,10 @@ def discover_endpoint_models(base_url: str, table: Sequence[ModelSpec], api_key:
         if known:
             out.append(dataclasses.replace(known, service=None))
         else:
+            size = entry.get("max_model_len")
+            size = size if isinstance(size, int) and not isinstance(size, bool) and size >= 2 else 32768
             out.append(ModelSpec(name=entry["id"], service=None, model_id=entry["id"],
-                                 max_context_tokens=int(entry.get("max_model_len") or 32768)))
+                                 max_context_tokens=size))
     return out
 
 
@@ -3504,18 +3624,35 @@ def run_benchmark(plan: Plan, out: Any, err: Any, *, styled: bool = False,
                 mr.status = "skipped"
         code = 130 if signum == signal.SIGINT else 143
     finally:
-        with signals.held():
-            report.finished_at = _now().isoformat()
-            plain = format_results(report, styled=False)
-            saved = files.save_json(report) & files.save_text(plain)
-            out.write(format_results(report, styled=True) if styled else plain)
-            if not saved:
-                out.write("\n" + json.dumps(report_to_dict(report), indent=1) + "\n")
-            out.flush()
-            where = f"{files.txt_path} and {files.json_path}" if saved else "stdout only"
-            err.write(f"report: {where}\n")
-        signals.restore()
+        try:
+            with signals.held():
+                report.finished_at = _now().isoformat()
+                plain = format_results(report, styled=False)
+                saved = files.save_json(report) & files.save_text(plain)
+                out.write(format_results(report, styled=True) if styled else plain)
+                if not saved:
+                    out.write("\n" + json.dumps(report_to_dict(report), indent=1) + "\n")
+                out.flush()
+                where = f"{files.txt_path} and {files.json_path}" if saved else "stdout only"
+                err.write(f"report: {where}\n")
+        except (KeyboardInterrupt, Interrupted) as exc:
+            # A signal held back while the report was written: the report is
+            # complete, so exit as interrupted (a first signal's code stands).
+            if not report.interrupted:
+                code = 143 if isinstance(exc, Interrupted) else 130
+        finally:
+            signals.restore()
     return finish_run(plan, report, code, out=out, stdout=stdout, err=err, styled=styled)
+
+
+# Control characters in an error message come from the user's input (an
+# argument, a field name in someone's YAML): shown escaped, so the message
+# stays one line and cannot drive the terminal.
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(32), 127)} | {10: "\\n", 13: "\\r", 9: "\\t"}
+
+
+def one_line(text: str) -> str:
+    return text.translate(_CONTROL)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -3529,11 +3666,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         styled = out.isatty() and not os.environ.get("NO_COLOR")
         return run_benchmark(plan, out, err, styled=styled, err_tty=err.isatty())
     except PerftestError as exc:
-        err.write(f"perftest-models: error: {exc}\n")
+        err.write(f"perftest-models: error: {one_line(str(exc))}\n")
         return exc.exit_code
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Interrupted) as exc:  # before the run started, or a second signal
         err.write("perftest-models: interrupted\n")
-        return 130
+        return 143 if isinstance(exc, Interrupted) else 130
 
 
 def compare_main(argv: Sequence[str], out: Any, err: Any) -> int:

@@ -1163,7 +1163,8 @@ class _Handler(BaseHTTPRequestHandler):
             n_reasoning=min(cfg.reasoning_tokens, n_out) if thinking else 0,
             finish_reason="length" if n_out >= max_tokens else "stop",
             include_usage=bool(options.get("include_usage")),
-            continuous_usage=bool(options.get("continuous_usage_stats")),
+            # the no_usage fault plays a server that ignores stream_options
+            continuous_usage=bool(options.get("continuous_usage_stats")) and fault != "no_usage",
             arrival=arrival,
         )
 
