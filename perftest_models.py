@@ -143,6 +143,7 @@ LATENCY_PROMPT = (
     "gradient descent, and common problems such as vanishing gradients."
 )
 WARMUP_TOKENS = 50
+WARMUP_TRIES = 3
 LATENCY_TOKENS_OUT = 500
 CONTEXT_TOKENS_OUT = 100
 TEMPERATURE = 0.7
@@ -562,7 +563,8 @@ def plan_scenarios(cfg: RunConfig, spec: ModelSpec) -> list[Scenario]:
                              requested_tokens_in=size if target != size else None))
     for c in cfg.concurrency:
         n = cfg.throughput_requests or max(4 * c, 8)
-        tin = min(cfg.throughput_tokens_in, spec.max_context_tokens - cfg.throughput_tokens_out)
+        tin = max(1, min(cfg.throughput_tokens_in,
+                         spec.max_context_tokens - cfg.throughput_tokens_out))
         plan.append(Scenario(f"throughput-c{c}", "throughput", tin, cfg.throughput_tokens_out,
                              n, concurrency=c))
     return plan
@@ -1595,12 +1597,15 @@ async def benchmark_model(client: Any, result: ModelResult, cfg: RunConfig, even
     result.server.update(await server_info(client, spec))
     result.server["chat_template_kwargs"] = dict(spec.chat_template_kwargs or {}) or None
     nonce = new_nonce()
-    warm = await send_chat(client, chat_payload(spec.model_id, latency_messages(nonce),
-                                                cfg.warmup_tokens, cfg.temperature,
-                                                spec.chat_template_kwargs, nonce),
-                           cfg.warmup_tokens, clock=clock)
-    if not warm.ok:
-        raise ModelFailed(f"warm-up request failed: {warm.error}")
+    for _ in range(WARMUP_TRIES):  # a server just out of loading may fail one request
+        warm = await send_chat(client, chat_payload(spec.model_id, latency_messages(nonce),
+                                                    cfg.warmup_tokens, cfg.temperature,
+                                                    spec.chat_template_kwargs, nonce),
+                               cfg.warmup_tokens, clock=clock)
+        if warm.ok:
+            break
+    else:
+        raise ModelFailed(f"warm-up request failed {WARMUP_TRIES} times: {warm.error}")
     builder = PromptBuilder(client, spec.model_id, spec.chat_template_kwargs)
     failures_left = cfg.max_failed_samples + 1
     for scenario in plan_scenarios(cfg, spec):
@@ -3114,6 +3119,9 @@ def check_endpoint_url(url: str) -> str:
         ok = False
     if not ok:
         raise UsageError(f"--endpoint {url!r} is not an http(s) URL: use e.g. http://127.0.0.1:8000")
+    if parts.username or parts.password:  # it would be echoed in errors and the report
+        raise UsageError("--endpoint must not carry a user or password: give the key with "
+                         "--api-key or VLLM_API_KEY instead")
     return url.rstrip("/").removesuffix("/v1")
 
 

@@ -64,7 +64,7 @@ def test_a_failing_model_is_reported_and_exits_1(standin, report_dir, capsys):
                   "--report-dir", str(report_dir)])
     out, err = capsys.readouterr()
     assert rc == 1
-    assert "standin: failed: warm-up request failed: HTTP 500" in out
+    assert "standin: failed: warm-up request failed 3 times: HTTP 500" in out
     report = json.loads(reports(report_dir)[0][0].read_text())
     assert report["models"][0]["status"] == "failed"
 
@@ -267,3 +267,23 @@ def test_an_endpoint_model_that_matches_two_table_entries_is_refused(standin, tm
         {"name": "b", "model_id": "tiny", "max_context_tokens": 4096}]})
     assert pm.main(["--endpoint", srv.base_url, "--models", str(path)]) == 2
     assert "share the model id 'tiny'" in capsys.readouterr().err
+
+
+def test_a_warm_up_that_fails_once_is_tried_again(standin, report_dir):
+    srv = standin(faults=["http_500"])
+    assert pm.main(["--endpoint", srv.base_url, "--iterations", "1", "--context-sizes", "1k",
+                    "--report-dir", str(report_dir)]) == 0
+    assert srv.records[0].status == 500 and srv.records[1].status == 200
+
+
+def test_credentials_in_the_endpoint_url_are_refused(capsys):
+    assert pm.main(["--endpoint", "http://user:hunter2@127.0.0.1:9"]) == 2
+    err = capsys.readouterr().err
+    assert "must not carry a user or password" in err and "hunter2" not in err
+
+
+def test_a_tiny_context_still_gets_a_positive_throughput_prompt():
+    spec = pm.ModelSpec("m", None, "m", 200)
+    (level,) = [s for s in pm.plan_scenarios(pm.RunConfig(context_sizes=(), concurrency=(2,)), spec)
+                if s.kind == "throughput"]
+    assert level.target_tokens_in == 1
