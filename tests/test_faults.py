@@ -593,7 +593,7 @@ def test_ctrl_c_before_any_model_starts_is_a_quiet_exit_130(tmp_path, monkeypatc
     finally:
         release.set()
         srv.stop()
-    assert rc == 130 and out == "" and err == "perftest-models: interrupted\n"
+    assert (rc, out, err) == (130, "", "perftest-models: interrupted\n")
     assert not (tmp_path / "reports").exists()  # nothing measured, nothing written
 
 
