@@ -393,8 +393,12 @@ def start_run(srv, report_dir, *args, cwd, driver=None):
         cmd = [sys.executable, str(path), *driver]
     argv = ["--endpoint", srv.base_url, "--report-dir", str(report_dir), *args]
     env = {k: v for k, v in os.environ.items() if k not in ("VLLM_API_KEY", "OPENAI_API_KEY")}
+    # As from a terminal: Ctrl-C at its default even where the test runner
+    # was started with SIGINT ignored (a background job of a non-interactive
+    # shell, as CI may be), which the child would otherwise inherit.
     return subprocess.Popen([*cmd, *argv], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def finish(proc, timeout_s=30):
