@@ -940,6 +940,7 @@ def spread_gaps(times: Sequence[float], counts: Sequence[int | None], tokens_out
 # ============================================================================
 
 Clock = Callable[[], float]
+StreamObserver = Callable[[float, Sequence[Read], Sample], None]
 RETRYABLE_STATUS = (429, 503)  # refused before any generation: safe to resend
 
 
@@ -968,13 +969,16 @@ def _error_message(status: int, body: bytes) -> str:
 
 async def send_chat(client: Any, payload: bytes, target_tokens_out: int | None, *,
                     clock: Clock = time.perf_counter, t_scheduled: float | None = None,
-                    max_retries: int = 2, retry_wait_s: float = 1.0) -> Sample:
+                    max_retries: int = 2, retry_wait_s: float = 1.0,
+                    on_stream: StreamObserver | None = None) -> Sample:
     """POST one streaming chat completion and measure it.
 
     The hot loop only stamps and stores each network read; parsing happens
     after the stream ends, so it cannot delay the next timestamp. A request is
     retried only when the server refused it before generating (429, 503) or
     the connection could not be made; the retries are counted in the sample.
+    `on_stream(t_sent, reads, sample)` sees each completed stream's raw reads
+    (benchmarks/client_overhead.py checks our timestamps with it).
     """
     import httpx  # noqa: PLC0415
 
@@ -1012,7 +1016,10 @@ async def send_chat(client: Any, payload: bytes, target_tokens_out: int | None, 
         except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
             return Sample(ok=False, retries=retries, error=(
                 f"connection broken after {len(reads)} read(s): {type(exc).__name__}: {exc}"))
-        return measure_stream(t_sent, reads, target_tokens_out, t_scheduled, retries)
+        sample = measure_stream(t_sent, reads, target_tokens_out, t_scheduled, retries)
+        if on_stream is not None:
+            on_stream(t_sent, reads, sample)
+        return sample
 
 
 def _retry_after_s(response: Any, default_s: float) -> float:
@@ -1385,7 +1392,8 @@ async def _after_failure(sample: Sample, check_alive: Callable[[], None] | None,
 
 
 async def run_concurrent(client: Any, payloads: Sequence[bytes], scenario: Scenario, *,
-                         clock: Clock = time.perf_counter) -> tuple[list[Sample], float]:
+                         clock: Clock = time.perf_counter, on_stream: StreamObserver | None = None
+                         ) -> tuple[list[Sample], float]:
     """`scenario.concurrency` streams at once until every payload is sent.
 
     Each sample's TTFT counts from the moment its stream was free to send
@@ -1400,7 +1408,7 @@ async def run_concurrent(client: Any, payloads: Sequence[bytes], scenario: Scena
         for i in todo:
             t_scheduled = clock()
             s = await send_chat(client, payloads[i], scenario.target_tokens_out,
-                                clock=clock, t_scheduled=t_scheduled)
+                                clock=clock, t_scheduled=t_scheduled, on_stream=on_stream)
             samples[i] = dataclasses.replace(s, start_s=t_scheduled - t_start)
 
     await asyncio.gather(*(stream() for _ in range(scenario.concurrency)))
