@@ -841,12 +841,12 @@ def sse_payloads(reads: Sequence[Read]) -> list[tuple[float, bytes]]:
             cr = chunk.endswith(b"\r")
             if cr:
                 chunk = chunk[:-1]
-        if not buf and chunk.endswith(b"\n\n") and chunk.find(b"\n\n") == len(chunk) - 2:
-            block = chunk[:-2]  # the common case: one read, one whole event
-            if block.startswith(b"data: ") and b"\n" not in block:
-                events.append((t, block[6:]))
+        if not buf and chunk.find(b"\n") == len(chunk) - 2 and chunk.endswith(b"\n\n"):
+            # The common case: one read, one event of one line (LF framing).
+            if chunk.startswith(b"data: ") and chunk[-3:-2] != b"\r":
+                events.append((t, chunk[6:-2]))
             else:
-                _add_event(events, t, block)
+                _add_event(events, t, chunk[:-2])
             continue
         start = max(0, len(buf) - 1)  # a blank line may straddle the reads
         buf += chunk
@@ -1170,7 +1170,7 @@ class ChunkedDecoder:
     anywhere). `done` after the last chunk and its trailer; bytes that
     followed the message are in `extra`."""
 
-    __slots__ = ("left", "crlf", "line", "trailer", "done", "extra")
+    __slots__ = ("left", "crlf", "line", "trailer", "done", "extra", "between")
 
     def __init__(self) -> None:
         self.left = 0        # data bytes of the current chunk still to come
@@ -1179,19 +1179,28 @@ class ChunkedDecoder:
         self.trailer = False
         self.done = False
         self.extra = b""
+        self.between = True  # none of the above: the next byte starts a chunk
 
     def feed(self, data: bytes) -> bytes:
         """The payload bytes in `data` (b"" if none); ValueError if malformed."""
+        if self.between:  # the common case first: the read is one whole chunk
+            eol = data.find(b"\r\n")
+            if 0 < eol < 9:
+                try:
+                    size = int(data[:eol], 16)
+                except ValueError:
+                    size = 0
+                end = eol + 2 + size
+                if size > 0 and len(data) == end + 2 and data[end:] == b"\r\n":
+                    return data[eol + 2:end]
+        payload = self._feed(data)
+        self.between = not (self.left or self.crlf or self.line or self.trailer or self.done)
+        return payload
+
+    def _feed(self, data: bytes) -> bytes:
         if self.line:
             data = self.line + data
             self.line = b""
-        if not self.left and not self.crlf and not self.trailer and not self.done:
-            # The common case: the read is exactly one whole chunk.
-            eol = data.find(b"\r\n")
-            if eol > 0:
-                size = int(data[:eol].split(b";", 1)[0], 16)
-                if size > 0 and len(data) == eol + size + 4 and data.endswith(b"\r\n"):
-                    return data[eol + 2:eol + 2 + size]
         out: list[bytes] = []
         pos, n = 0, len(data)
         while pos < n:
