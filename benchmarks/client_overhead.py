@@ -31,6 +31,7 @@ import argparse
 import asyncio
 import dataclasses
 import importlib.util
+import inspect
 import json
 import math
 import os
@@ -285,17 +286,32 @@ def run_ours(pm: Any, server: BenchServer, load: Load, *, errors: bool = True,
         streams.append((t_sent, reads, sample))
 
     usage: list[Any] = []
+    observe: dict[str, Any] = {"on_stream": on_stream}
+    if "on_stream" not in inspect.signature(pm.run_concurrent).parameters:
+        # An older perftest_models (--client-module): watch measure_stream.
+        observe = {}
+        real_measure = pm.measure_stream
+
+        def spy(t_sent: float, reads: Any, *args: Any) -> Any:
+            sample = real_measure(t_sent, reads, *args)
+            on_stream(t_sent, reads, sample)
+            return sample
+        pm.measure_stream = spy
 
     async def drive() -> list[Any]:
         # The client object is made before the clock starts, as vLLM's
         # session is made before its first request: a one-time cost.
         async with pm.http_client(server.base_url, None, 120.0, load.concurrency) as client:
             usage.append((resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()))
-            samples, _ = await pm.run_concurrent(client, payloads, scenario, on_stream=on_stream)
+            samples, _ = await pm.run_concurrent(client, payloads, scenario, **observe)
             usage.append((resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()))
             return samples
 
-    samples = (run_loop or getattr(pm, "run_async", asyncio.run))(drive())
+    try:
+        samples = (run_loop or getattr(pm, "run_async", asyncio.run))(drive())
+    finally:
+        if not observe:
+            pm.measure_stream = real_measure
     (r0, t0), (r1, t1) = usage
     wall_s = t1 - t0
     cpu_s = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
@@ -401,15 +417,17 @@ def vllm_fixed_cost(vllm: Path, server: BenchServer, tokenizer: Path, repeats: i
 # ============================================================================
 
 
-def sweep(pm: Any, server: BenchServer, concurrency: int, seconds: float = 0.6,
-          start_tps: float = 1000.0) -> list[SweepStep]:
+def sweep(pm: Any, server: BenchServer, concurrency: int, seconds: float = 0.6
+          ) -> list[SweepStep]:
     """Double the server's rate until our p99 chunk error passes 1 ms or the
-    rate is not reached; the last step is 'as fast as possible' (gap 0)."""
+    rate is not reached; the last step is 'as fast as possible' (gap 0).
+    Streams are at least 50 tokens long, so that their start (connections,
+    requests sent together) weighs little in the p99."""
     steps: list[SweepStep] = []
-    target = start_tps
+    target = max(1000.0, 25.0 * concurrency)
     while True:
         gap_s = concurrency / target if target else 0.0
-        tokens = max(20, min(4000, int((target or 50000) * seconds / concurrency)))
+        tokens = max(50, min(4000, int((target or 50000) * seconds / concurrency)))
         run = run_ours(pm, server, Load(concurrency, concurrency, tokens, gap_s))
         p99 = run.chunk_err.p99_s if run.chunk_err else None
         steps.append(SweepStep(target, run.tokens / run.wall_s, p99, run.failed))
@@ -530,10 +548,11 @@ def default_load(concurrency: int, tokens: int, level_tokens: int, rate_tps: flo
     return Load(concurrency, requests, tokens, max(min_gap_s, concurrency / rate_tps))
 
 
-def environment(pm: Any) -> dict[str, Any]:
+def environment(pm: Any, without: str) -> dict[str, Any]:
     loop = getattr(pm, "event_loop_name", lambda: "asyncio")()
-    return {"python": sys.version.split()[0], "event_loop": loop,
-            "json": getattr(pm, "JSON_DECODER", "json"), "cpus": os.cpu_count()}
+    env = {"python": sys.version.split()[0], "event_loop": loop,
+           "json": getattr(pm, "JSON_DECODER", "json"), "cpus": os.cpu_count()}
+    return env | ({"without": without} if without else {})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -555,16 +574,64 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-sweep", action="store_true", help="skip the rate sweep")
     p.add_argument("--client-module", type=Path, default=ROOT / "perftest_models.py",
                    help="perftest_models.py to measure (e.g. an older version)")
+    p.add_argument("--without", default="", metavar="PARTS",
+                   help="measure our client without some of its speed-ups, comma-separated: "
+                        "uvloop, orjson, transport (httpx's own), record (aiter_raw loop), "
+                        "defer (parse each stream as it ends)")
     return p
+
+
+def ablate(pm: Any, parts: str) -> None:
+    """Switch speed-ups of our client off, to see what each one buys."""
+    for part in filter(None, parts.split(",")):
+        if part == "uvloop":
+            pm.run_async = asyncio.run
+            pm.event_loop_name = lambda: "asyncio"
+        elif part == "orjson":
+            pm._orjson_loads = None
+            pm.JSON_DECODER = "json"
+        elif part == "transport":
+            pm._proxied = lambda url: True
+        elif part == "record":
+            real_send = pm.StreamTransport.handle_async_request
+
+            async def no_record(self: Any, request: Any) -> Any:
+                response = await real_send(self, request)
+                response.extensions.pop("perftest.record", None)
+                return response
+            pm.StreamTransport.handle_async_request = no_record
+        elif part == "defer":
+            real_stream_chat = pm.stream_chat
+
+            async def measure_at_once(*args: Any, **kwargs: Any) -> Any:
+                got = await real_stream_chat(*args, **kwargs)
+                return got if isinstance(got, pm.Sample) else _Measured(got, got.measure())
+            pm.stream_chat = measure_at_once
+        else:
+            raise SystemExit(f"--without: unknown part {part!r}")
+
+
+@dataclass(frozen=True)
+class _Measured:
+    """A stream measured as soon as it ended (--without defer)."""
+
+    raw: Any
+    sample: Any
+
+    def measure(self, on_stream: Any = None) -> Any:
+        if on_stream is not None:
+            on_stream(self.raw.t_sent, self.raw.reads, self.sample)
+        return self.sample
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     levels = [int(x) for x in args.levels.split(",")]
     pm = load_client(args.client_module)
+    ablate(pm, args.without)
     import httpx  # noqa: F401, PLC0415  (start-up: imported before any CPU is counted)
 
-    env = environment(pm)
+    env = environment(pm, args.without)
     use_vllm = not args.no_vllm
     if use_vllm and not args.vllm.exists():
         print(f"warning: {args.vllm} not found (.ci/setup-vllm.sh installs it); "
