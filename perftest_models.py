@@ -1651,7 +1651,7 @@ async def stream_chat(client: Any, payload: bytes, target_tokens_out: int | None
         reads: list[Read] = []
         t_sent = clock()
         try:
-            response = await client.send(request, stream=True)
+            response = await _send_streaming(client, request)
             try:
                 if response.status_code != 200:
                     body = await response.aread()
@@ -1683,6 +1683,23 @@ async def stream_chat(client: Any, payload: bytes, target_tokens_out: int | None
             return Sample(ok=False, retries=retries, error=(
                 f"connection broken after {len(reads)} read(s): {type(exc).__name__}: {exc}"))
         return RawStream(t_sent, reads, target_tokens_out, t_scheduled, retries)
+
+
+async def _send_streaming(client: Any, request: Any) -> Any:
+    """client.send(request, stream=True), handed straight to StreamTransport
+    when the client has one and nothing of httpx's send layers (auth,
+    redirects, event hooks) is in use: those layers cost more CPU per request
+    than the transport itself, and when a level's streams start together that
+    delays the timestamps of the streams already running."""
+    transport = getattr(client, "_transport", None)
+    if (not isinstance(transport, StreamTransport) or client.auth is not None
+            or client.follow_redirects or any(client.event_hooks.values())):
+        return await client.send(request, stream=True)
+    response = await transport.handle_async_request(request)
+    response.request = request
+    if "set-cookie" in response.headers:  # as client.send keeps them
+        client.cookies.extract_cookies(response)
+    return response
 
 
 def _retry_after_s(response: Any, default_s: float) -> float:

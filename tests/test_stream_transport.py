@@ -315,3 +315,21 @@ def test_concurrent_streams_are_measured_in_payload_order_after_the_level():
     assert len(samples) == 10 and all(s.ok for s in samples) and duration_s > 0
     # Measured after the level, in payload order, whatever order they ended in.
     assert seen_by_observer == [dataclasses.replace(s, start_s=0.0) for s in samples]
+
+
+def test_a_cookie_the_server_sets_is_sent_back_like_httpx_does():
+    # Load balancers pin a client to a replica with a cookie.
+    async def handler(reader, writer, n):
+        writer.write(SSE_HEAD.replace(b"\r\n\r\n", b"\r\nset-cookie: route=r7; Path=/\r\n\r\n", 1)
+                     + chunk(b"".join(sse(e) for e in STREAM)) + b"0\r\n\r\n")
+        return True
+
+    srv = Server(handler)
+
+    async def main():
+        async with srv as url:
+            return await one_chat(url, n=2)
+
+    assert all(s.ok for s in run(main()))
+    assert b"\r\ncookie: route=r7\r\n" not in srv.heads[0].lower()
+    assert b"\r\ncookie: route=r7\r\n" in srv.heads[1].lower()
