@@ -928,9 +928,13 @@ def measure_stream(t_sent: float, reads: Sequence[Read], target_tokens_out: int 
         chunk_usage = chunk.get("usage")
         if token:
             token_times.append(t)
-            prev = (usage or {}).get("completion_tokens", 0) if usage else 0
-            now = chunk_usage.get("completion_tokens") if isinstance(chunk_usage, dict) else None
-            token_counts.append(now - prev if isinstance(now, int) and isinstance(prev, int) else None)
+            if chunk_usage is None:  # the common case: no continuous usage
+                token_counts.append(None)
+            else:
+                prev = (usage or {}).get("completion_tokens", 0) if usage else 0
+                now = chunk_usage.get("completion_tokens") if isinstance(chunk_usage, dict) else None
+                token_counts.append(now - prev if isinstance(now, int) and isinstance(prev, int)
+                                    else None)
             if answer and first_answer is None:
                 first_answer = t
         if isinstance(chunk_usage, dict):

@@ -577,7 +577,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--without", default="", metavar="PARTS",
                    help="measure our client without some of its speed-ups, comma-separated: "
                         "uvloop, orjson, transport (httpx's own), record (aiter_raw loop), "
-                        "defer (parse each stream as it ends)")
+                        "send (through httpx's send layers), defer (parse each stream as it "
+                        "ends)")
     return p
 
 
@@ -600,6 +601,10 @@ def ablate(pm: Any, parts: str) -> None:
                 response.extensions.pop("perftest.record", None)
                 return response
             pm.StreamTransport.handle_async_request = no_record
+        elif part == "send":
+            async def httpx_send(client: Any, request: Any) -> Any:
+                return await client.send(request, stream=True)
+            pm._send_streaming = httpx_send
         elif part == "defer":
             real_stream_chat = pm.stream_chat
 
