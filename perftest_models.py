@@ -841,12 +841,16 @@ def sse_payloads(reads: Sequence[Read]) -> list[tuple[float, bytes]]:
             cr = chunk.endswith(b"\r")
             if cr:
                 chunk = chunk[:-1]
-        if not buf and chunk.find(b"\n") == len(chunk) - 2 and chunk.endswith(b"\n\n"):
-            # The common case: one read, one event of one line (LF framing).
-            if chunk.startswith(b"data: ") and chunk[-3:-2] != b"\r":
-                events.append((t, chunk[6:-2]))
-            else:
-                _add_event(events, t, chunk[:-2])
+        if not buf:  # the common case: the read starts an event; no copy into buf
+            pos = 0
+            while (end := chunk.find(b"\n\n", pos)) >= 0:
+                if chunk.startswith(b"data: ", pos) and chunk.find(b"\n", pos, end) < 0:
+                    events.append((t, chunk[pos + 6:end]))  # one `data:` line
+                else:
+                    _add_event(events, t, chunk[pos:end])
+                pos = end + 2
+            if pos < len(chunk):
+                buf += chunk[pos:] if pos else chunk
             continue
         start = max(0, len(buf) - 1)  # a blank line may straddle the reads
         buf += chunk
@@ -1187,19 +1191,29 @@ class ChunkedDecoder:
 
     def feed(self, data: bytes) -> bytes:
         """The payload bytes in `data` (b"" if none); ValueError if malformed."""
-        if self.between:  # the common case first: the read is one whole chunk
-            eol = data.find(b"\r\n")
-            if 0 < eol < 9:
-                try:
-                    size = int(data[:eol], 16)
-                except ValueError:
-                    size = 0
-                end = eol + 2 + size
-                if size > 0 and len(data) == end + 2 and data[end:] == b"\r\n":
-                    return data[eol + 2:end]
-        payload = self._feed(data)
-        self.between = not (self.left or self.crlf or self.line or self.trailer or self.done)
-        return payload
+        out: list[bytes] = []
+        pos, n = 0, len(data)
+        while self.between:  # the common case first: whole chunks, one or more
+            eol = data.find(b"\r\n", pos)
+            if not 0 < eol - pos < 9:
+                break
+            try:
+                size = int(data[pos:eol], 16)
+            except ValueError:
+                break
+            end = eol + 2 + size
+            if size <= 0 or end + 2 > n or data[end:end + 2] != b"\r\n":
+                break  # the last chunk, a split one, or a malformed one
+            if end + 2 == n and not out:
+                return data[eol + 2:end]  # exactly one chunk: no list, no join
+            out.append(data[eol + 2:end])
+            pos = end + 2
+            if pos == n:
+                return b"".join(out)
+        if pos < n:
+            out.append(self._feed(data[pos:] if pos else data))
+            self.between = not (self.left or self.crlf or self.line or self.trailer or self.done)
+        return out[0] if len(out) == 1 else b"".join(out)
 
     def _feed(self, data: bytes) -> bytes:
         if self.line:
