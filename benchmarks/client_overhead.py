@@ -36,6 +36,7 @@ import json
 import math
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -417,7 +418,7 @@ def vllm_fixed_cost(vllm: Path, server: BenchServer, tokenizer: Path, repeats: i
 # ============================================================================
 
 
-def sweep(pm: Any, server: BenchServer, concurrency: int, seconds: float = 0.6
+def sweep(pm: Any, server: BenchServer, concurrency: int, seconds: float = 1.5
           ) -> list[SweepStep]:
     """Double the server's rate until our p99 chunk error passes 1 ms or the
     rate is not reached; the last step is 'as fast as possible' (gap 0).
@@ -467,16 +468,22 @@ def run_to_dict(r: ClientRun, env: dict[str, Any]) -> dict[str, Any]:
     return d | env
 
 
-def ratio_dict(ours: ClientRun, theirs: ClientRun) -> dict[str, Any]:
-    def p99(d: Dist | None) -> float | None:
-        return d.p99_s if d else None
-    vals = {
-        "cpu_per_token": ratio(ours.cpu_us_per_token, theirs.cpu_us_per_token),
-        "first_token_err_p99": ratio(p99(ours.first_token_err), p99(theirs.first_token_err)),
-        "chunk_err_p99": ratio(p99(ours.chunk_err), p99(theirs.chunk_err)),
-        "ttft_err_p99": ratio(p99(ours.ttft_err), p99(theirs.ttft_err)),
-    }
-    return {"schema": SCHEMA_VERSION, "kind": "ratio", "concurrency": ours.load.concurrency,
+def ratio_dict(ours: Sequence[ClientRun], theirs: Sequence[ClientRun]) -> dict[str, Any]:
+    """Ours / theirs of the medians over the repeated runs of one level."""
+    def median(runs: Sequence[ClientRun], get: Any) -> float | None:
+        values = [v for v in map(get, runs) if v is not None]
+        return statistics.median(values) if values else None
+
+    def p99(name: str) -> Any:
+        return lambda r: getattr(r, name).p99_s if getattr(r, name) else None
+
+    vals = {"cpu_per_token": ratio(median(ours, lambda r: r.cpu_us_per_token),
+                                   median(theirs, lambda r: r.cpu_us_per_token))}
+    for key, name in (("first_token_err_p99", "first_token_err"), ("chunk_err_p99", "chunk_err"),
+                      ("ttft_err_p99", "ttft_err")):
+        vals[key] = ratio(median(ours, p99(name)), median(theirs, p99(name)))
+    return {"schema": SCHEMA_VERSION, "kind": "ratio", "concurrency": ours[0].load.concurrency,
+            "runs": len(ours),
             **{f"{k}_ours_over_vllm": None if v is None else round(v, 3) for k, v in vals.items()}}
 
 
@@ -517,7 +524,8 @@ def format_summary(lines: Sequence[dict[str, Any]]) -> str:
                        f"{_ms(d['ttft_err_ms']):>10}")
     ratios = [d for d in lines if d["kind"] == "ratio"]
     if ratios:
-        out += ["", "ours / vLLM's (below 1: ours is cheaper or more accurate)",
+        out += ["", f"ours / vLLM's, medians of {ratios[0]['runs']} run(s) each "
+                "(below 1: ours is cheaper or more accurate)",
                 f"{'conc':>4}  {'CPU/token':>10}{'first p99':>10}{'chunk p99':>10}{'TTFT p99':>10}"]
         for d in ratios:
             out.append(f"{d['concurrency']:>4}  {_f(d['cpu_per_token_ours_over_vllm']):>10}"
@@ -567,6 +575,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="aggregate tokens/s of the measured load (default: 8000)")
     p.add_argument("--min-gap-ms", type=float, default=1.0,
                    help="least gap between a stream's tokens (default: 1 ms)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="runs of each client per level, alternated; the ratios compare the "
+                        "medians (default: 1; 3 on a shared machine)")
     p.add_argument("--json-out", type=Path, help="also write the JSON lines to this file")
     p.add_argument("--vllm", type=Path, default=Path(VLLM_DEFAULT),
                    help=f"vllm executable (default: {VLLM_DEFAULT})")
@@ -668,11 +679,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                                     args.min_gap_ms / 1e3)
                 print(f"concurrency {c}: {load.requests} x {load.tokens_out} tokens, "
                       f"gap {load.gap_s * 1e3:.2f} ms", file=sys.stderr)
-                ours = run_ours(pm, server, load)
-                emit(run_to_dict(ours, env))
+                ours, theirs = [], []
+                for i in range(args.repeat):  # alternated, so that both see the same noise
+                    ours.append(run_ours(pm, server, load))
+                    emit(run_to_dict(ours[-1], env | {"run": i}))
+                    if use_vllm:
+                        theirs.append(run_vllm(args.vllm, server, load, tokenizer, overhead))
+                        emit(run_to_dict(theirs[-1], {"vllm_fixed_cpu_s": round(overhead, 4),
+                                                      "run": i}))
                 if use_vllm:
-                    theirs = run_vllm(args.vllm, server, load, tokenizer, overhead)
-                    emit(run_to_dict(theirs, {"vllm_fixed_cpu_s": round(overhead, 4)}))
                     emit(ratio_dict(ours, theirs))
                 if not args.no_sweep:
                     print(f"concurrency {c}: rate sweep", file=sys.stderr)
