@@ -333,3 +333,40 @@ def test_a_cookie_the_server_sets_is_sent_back_like_httpx_does():
     assert all(s.ok for s in run(main()))
     assert b"\r\ncookie: route=r7\r\n" not in srv.heads[0].lower()
     assert b"\r\ncookie: route=r7\r\n" in srv.heads[1].lower()
+
+
+def test_send_turns_let_one_stream_through_per_event_loop_iteration_in_order():
+    events: list[str] = []
+
+    async def main():
+        turns = pm.SendTurns()
+        loop = asyncio.get_running_loop()
+
+        async def stream(name: str) -> None:
+            await turns.take()
+            events.append(name)
+            # A read that arrives now is handled before the next stream sends:
+            loop.call_soon(events.append, f"poll after {name}")
+
+        await asyncio.gather(*(stream(n) for n in "abc"))
+
+    run(main())
+    assert events == ["a", "poll after a", "b", "poll after b", "c", "poll after c"]
+
+
+def test_a_stream_cancelled_while_waiting_for_its_turn_does_not_block_the_others():
+    async def main():
+        turns = pm.SendTurns()
+        done: list[str] = []
+
+        async def stream(name: str) -> None:
+            await turns.take()
+            done.append(name)
+
+        tasks = [asyncio.create_task(stream(n)) for n in "abcd"]
+        await asyncio.sleep(0)  # "a" holds the turn, the others wait
+        tasks[1].cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        return done
+
+    assert run(main()) == ["a", "c", "d"]
