@@ -18,10 +18,13 @@ perf_counter is CLOCK_MONOTONIC, so a client in another process can subtract
 it from its own receive time. The first token's text is " #<request id>" so
 that a client's saved output can be matched to the server's log.
 
-Pacing is vLLM's engine step: every stream gets one token per `gap_s`
-(role chunk and first token one gap after the request arrives); gap 0 means
-as fast as the client reads (a stream is skipped while its socket is backed
-up, so a stamp is never older than the kernel's buffer).
+Pacing is vLLM's engine step: all streams step together on one grid of
+`gap_s` (multiples of it on the perf_counter clock), one token per stream per
+step, the role chunk and first token one to two gaps after the request
+arrives; so whatever the client's own sending pattern, its streams' chunks
+come in the same bursts. Gap 0 means as fast as the client reads (a stream is
+skipped while its socket is backed up, so a stamp is never older than the
+kernel's buffer).
 
 Control (for the benchmark driving it):
   POST /_bench/config {"gap_s": 0.01, "watch_pid": PID}
@@ -42,8 +45,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
+import math
 import os
+import socket
 import sys
 import time
 
@@ -144,7 +148,10 @@ class Stream:
                  recv_t: float, model: str):
         self.conn, self.rid, self.tokens, self.gap_s = conn, rid, tokens, gap_s
         self.prompt_tokens, self.recv_t = prompt_tokens, recv_t
-        self.next_t = recv_t + gap_s
+        # Steps on one grid for all streams (multiples of the gap), as vLLM's
+        # engine steps serve every running sequence at once: the first token
+        # one to two gaps after arrival, then one per step.
+        self.next_t = math.ceil((recv_t + gap_s) / gap_s) * gap_s if gap_s else recv_t
         self.emitted = 0
         self.sent: list[float] = []
         self.done = False
