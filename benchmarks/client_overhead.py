@@ -588,8 +588,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--without", default="", metavar="PARTS",
                    help="measure our client without some of its speed-ups, comma-separated: "
                         "uvloop, orjson, transport (httpx's own), record (aiter_raw loop), "
-                        "send (through httpx's send layers), turns (requests sent in bursts), "
-                        "defer (parse each stream as it ends)")
+                        "send (through httpx's send layers), defer (parse each stream as it "
+                        "ends)")
     return p
 
 
@@ -616,10 +616,6 @@ def ablate(pm: Any, parts: str) -> None:
             async def httpx_send(client: Any, request: Any) -> Any:
                 return await client.send(request, stream=True)
             pm._send_streaming = httpx_send
-        elif part == "turns":
-            async def no_turn(self: Any) -> None:
-                return None
-            pm.SendTurns.take = no_turn
         elif part == "defer":
             real_stream_chat = pm.stream_chat
 
