@@ -2089,45 +2089,6 @@ async def _after_failure(sample: Sample, check_alive: Callable[[], None] | None,
     return None
 
 
-class SendTurns:
-    """One request sent per event-loop iteration.
-
-    When a level's streams end in the same engine step, their next requests
-    would all be prepared in one batch of ready tasks (~0.1 ms each), and the
-    reads of the streams still running, and the first tokens of the requests
-    just sent, would be stamped only after the whole batch. `take()` lets one
-    stream through per iteration, so that the loop polls the sockets between
-    two sends. The wait counts in TTFT (it starts at `t_scheduled`).
-    """
-
-    def __init__(self) -> None:
-        self.busy = False
-        self.waiters: list[asyncio.Future[None]] = []  # FIFO (a level has few streams)
-
-    async def take(self) -> None:
-        loop = asyncio.get_running_loop()
-        if self.busy or self.waiters:
-            waiter = loop.create_future()
-            self.waiters.append(waiter)
-            try:
-                await waiter
-            except asyncio.CancelledError:
-                if waiter.done() and not waiter.cancelled():
-                    self._next()  # the turn was ours: pass it on
-                raise
-        self.busy = True
-        loop.call_soon(self._next)  # runs in the next iteration, after the poll
-
-    def _next(self) -> None:
-        self.busy = False
-        while self.waiters:
-            waiter = self.waiters.pop(0)
-            if not waiter.done():  # skips a cancelled stream
-                self.busy = True  # held for it until it runs
-                waiter.set_result(None)
-                return
-
-
 async def run_concurrent(client: Any, payloads: Sequence[bytes], scenario: Scenario, *,
                          clock: Clock = time.perf_counter, on_stream: StreamObserver | None = None
                          ) -> tuple[list[Sample], float]:
@@ -2135,21 +2096,17 @@ async def run_concurrent(client: Any, payloads: Sequence[bytes], scenario: Scena
 
     Each sample's TTFT counts from the moment its stream was free to send
     (`t_scheduled`), so any delay inside the client is counted, not hidden.
-    Streams are measured (parsed) after the last one ended, and requests are
-    sent one per event-loop iteration (SendTurns): parsing a stream, or
-    sending a burst of requests, while others run would delay their
-    timestamps (their reads wait for the event loop). Returns the samples in
-    payload order and the level's wall time.
+    Streams are measured (parsed) after the last one ended: parsing one while
+    others run would delay their timestamps (their reads wait for the event
+    loop). Returns the samples in payload order and the level's wall time.
     """
     got: list[tuple[RawStream | Sample, float] | None] = [None] * len(payloads)
     todo = iter(range(len(payloads)))
     t_start = clock()
-    turns = SendTurns()
 
     async def stream() -> None:
         for i in todo:
             t_scheduled = clock()
-            await turns.take()
             got[i] = (await stream_chat(client, payloads[i], scenario.target_tokens_out,
                                         clock=clock, t_scheduled=t_scheduled),
                       t_scheduled - t_start)
