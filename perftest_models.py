@@ -880,28 +880,85 @@ class PowerSampler:
 
 Read = tuple[float, bytes]  # (clock time when the bytes arrived, the bytes)
 
+try:  # optional (the `fast` extra): parses a chunk several times faster
+    from orjson import loads as _orjson_loads
+except ImportError:  # pragma: no cover - depends on the environment
+    _orjson_loads = None
+JSON_DECODER = "orjson" if _orjson_loads else "json"
+_LONG_DIGITS = re.compile(rb"\d{19}")
 
-def split_sse(reads: Sequence[Read]) -> list[tuple[float, str]]:
-    """SSE `data:` payloads with the time their event was complete.
+
+def _json_loads(data: bytes) -> Any:
+    """An SSE event's JSON as json.loads(data.decode("utf-8", "replace"))
+    parses it, as far as measure_stream reads it; through orjson when it is
+    installed and accepts the text (what orjson rejects, json decides).
+
+    orjson turns integers beyond 64 bits into floats where json keeps them
+    exact; of what measure_stream reads, only "usage" and "error" could show
+    that, so for those events a long digit run sends the text to json."""
+    if _orjson_loads is not None:
+        try:
+            obj = _orjson_loads(data)
+        except ValueError:
+            pass
+        else:
+            if not (isinstance(obj, dict) and ("usage" in obj or "error" in obj)
+                    and _LONG_DIGITS.search(data)):
+                return obj
+    return json.loads(data.decode("utf-8", "replace"))
+
+
+def sse_payloads(reads: Sequence[Read]) -> list[tuple[float, bytes]]:
+    """SSE `data:` payloads (bytes) with the time their event was complete.
 
     An event is complete at its blank line, so its time is that of the network
-    read that delivered the blank line. Comments and other fields are dropped.
+    read that delivered the blank line. Comments and other fields are dropped;
+    CRLF counts as LF, also when split across reads. Linear in the bytes: each
+    byte is copied and scanned a bounded number of times.
     """
-    events: list[tuple[float, str]] = []
-    buf = b""
+    events: list[tuple[float, bytes]] = []
+    buf = bytearray()  # the incomplete event so far, CRLF already made LF
+    cr = False  # the previous read ended in CR (held back: LF may follow)
     for t, chunk in reads:
+        if cr:
+            chunk = b"\r" + chunk
+        if b"\r" in chunk:
+            chunk = chunk.replace(b"\r\n", b"\n")
+            cr = chunk.endswith(b"\r")
+            if cr:
+                chunk = chunk[:-1]
+        if not buf:  # the common case: the read starts an event; no copy into buf
+            pos = 0
+            while (end := chunk.find(b"\n\n", pos)) >= 0:
+                if chunk.startswith(b"data: ", pos) and chunk.find(b"\n", pos, end) < 0:
+                    events.append((t, chunk[pos + 6:end]))  # one `data:` line
+                else:
+                    _add_event(events, t, chunk[pos:end])
+                pos = end + 2
+            if pos < len(chunk):
+                buf += chunk[pos:] if pos else chunk
+            continue
+        start = max(0, len(buf) - 1)  # a blank line may straddle the reads
         buf += chunk
-        if b"\r" in buf:
-            buf = buf.replace(b"\r\n", b"\n")
-        while True:
-            end = buf.find(b"\n\n")
-            if end < 0:
-                break
-            block, buf = buf[:end], buf[end + 2:]
-            data = [ln[5:].removeprefix(b" ") for ln in block.split(b"\n") if ln.startswith(b"data:")]
-            if data:
-                events.append((t, b"\n".join(data).decode("utf-8", "replace")))
+        pos = 0
+        while (end := buf.find(b"\n\n", start)) >= 0:
+            _add_event(events, t, bytes(buf[pos:end]))
+            pos = start = end + 2
+        if pos:
+            del buf[:pos]
     return events
+
+
+def _add_event(events: list[tuple[float, bytes]], t: float, block: bytes) -> None:
+    data = [ln[5:].removeprefix(b" ") for ln in block.split(b"\n") if ln.startswith(b"data:")]
+    if data:
+        events.append((t, data[0] if len(data) == 1 else b"\n".join(data)))
+
+
+def split_sse(reads: Sequence[Read]) -> list[tuple[float, str]]:
+    """SSE `data:` payloads with the time their event was complete (see
+    sse_payloads), decoded as UTF-8 (invalid bytes replaced)."""
+    return [(t, data.decode("utf-8", "replace")) for t, data in sse_payloads(reads)]
 
 
 def _delta_tokens(chunk: Mapping[str, Any]) -> tuple[bool, bool]:
@@ -943,16 +1000,16 @@ def measure_stream(t_sent: float, reads: Sequence[Read], target_tokens_out: int 
     first_answer: float | None = None
     usage: Mapping[str, Any] | None = None
     done = False
-    for t, data in split_sse(reads):
-        if data == "[DONE]":
+    for t, raw in sse_payloads(reads):
+        if raw == b"[DONE]":
             done = True
             break
         try:
-            chunk = json.loads(data)
+            chunk = _json_loads(raw)
         except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
-            return fail(f"malformed SSE event: {data[:80]!r}")
+            chunk = None
         if not isinstance(chunk, dict):
-            return fail(f"malformed SSE event: {data[:80]!r}")
+            return fail(f"malformed SSE event: {raw.decode('utf-8', 'replace')[:80]!r}")
         if "error" in chunk:
             err = chunk["error"]
             msg = err.get("message") if isinstance(err, dict) else err
@@ -961,9 +1018,13 @@ def measure_stream(t_sent: float, reads: Sequence[Read], target_tokens_out: int 
         chunk_usage = chunk.get("usage")
         if token:
             token_times.append(t)
-            prev = (usage or {}).get("completion_tokens", 0) if usage else 0
-            now = chunk_usage.get("completion_tokens") if isinstance(chunk_usage, dict) else None
-            token_counts.append(now - prev if isinstance(now, int) and isinstance(prev, int) else None)
+            if chunk_usage is None:  # the common case: no continuous usage
+                token_counts.append(None)
+            else:
+                prev = (usage or {}).get("completion_tokens", 0) if usage else 0
+                now = chunk_usage.get("completion_tokens") if isinstance(chunk_usage, dict) else None
+                token_counts.append(now - prev if isinstance(now, int) and isinstance(prev, int)
+                                    else None)
             if answer and first_answer is None:
                 first_answer = t
         if isinstance(chunk_usage, dict):
@@ -1034,12 +1095,15 @@ def spread_gaps(times: Sequence[float], counts: Sequence[int | None], tokens_out
     known = (all(isinstance(c, int) and c > 0 for c in counts[1:])
              and sum(counts[1:]) < tokens_out)  # type: ignore[arg-type]
     per_chunk = (tokens_out - 1) / (len(times) - 1) if tokens_out > 1 else 1.0
+    fixed = None if known else max(1, round(per_chunk))
     itl: list[float] = []
     for i in range(1, len(times)):
-        k = counts[i] if known else per_chunk
         gap_ms = (times[i] - times[i - 1]) * 1000
-        whole = max(1, round(k))  # type: ignore[arg-type]
-        itl.extend([gap_ms / whole] * whole)
+        whole = fixed or max(1, round(counts[i]))  # type: ignore[arg-type]
+        if whole == 1:  # the common case, without a list per token
+            itl.append(gap_ms)
+        else:
+            itl.extend([gap_ms / whole] * whole)
     return itl
 
 
@@ -1048,21 +1112,612 @@ def spread_gaps(times: Sequence[float], counts: Sequence[int | None], tokens_out
 # ============================================================================
 
 Clock = Callable[[], float]
+StreamObserver = Callable[[float, Sequence[Read], Sample], None]
 RETRYABLE_STATUS = (429, 503)  # refused before any generation: safe to resend
 
 
 def http_client(base_url: str, api_key: str | None, timeout_s: float, streams: int = 1) -> Any:
     """An httpx.AsyncClient whose pool never makes a stream wait for a
-    connection (so the client adds no queueing of its own)."""
+    connection (so the client adds no queueing of its own).
+
+    POST requests (the measured streams) go over `StreamTransport`, a lean
+    HTTP/1.1 transport, unless a proxy applies to `base_url`: httpx's own
+    stack (httpcore, anyio, h11) costs several times more CPU per network
+    read than the whole rest of the client (docs/benchmark.md)."""
     import httpx  # noqa: PLC0415 (lazy: see imports)
 
     headers = {"Accept-Encoding": "identity", "User-Agent": f"{TOOL_NAME}/{__version__}"}
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
+    limits = httpx.Limits(max_connections=streams + 4, max_keepalive_connections=streams + 4)
+    transport = None if _proxied(base_url) else StreamTransport(
+        httpx.AsyncHTTPTransport(limits=limits))
     return httpx.AsyncClient(
         base_url=base_url, headers=headers,
-        timeout=httpx.Timeout(timeout_s, connect=10.0),
-        limits=httpx.Limits(max_connections=streams + 4, max_keepalive_connections=streams + 4))
+        timeout=httpx.Timeout(timeout_s, connect=10.0), limits=limits, transport=transport)
+
+
+def _uvloop() -> Any:
+    try:
+        import uvloop  # noqa: PLC0415 (optional: the `fast` extra)
+    except ImportError:
+        return None
+    return uvloop if hasattr(uvloop, "run") else None
+
+
+def event_loop_name() -> str:
+    """The event loop run_async uses: "uvloop" or "asyncio"."""
+    return "uvloop" if _uvloop() else "asyncio"
+
+
+def run_async(main: Any) -> Any:
+    """asyncio.run, on uvloop when it is installed (the `fast` extra): its
+    loop costs less per network read, which is the client's hot path."""
+    uvloop = _uvloop()
+    return uvloop.run(main) if uvloop else asyncio.run(main)
+
+
+def _proxied(url: str) -> bool:
+    """Whether httpx would send requests to `url` through a proxy (from the
+    environment); StreamTransport speaks to the server directly only."""
+    import urllib.parse  # noqa: PLC0415
+    import urllib.request  # noqa: PLC0415
+
+    proxies = urllib.request.getproxies()
+    parts = urllib.parse.urlsplit(url)
+    if not (proxies.get(parts.scheme) or proxies.get("all")):
+        return False
+    return not urllib.request.proxy_bypass(parts.hostname or "")
+
+
+class StreamTransport:
+    """An httpx transport for POST requests with a known body over HTTP/1.1,
+    built for the hot path of a streaming response. Keep-alive connections
+    are reused; there is no connection limit (the callers bound their
+    concurrency). Everything else (GETs, streamed request bodies) goes to
+    `fallback`, the default httpx transport.
+
+    A response body can be read as usual (`aiter_raw`, `aread`: one item per
+    network read, chunked transfer coding removed) or recorded: the
+    response's extension "perftest.record" is an async function
+    `record(reads, clock)` that appends `(clock(), payload)` for each network
+    read of the body from inside the protocol's data_received, that is,
+    stamped when the read returns, with no task switch per read, and returns
+    at the end of the body."""
+
+    def __init__(self, fallback: Any):
+        self._fallback = fallback
+        self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
+        self._open: set[_Connection] = set()
+        self._ssl: Any = None
+
+    async def __aenter__(self) -> StreamTransport:
+        await self._fallback.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        for conn in list(self._open):
+            conn.close()
+        self._open.clear()
+        self._idle.clear()
+        await self._fallback.aclose()
+        # A transport closes its socket on the next turn of the loop: take
+        # that turn, so that no descriptor outlives the client.
+        await asyncio.sleep(0)
+
+    async def handle_async_request(self, request: Any) -> Any:
+        import httpx  # noqa: PLC0415
+
+        url = request.url
+        if request.method != "POST" or url.scheme not in ("http", "https"):
+            return await self._fallback.handle_async_request(request)
+        try:
+            body = request.content
+        except httpx.RequestNotRead:
+            return await self._fallback.handle_async_request(request)
+        timeouts = request.extensions.get("timeout", {})
+        key = (url.scheme, url.host, url.port or (443 if url.scheme == "https" else 80))
+        head = b"".join([b"POST ", url.raw_path, b" HTTP/1.1\r\n",
+                         *(b"%s: %s\r\n" % kv for kv in request.headers.raw), b"\r\n"])
+        while True:
+            conn = None
+            idle = self._idle.get(key)
+            while idle and conn is None:
+                conn = idle.pop()
+                if conn.eof:  # the server closed it while idle
+                    self._release(conn, key, False)
+                    conn = None
+            reused = conn is not None
+            if conn is None:
+                conn = await self._connect(key, timeouts.get("connect"), request)
+            conn.transport.write(head + body)
+            try:
+                status, reason, headers = await conn.read_head(timeouts.get("read"), request)
+            except _StaleConnection:
+                self._release(conn, key, False)
+                if reused:  # the server dropped a kept-alive connection: try a new one
+                    continue
+                raise httpx.RemoteProtocolError(
+                    "server disconnected without sending a response", request=request) from None
+            except BaseException:
+                self._release(conn, key, False)
+                raise
+            break
+        stream = _body_stream_class()(self, conn, key, body_decoder(status, headers),
+                                      timeouts.get("read"), request)
+        return httpx.Response(status, headers=headers, stream=stream, extensions={
+            "http_version": b"HTTP/1.1", "reason_phrase": reason,
+            "perftest.record": stream.record})
+
+    async def _connect(self, key: tuple[str, str, int], timeout_s: float | None, request: Any
+                       ) -> _Connection:
+        import httpx  # noqa: PLC0415
+
+        scheme, host, port = key
+        ssl_ctx = None
+        if scheme == "https":
+            if self._ssl is None:
+                self._ssl = httpx.create_ssl_context()
+            ssl_ctx = self._ssl
+        loop = asyncio.get_running_loop()
+        try:
+            _, conn = await asyncio.wait_for(loop.create_connection(
+                lambda: _Connection(loop), host, port, ssl=ssl_ctx,
+                server_hostname=host if ssl_ctx else None), timeout_s)
+        except asyncio.TimeoutError:
+            raise httpx.ConnectTimeout(f"connecting to {host}:{port} timed out",
+                                       request=request) from None
+        except OSError as exc:
+            raise httpx.ConnectError(str(exc), request=request) from exc
+        self._open.add(conn)
+        return conn
+
+    def _release(self, conn: _Connection, key: tuple[str, str, int], reusable: bool) -> None:
+        if reusable and not conn.eof:
+            self._idle.setdefault(key, []).append(conn)
+        else:
+            conn.close()
+            self._open.discard(conn)
+
+
+class ChunkedDecoder:
+    """HTTP/1.1 chunked transfer coding, decoded incrementally from network
+    reads of any size (a chunk's size line, data or CRLF may be split
+    anywhere). `done` after the last chunk and its trailer; bytes that
+    followed the message are in `extra`."""
+
+    __slots__ = ("left", "crlf", "line", "trailer", "done", "extra", "between")
+
+    def __init__(self) -> None:
+        self.left = 0        # data bytes of the current chunk still to come
+        self.crlf = 0        # bytes of the CRLF after a chunk's data still to come
+        self.line = b""      # a size or trailer line split across reads
+        self.trailer = False
+        self.done = False
+        self.extra = b""
+        self.between = True  # none of the above: the next byte starts a chunk
+
+    def feed(self, data: bytes) -> bytes:
+        """The payload bytes in `data` (b"" if none); ValueError if malformed."""
+        out: list[bytes] = []
+        pos, n = 0, len(data)
+        while self.between:  # the common case first: whole chunks, one or more
+            eol = data.find(b"\r\n", pos)
+            if not 0 < eol - pos < 9:
+                break
+            try:
+                size = int(data[pos:eol], 16)
+            except ValueError:
+                break
+            end = eol + 2 + size
+            if size <= 0 or end + 2 > n or data[end:end + 2] != b"\r\n":
+                break  # the last chunk, a split one, or a malformed one
+            if end + 2 == n and not out:
+                return data[eol + 2:end]  # exactly one chunk: no list, no join
+            out.append(data[eol + 2:end])
+            pos = end + 2
+            if pos == n:
+                return b"".join(out)
+        if pos < n:
+            out.append(self._feed(data[pos:] if pos else data))
+            self.between = not (self.left or self.crlf or self.line or self.trailer or self.done)
+        return out[0] if len(out) == 1 else b"".join(out)
+
+    def _feed(self, data: bytes) -> bytes:
+        if self.line:
+            data = self.line + data
+            self.line = b""
+        out: list[bytes] = []
+        pos, n = 0, len(data)
+        while pos < n:
+            if self.done:
+                self.extra += data[pos:]
+                break
+            if self.left:
+                end = min(n, pos + self.left)
+                out.append(data[pos:end])
+                self.left -= end - pos
+                pos = end
+                if not self.left:
+                    self.crlf = 2
+            elif self.crlf:
+                take = min(self.crlf, n - pos)
+                if data[pos:pos + take] != b"\r\n"[2 - self.crlf:2 - self.crlf + take]:
+                    raise ValueError("chunk data not followed by CRLF")
+                self.crlf -= take
+                pos += take
+            else:
+                eol = data.find(b"\r\n", pos)
+                if eol < 0:
+                    if n - pos > 4096:
+                        raise ValueError("chunk size line too long")
+                    self.line = data[pos:]
+                    break
+                line = data[pos:eol]
+                pos = eol + 2
+                if self.trailer:
+                    self.done = not line
+                    continue
+                size = int(line.split(b";", 1)[0], 16)
+                if size < 0:
+                    raise ValueError(f"negative chunk size {line[:20]!r}")
+                if size:
+                    self.left = size
+                else:
+                    self.trailer = True
+        if not out:
+            return b""
+        return out[0] if len(out) == 1 else b"".join(out)
+
+
+class LengthDecoder:
+    """A body of Content-Length bytes (`feed` as ChunkedDecoder's)."""
+
+    __slots__ = ("left", "done", "extra")
+
+    def __init__(self, length: int):
+        self.left = length
+        self.done = length == 0
+        self.extra = b""
+
+    def feed(self, data: bytes) -> bytes:
+        if self.done:
+            self.extra += data
+            return b""
+        if len(data) >= self.left:
+            data, self.extra = data[:self.left], data[self.left:]
+            self.left = 0
+            self.done = True
+            return data
+        self.left -= len(data)
+        return data
+
+
+class CloseDecoder:
+    """A body that the end of the connection delimits."""
+
+    __slots__ = ("done", "extra")
+
+    def __init__(self) -> None:
+        self.done = False
+        self.extra = b""
+
+    def feed(self, data: bytes) -> bytes:
+        return data
+
+
+BodyDecoder = ChunkedDecoder | LengthDecoder | CloseDecoder
+
+
+def body_decoder(status: int, headers: Sequence[tuple[bytes, bytes]]) -> BodyDecoder:
+    """How the body of a response to a POST is delimited (RFC 9112 6.3)."""
+    fields = {k.lower(): v for k, v in headers}
+    if status in (204, 304):
+        return LengthDecoder(0)
+    if b"chunked" in fields.get(b"transfer-encoding", b"").lower():
+        return ChunkedDecoder()
+    if b"content-length" in fields:
+        return LengthDecoder(int(fields[b"content-length"]))
+    return CloseDecoder()
+
+
+class _StaleConnection(Exception):
+    """The connection ended before the first byte of a response."""
+
+
+class _Connection(asyncio.Protocol):
+    """One HTTP/1.1 connection. Normally it buffers what the socket delivers
+    and wakes the one reader (reading pauses while 1 MiB waits unread); while
+    it records a body (`record`), data_received decodes and stamps each read
+    itself."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.transport: Any = None
+        self.pending: list[bytes] = []
+        self.buffered = 0
+        self.paused = False
+        self.eof = False
+        self.error: BaseException | None = None
+        self.waiter: asyncio.Future[None] | None = None
+        # While recording: where reads go, the clock, the decoder, when the
+        # last bytes came (loop time, for the read timeout), the end.
+        self.reads: list[Read] | None = None
+        self.clock: Clock = time.perf_counter
+        self.decoder: Any = None
+        self.last_read = 0.0
+        self.recorded: asyncio.Future[None] | None = None
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        reads = self.reads
+        if reads is not None:  # the hot path: stamp first, then decode
+            t = self.clock()
+            self.last_read = self.loop.time()
+            try:
+                payload = self.decoder.feed(data)
+            except ValueError as exc:
+                self._end_recording(ValueError(f"malformed chunked body: {exc}"))
+                return
+            if payload:
+                reads.append((t, payload))
+            if self.decoder.done:
+                self._end_recording(None)
+            return
+        self.pending.append(data)
+        self.buffered += len(data)
+        if self.buffered > 1 << 20 and not self.paused:
+            self.paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        self._wake()
+        self._end_recording(None if isinstance(self.decoder, CloseDecoder) else EOFError())
+        return False
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.eof = True
+        self.error = exc
+        self._wake()
+        self._end_recording(exc or (None if isinstance(self.decoder, CloseDecoder)
+                                    else EOFError()))
+
+    def _wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None:
+            self.waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def close(self) -> None:
+        self.eof = True
+        if self.transport is not None:
+            self.transport.close()
+
+    def unread(self, data: bytes) -> None:
+        if data:
+            self.pending.insert(0, data)
+            self.buffered += len(data)
+
+    async def recv(self, timeout_s: float | None) -> bytes:
+        """What arrived since the last call (waiting for it); b"" at EOF."""
+        if not self.pending:
+            if self.eof:
+                return b""
+            self.waiter = waiter = self.loop.create_future()
+            timer = None if timeout_s is None else self.loop.call_later(
+                timeout_s, _time_out, waiter)
+            try:
+                await waiter
+            finally:
+                if timer is not None:
+                    timer.cancel()
+            if not self.pending:
+                return b""
+        pending = self.pending
+        data = pending[0] if len(pending) == 1 else b"".join(pending)
+        pending.clear()
+        self.buffered = 0
+        if self.paused:
+            self.paused = False
+            self.transport.resume_reading()
+        return data
+
+    async def read_head(self, timeout_s: float | None, request: Any
+                        ) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
+        """The final (non-1xx) response head: status, reason, headers."""
+        import httpx  # noqa: PLC0415
+
+        buf = b""
+        while True:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                if len(buf) > 1 << 16:
+                    raise httpx.RemoteProtocolError("response head too long", request=request)
+                data = await _read(self, timeout_s, request)
+                if not data:
+                    if buf:
+                        raise httpx.RemoteProtocolError(
+                            "server disconnected inside the response head", request=request)
+                    raise _StaleConnection()
+                buf += data
+                continue
+            lines = buf[:end].split(b"\r\n")
+            self.unread(buf[end + 4:])
+            buf = b""
+            try:
+                version, status_text, *reason = lines[0].split(b" ", 2)
+                status = int(status_text)
+                headers = [(k.strip(), v.strip()) for k, _, v in
+                           (ln.partition(b":") for ln in lines[1:])]
+            except ValueError:
+                raise httpx.RemoteProtocolError(f"malformed response head: {lines[0][:80]!r}",
+                                                request=request) from None
+            if not version.startswith(b"HTTP/1.") or status < 100:
+                raise httpx.RemoteProtocolError(f"malformed status line: {lines[0][:80]!r}",
+                                                request=request)
+            if status >= 200 or status == 101:
+                return status, reason[0] if reason else b"", headers
+            # 1xx informational (100 Continue, 103 Early Hints): a final head follows
+
+    async def record(self, decoder: Any, reads: list[Read], clock: Clock,
+                     timeout_s: float | None) -> None:
+        """Decode the rest of the body into `reads` as (clock(), payload) per
+        network read, stamped in data_received; return at its end. Raises
+        TimeoutError after `timeout_s` without bytes, EOFError if the
+        connection ends early, ValueError on a malformed body, or what the
+        connection failed with."""
+        loop = self.loop
+        if self.pending:  # arrived with the head: stamped now, as a reader would
+            data = b"".join(self.pending)
+            self.pending.clear()
+            self.buffered = 0
+            payload = decoder.feed(data)
+            if payload:
+                reads.append((clock(), payload))
+        if self.paused:
+            self.paused = False
+            self.transport.resume_reading()
+        if decoder.done:
+            return
+        if self.eof:
+            if isinstance(decoder, CloseDecoder) and self.error is None:
+                return
+            raise self.error or EOFError()
+        self.recorded = done = loop.create_future()
+        self.decoder, self.clock, self.reads = decoder, clock, reads
+        self.last_read = loop.time()
+        timer = None
+        if timeout_s is not None:
+            def check() -> None:  # one timer per body, not per read
+                nonlocal timer
+                due = self.last_read + timeout_s
+                if loop.time() >= due:
+                    self._end_recording(TimeoutError())
+                else:
+                    timer = loop.call_at(due, check)
+            timer = loop.call_at(self.last_read + timeout_s, check)
+        try:
+            await done
+        finally:
+            if timer is not None:
+                timer.cancel()
+            self.reads = None
+            self.decoder = None
+            self.recorded = None
+
+    def _end_recording(self, exc: BaseException | None) -> None:
+        done = self.recorded
+        if done is None or self.reads is None:
+            return
+        self.reads = None  # later bytes are buffered, not recorded
+        if not done.done():
+            if exc is None:
+                done.set_result(None)
+            else:
+                done.set_exception(exc)
+
+
+def _time_out(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
+
+
+async def _read(conn: _Connection, timeout_s: float | None, request: Any) -> bytes:
+    """conn.recv with httpx's exceptions: ReadTimeout, ReadError."""
+    import httpx  # noqa: PLC0415
+
+    try:
+        data = await conn.recv(timeout_s)
+    except TimeoutError:
+        raise httpx.ReadTimeout(f"no bytes for {timeout_s} s", request=request) from None
+    if not data and conn.error is not None:
+        raise httpx.ReadError(str(conn.error) or type(conn.error).__name__,
+                              request=request) from conn.error
+    return data
+
+
+_BODY_STREAM: list[type] = []  # the class, once made
+
+
+def _body_stream_class() -> type:
+    """The response body stream: a class made on first use, because it must
+    subclass httpx.AsyncByteStream and httpx is imported lazily."""
+    if _BODY_STREAM:
+        return _BODY_STREAM[0]
+    import httpx  # noqa: PLC0415
+
+    class BodyStream(httpx.AsyncByteStream):
+        """The response body; the connection goes back to the pool when the
+        body ended cleanly."""
+
+        def __init__(self, owner: StreamTransport, conn: _Connection,
+                     key: tuple[str, str, int], decoder: BodyDecoder, timeout_s: float | None,
+                     request: Any):
+            self.owner, self.conn, self.key, self.decoder = owner, conn, key, decoder
+            self.timeout_s, self.request = timeout_s, request
+            self.keep_alive = not isinstance(decoder, CloseDecoder)
+            self.finished = False
+
+        def _done(self) -> None:
+            self.finished = True
+            self.owner._release(self.conn, self.key, self.keep_alive and not self.decoder.extra)
+
+        async def __aiter__(self) -> Any:
+            conn, decoder, request = self.conn, self.decoder, self.request
+            while not decoder.done:
+                data = await _read(conn, self.timeout_s, request)
+                if not data:
+                    if isinstance(decoder, CloseDecoder):
+                        break
+                    raise httpx.RemoteProtocolError(
+                        "peer closed connection without sending complete message body",
+                        request=request)
+                try:
+                    payload = decoder.feed(data)
+                except ValueError as exc:
+                    raise httpx.RemoteProtocolError(f"malformed chunked body: {exc}",
+                                                    request=request) from None
+                if payload:
+                    yield payload
+            self._done()
+
+        async def record(self, reads: list[Read], clock: Clock) -> None:
+            """Append (clock(), payload) per network read until the body ends
+            (see StreamTransport)."""
+            request = self.request
+            try:
+                await self.conn.record(self.decoder, reads, clock, self.timeout_s)
+            except TimeoutError:
+                raise httpx.ReadTimeout(f"no bytes for {self.timeout_s} s",
+                                        request=request) from None
+            except EOFError:
+                raise httpx.RemoteProtocolError(
+                    "peer closed connection without sending complete message body",
+                    request=request) from None
+            except ValueError as exc:
+                raise httpx.RemoteProtocolError(str(exc), request=request) from None
+            except OSError as exc:
+                raise httpx.ReadError(str(exc) or type(exc).__name__, request=request) from exc
+            self._done()
+
+        async def aclose(self) -> None:
+            if not self.finished:  # closed early: the rest of the body is unread
+                self.finished = True
+                self.owner._release(self.conn, self.key, False)
+
+    _BODY_STREAM.append(BodyStream)
+    return BodyStream
 
 
 def _error_message(status: int, body: bytes) -> str:
@@ -1074,10 +1729,42 @@ def _error_message(status: int, body: bytes) -> str:
     return f"HTTP {status}: {text[:200] or 'empty body'}"
 
 
+@dataclass(frozen=True)
+class RawStream:
+    """A finished stream before measurement: its timed network reads."""
+
+    t_sent: float
+    reads: list[Read]
+    target_tokens_out: int | None
+    t_scheduled: float | None
+    retries: int
+
+    def measure(self, on_stream: StreamObserver | None = None) -> Sample:
+        """measure_stream; `on_stream(t_sent, reads, sample)` sees the raw
+        reads (benchmarks/client_overhead.py checks our timestamps with it)."""
+        sample = measure_stream(self.t_sent, self.reads, self.target_tokens_out,
+                                self.t_scheduled, self.retries)
+        if on_stream is not None:
+            on_stream(self.t_sent, self.reads, sample)
+        return sample
+
+
 async def send_chat(client: Any, payload: bytes, target_tokens_out: int | None, *,
                     clock: Clock = time.perf_counter, t_scheduled: float | None = None,
-                    max_retries: int = 2, retry_wait_s: float = 1.0) -> Sample:
-    """POST one streaming chat completion and measure it.
+                    max_retries: int = 2, retry_wait_s: float = 1.0,
+                    on_stream: StreamObserver | None = None) -> Sample:
+    """POST one streaming chat completion and measure it (see stream_chat)."""
+    got = await stream_chat(client, payload, target_tokens_out, clock=clock,
+                            t_scheduled=t_scheduled, max_retries=max_retries,
+                            retry_wait_s=retry_wait_s)
+    return got if isinstance(got, Sample) else got.measure(on_stream)
+
+
+async def stream_chat(client: Any, payload: bytes, target_tokens_out: int | None, *,
+                      clock: Clock = time.perf_counter, t_scheduled: float | None = None,
+                      max_retries: int = 2, retry_wait_s: float = 1.0) -> RawStream | Sample:
+    """POST one streaming chat completion and record its timed reads; a
+    failed request is a Sample already.
 
     The hot loop only stamps and stores each network read; parsing happens
     after the stream ends, so it cannot delay the next timestamp. A request is
@@ -1093,7 +1780,7 @@ async def send_chat(client: Any, payload: bytes, target_tokens_out: int | None, 
         reads: list[Read] = []
         t_sent = clock()
         try:
-            response = await client.send(request, stream=True)
+            response = await _send_streaming(client, request)
             try:
                 if response.status_code != 200:
                     body = await response.aread()
@@ -1103,8 +1790,12 @@ async def send_chat(client: Any, payload: bytes, target_tokens_out: int | None, 
                         continue
                     return Sample(ok=False, error=_error_message(response.status_code, body),
                                   retries=retries)
-                async for chunk in response.aiter_raw():
-                    reads.append((clock(), chunk))
+                record = response.extensions.get("perftest.record")
+                if record is not None:  # StreamTransport stamps each read as it returns
+                    await record(reads, clock)
+                else:
+                    async for chunk in response.aiter_raw():
+                        reads.append((clock(), chunk))
             finally:
                 await response.aclose()
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:  # nothing was sent: safe
@@ -1124,7 +1815,24 @@ async def send_chat(client: Any, payload: bytes, target_tokens_out: int | None, 
             why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             return Sample(ok=False, retries=retries,
                           error=f"connection broken after {len(reads)} read(s): {why}")
-        return measure_stream(t_sent, reads, target_tokens_out, t_scheduled, retries)
+        return RawStream(t_sent, reads, target_tokens_out, t_scheduled, retries)
+
+
+async def _send_streaming(client: Any, request: Any) -> Any:
+    """client.send(request, stream=True), handed straight to StreamTransport
+    when the client has one and nothing of httpx's send layers (auth,
+    redirects, event hooks) is in use: those layers cost more CPU per request
+    than the transport itself, and when a level's streams start together that
+    delays the timestamps of the streams already running."""
+    transport = getattr(client, "_transport", None)
+    if (not isinstance(transport, StreamTransport) or client.auth is not None
+            or client.follow_redirects or any(client.event_hooks.values())):
+        return await client.send(request, stream=True)
+    response = await transport.handle_async_request(request)
+    response.request = request
+    if "set-cookie" in response.headers:  # as client.send keeps them
+        client.cookies.extract_cookies(response)
+    return response
 
 
 def _retry_after_s(response: Any, default_s: float) -> float:
@@ -1547,30 +2255,35 @@ async def _after_failure(sample: Sample, check_alive: Callable[[], None] | None,
 
 
 async def run_concurrent(client: Any, payloads: Sequence[bytes], scenario: Scenario, *,
-                         clock: Clock = time.perf_counter,
+                         clock: Clock = time.perf_counter, on_stream: StreamObserver | None = None,
                          measured: list[Sample] | None = None) -> tuple[list[Sample], float]:
     """`scenario.concurrency` streams at once until every payload is sent.
 
     Each sample's TTFT counts from the moment its stream was free to send
     (`t_scheduled`), so any delay inside the client is counted, not hidden.
-    Returns the samples in payload order and the level's wall time; each is
-    also appended to `measured` as it completes.
+    Streams are measured (parsed) after the last one ended: parsing one while
+    others run would delay their timestamps (their reads wait for the event
+    loop). Returns the samples in payload order and the level's wall time;
+    they are also appended to `measured`, even when the level is interrupted.
     """
-    samples: list[Sample | None] = [None] * len(payloads)
+    got: list[tuple[RawStream | Sample, float] | None] = [None] * len(payloads)
     todo = iter(range(len(payloads)))
     t_start = clock()
 
     async def stream() -> None:
         for i in todo:
             t_scheduled = clock()
-            s = await send_chat(client, payloads[i], scenario.target_tokens_out,
-                                clock=clock, t_scheduled=t_scheduled)
-            samples[i] = dataclasses.replace(s, start_s=t_scheduled - t_start)
-            if measured is not None:
-                measured.append(samples[i])
+            got[i] = (await stream_chat(client, payloads[i], scenario.target_tokens_out,
+                                        clock=clock, t_scheduled=t_scheduled),
+                      t_scheduled - t_start)
 
-    await asyncio.gather(*(stream() for _ in range(scenario.concurrency)))
-    done = [s for s in samples if s is not None]
+    try:
+        await asyncio.gather(*(stream() for _ in range(scenario.concurrency)))
+    finally:  # an interrupt keeps the streams that finished
+        done = [dataclasses.replace(r if isinstance(r, Sample) else r.measure(on_stream),
+                                    start_s=start_s) for r, start_s in filter(None, got)]
+        if measured is not None:
+            measured.extend(done)
     ends = [s.start_s + (s.total_s or 0.0) for s in done if s.ok]
     return done, (max(ends) if ends else clock() - t_start)
 
@@ -3525,7 +4238,7 @@ def run_model(plan: Plan, result: ModelResult, events: Events, compose: Compose 
               signals: SignalGuard) -> None:
     """One model's whole life: start, measure, and always stop what we started."""
     if compose is None:
-        asyncio.run(measure_model(plan, result, events))
+        run_async(measure_model(plan, result, events))
         return
     service = result.spec.service
     assert service is not None
@@ -3538,7 +4251,7 @@ def run_model(plan: Plan, result: ModelResult, events: Events, compose: Compose 
         with contextlib.suppress(Exception):
             result.lifecycle.update(watch.image())
         result.lifecycle["service"] = service
-        asyncio.run(measure_model(plan, result, events, watch=watch, t_up=t_up))
+        run_async(measure_model(plan, result, events, watch=watch, t_up=t_up))
     finally:
         with signals.held():
             try:

@@ -582,6 +582,7 @@ class RequestRecord:
     completion_tokens: int = 0  # tokens actually sent
     finish_reason: str | None = None
     first_token_at: float | None = None  # perf_counter() after the first token write
+    last_token_at: float | None = None  # perf_counter() after the latest token write
     finished_at: float | None = None
 
 
@@ -861,6 +862,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send_head(self, status: int, headers: dict[str, str]) -> None:
         self._status = status
+        if self._record is not None:  # known now: a client may be done before the handler ends
+            self._record.status = status
         self._headers_sent = True
         self.send_response(status)
         for name, value in headers.items():
@@ -1215,6 +1218,7 @@ class _Handler(BaseHTTPRequestHandler):
             metrics.generation_tokens += tokens
         if index == 0:
             job.record.first_token_at = now
+        job.record.last_token_at = now
         job.last_sent = now
         job.sent_tokens += tokens
         job.record.completion_tokens = job.sent_tokens
