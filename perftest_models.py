@@ -1043,14 +1043,17 @@ def measure_stream(t_sent: float, reads: Sequence[Read], target_tokens_out: int 
 
     ttft_s = token_times[0] - t0
     latency_s = token_times[-1] - t0
-    decode_s = token_times[-1] - token_times[0]
+    arrivals = count_arrivals(token_times)
+    # Tokens that all came in one network read leave no decode time to
+    # measure: no rate is better than one of millions of tokens/s.
+    decode_s = token_times[-1] - token_times[0] if arrivals > 1 else 0.0
     itl = spread_gaps(token_times, token_counts, tokens_out)
     return Sample(
         ok=True,
         ttft_ms=ttft_s * 1000,
         ttfo_ms=(first_answer - t0) * 1000 if first_answer is not None else None,
         tps=(tokens_out - 1) / decode_s if tokens_out > 1 and decode_s > 0 else None,
-        tpot_ms=decode_s * 1000 / (tokens_out - 1) if tokens_out > 1 else None,
+        tpot_ms=decode_s * 1000 / (tokens_out - 1) if tokens_out > 1 and decode_s > 0 else None,
         e2e_tps=tokens_out / latency_s if latency_s > 0 else None,
         prefill_tps=tokens_in / ttft_s if ttft_s > 0 else None,
         total_s=latency_s,
@@ -1060,7 +1063,7 @@ def measure_stream(t_sent: float, reads: Sequence[Read], target_tokens_out: int 
         cached_tokens=cached if isinstance(cached, int) else None,
         retries=retries,
         queued_ms=queued_ms,
-        token_reads=count_arrivals(token_times),
+        token_reads=arrivals,
         itl_ms=tuple(itl),
     )
 
@@ -2074,6 +2077,9 @@ def server_delta(before: Mapping[str, float] | None, after: Mapping[str, float] 
         "prompt_tokens": int(d("vllm:prompt_tokens_total")),
         "prefix_cache_queries": int(d("vllm:prefix_cache_queries_total")),
         "prefix_cache_hits": int(d("vllm:prefix_cache_hits_total")),
+        # tokens the engine computed per step: above 1 in decode means batching
+        "tokens_per_step": (d("vllm:iteration_tokens_total_sum") / n
+                            if (n := d("vllm:iteration_tokens_total_count")) > 0 else None),
     }
     for gauge in ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"):
         if gauge in after:
@@ -3509,7 +3515,9 @@ def stat_to_dict(st: Stat) -> dict[str, Any]:
 
 
 def sample_to_dict(s: Sample) -> dict[str, Any]:
-    d = {k: _round(v) for k, v in dataclasses.asdict(s).items() if k != "itl_ms"}
+    # seconds to the microsecond, milliseconds and rates to 3 decimals
+    d = {k: _round(v, 6 if k.endswith("_s") else 3)
+         for k, v in dataclasses.asdict(s).items() if k != "itl_ms"}
     d["itl_ms"] = [round(x, 3) for x in s.itl_ms]
     return d
 

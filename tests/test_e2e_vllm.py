@@ -172,9 +172,17 @@ def check_scenario(sc: dict[str, Any], *, requests: int, caching: bool) -> dict[
             assert abs(s["tokens_in"] - target_in) <= 0.01 * target_in, (name, s["tokens_in"])
             # The tool builds the prompt with /tokenize: vLLM 0.32 hits every size exactly.
             assert s["tokens_in"] == target_in, (name, s["tokens_in"], target_in)
-        assert 0 < s["ttft_ms"] < s["total_s"] * 1000, (name, s)
+        assert 0 < s["ttft_ms"] <= s["total_s"] * 1000 + 0.01, (name, s)
         assert s["ttfo_ms"] >= s["ttft_ms"]  # a held-back UTF-8 token is a token, not text
-        assert s["tps"] > 0 and s["e2e_tps"] > 0 and s["prefill_tps"] > 0
+        assert s["e2e_tps"] > 0 and s["prefill_tps"] > 0
+        if s["token_reads"] == 1:
+            # A starved vLLM frontend wrote the whole answer at once: every
+            # token came in one network read, so there is no decode time to
+            # divide by. The tool says so (no tps, bursty) instead of a number.
+            assert s["tps"] is None, (name, s)
+            assert math.isclose(s["total_s"] * 1000, s["ttft_ms"], abs_tol=0.01), (name, s)
+        else:
+            assert s["tps"] > 0 and s["ttft_ms"] < s["total_s"] * 1000, (name, s)
         assert math.isclose(s["e2e_tps"], s["tokens_out"] / s["total_s"], rel_tol=1e-2)
         assert math.isclose(s["prefill_tps"], s["tokens_in"] / (s["ttft_ms"] / 1000), rel_tol=1e-2)
         # The gaps between token chunks add up to the decode time. (vLLM sends
@@ -213,7 +221,7 @@ def check_scenario(sc: dict[str, Any], *, requests: int, caching: bool) -> dict[
             "server_ttft_ms": round(server["ttft_mean_ms"], 1),
             "server_whole_ms": round(server["ttft_mean_ms"]
                                      + (target_out - 1) * server["itl_mean_ms"], 1),
-            "client_tps": round(statistics.fmean(s["tps"] for s in samples), 1),
+            "client_tps": [round(s["tps"], 1) if s["tps"] else None for s in samples],
             "streamed": sum(streamed(s, server["itl_mean_ms"]) for s in samples),
             "of": len(samples), "token_reads": [s["token_reads"] for s in samples]}
 
@@ -331,11 +339,14 @@ def test_compose_run_measures_two_models_cold_and_exact_and_leaves_nothing_runni
         assert [s["name"] for s in m["scenarios"]] == ["latency", "context-1k", "context-4k"]
         figures = [check_scenario(sc, requests=2, caching=caching) for sc in m["scenarios"]]
         check_prefill_grows(m["scenarios"])
-        latency_tps = m["scenarios"][0]["summary"]["tps"]["mean"]
         roof = m["roofline"]
         assert math.isclose(roof["ceiling_tps"], 273e9 / (0.002e9 * 4), rel_tol=1e-3)
-        assert math.isclose(roof["achieved_pct"], 100 * latency_tps / roof["ceiling_tps"],
-                            abs_tol=0.1)
+        latency_tps = m["scenarios"][0]["summary"].get("tps")  # absent when every answer burst
+        if latency_tps is None:
+            assert roof["achieved_pct"] is None
+        else:
+            assert math.isclose(roof["achieved_pct"], 100 * latency_tps["mean"] / roof["ceiling_tps"],
+                                abs_tol=0.1)
         print(f"{name}: load {life['load_s']} s; " + "; ".join(json.dumps(f) for f in figures))
 
 
@@ -487,9 +498,16 @@ def test_endpoint_run_is_exact_and_cold_and_the_throughput_scenario_batches(bare
         print(json.dumps({**fig, "output_tps": agg["output_tps"],
                           "queue_ms": sc["server_metrics"]["queue_mean_ms"]}))
 
-    # Batching: eight streams at once produce clearly more tokens per second than one.
+    # Batching, by the engine's own count: at concurrency 8 each engine step
+    # computes several times the tokens it does at concurrency 1 (at c1 the
+    # mean is above 1 only by the prefill steps).
+    steps = {c: levels[c][0]["server_metrics"]["tokens_per_step"] for c in (1, 8)}
+    assert steps[8] > 2 * steps[1], steps
+    # And the client sees more tokens per second. (By how much varies run to
+    # run, 1.3x-8x here: on 2 cores vLLM's own processes fight for the CPU.)
     c1, c8 = (levels[c][0]["aggregate"]["output_tps"] for c in (1, 8))
-    assert c8 > 1.5 * c1, (c1, c8)
+    assert c8 > 1.1 * c1, (c1, c8)
+    print(json.dumps({"tokens_per_step": steps, "output_tps": {"c1": c1, "c8": c8}}))
 
     # Client and server TTFT agree at concurrency 1: the server's mean is never
     # above the client's (checked above for every scenario), and a request that

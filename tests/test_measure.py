@@ -307,6 +307,7 @@ def test_tokens_that_arrive_in_one_burst_are_flagged_bursty():
                            + [chunk(choices=False, usage=usage(5, 20)), DONE]))]
     s = pm.measure_stream(0.0, reads, 20)
     assert s.ok and s.token_reads == 1 and s.bursty
+    assert s.tps is None and s.tpot_ms is None  # no decode time was seen: no rate
     steady = pm.measure_stream(0.0, vllm_stream([0.0] + [0.1 * i for i in range(1, 21)]), 20)
     assert steady.token_reads == 20 and not steady.bursty
 

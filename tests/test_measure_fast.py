@@ -107,14 +107,14 @@ def reference_measure_stream(t_sent, reads, target_tokens_out, t_scheduled=None,
     cached = details.get("cached_tokens") if isinstance(details, dict) else None
     ttft_s = token_times[0] - t0
     latency_s = token_times[-1] - t0
-    decode_s = token_times[-1] - token_times[0]
+    decode_s = token_times[-1] - token_times[0] if pm.count_arrivals(token_times) > 1 else 0.0
     itl = reference_spread_gaps(token_times, token_counts, tokens_out)
     return Sample(
         ok=True,
         ttft_ms=ttft_s * 1000,
         ttfo_ms=(first_answer - t0) * 1000 if first_answer is not None else None,
         tps=(tokens_out - 1) / decode_s if tokens_out > 1 and decode_s > 0 else None,
-        tpot_ms=decode_s * 1000 / (tokens_out - 1) if tokens_out > 1 else None,
+        tpot_ms=decode_s * 1000 / (tokens_out - 1) if tokens_out > 1 and decode_s > 0 else None,
         e2e_tps=tokens_out / latency_s if latency_s > 0 else None,
         prefill_tps=tokens_in / ttft_s if ttft_s > 0 else None,
         total_s=latency_s,
