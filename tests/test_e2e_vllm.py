@@ -180,7 +180,8 @@ def check_scenario(sc: dict[str, Any], *, requests: int, caching: bool) -> dict[
             # token came in one network read, so there is no decode time to
             # divide by. The tool says so (no tps, bursty) instead of a number.
             assert s["tps"] is None, (name, s)
-            assert math.isclose(s["total_s"] * 1000, s["ttft_ms"], abs_tol=0.01), (name, s)
+            # (each gap between its chunks under 0.1 ms: that is one arrival)
+            assert s["total_s"] * 1000 - s["ttft_ms"] < 0.1 * s["tokens_out"] + 0.01, (name, s)
         else:
             assert s["tps"] > 0 and s["ttft_ms"] < s["total_s"] * 1000, (name, s)
         assert math.isclose(s["e2e_tps"], s["tokens_out"] / s["total_s"], rel_tol=1e-2)
