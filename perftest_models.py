@@ -238,6 +238,7 @@ METRICS: dict[str, Metric] = {
         Metric("tokens_out", "Tokens out", "", None),
     )
 }
+DECODE_METRICS = ("tps", "tpot_ms")
 SAMPLE_METRICS = ("ttft_ms", "ttfo_ms", "tps", "tpot_ms", "e2e_tps", "prefill_tps",
                   "total_s", "tokens_in", "tokens_out")
 
@@ -425,14 +426,18 @@ def summarize(values: Sequence[float]) -> Stat | None:
 
 
 def summarize_samples(samples: Iterable[Sample]) -> dict[str, Stat]:
-    """One Stat per metric over the ok samples; ITL pools every token gap."""
+    """One Stat per metric over the ok samples; ITL pools every token gap.
+    Bursty samples (see Sample.bursty) stay out of the decode figures (tps,
+    TPOT, ITL): their gaps show how the server flushed, not how it decoded."""
     ok = [s for s in samples if s.ok]
+    steady = [s for s in ok if not s.bursty]
     out: dict[str, Stat] = {}
     for key in SAMPLE_METRICS:
-        stat = summarize([getattr(s, key) for s in ok if getattr(s, key) is not None])
+        pool = steady if key in DECODE_METRICS else ok
+        stat = summarize([getattr(s, key) for s in pool if getattr(s, key) is not None])
         if stat is not None:
             out[key] = stat
-    itl = summarize([gap for s in ok for gap in s.itl_ms])
+    itl = summarize([gap for s in steady for gap in s.itl_ms])
     if itl is not None:
         out["itl_ms"] = itl
     return out

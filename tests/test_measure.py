@@ -317,3 +317,13 @@ def test_chunks_microseconds_apart_are_one_arrival_and_milliseconds_apart_are_no
     assert pm.count_arrivals([1.0 + i * 7e-6 for i in range(256)]) == 1
     assert pm.count_arrivals([1.0 + i * 2e-3 for i in range(256)]) == 256
     assert pm.count_arrivals([]) == 0
+
+
+def test_bursty_samples_stay_out_of_the_decode_summary_but_count_for_ttft():
+    steady = pm.Sample(ok=True, ttft_ms=10.0, tps=50.0, tokens_out=100, token_reads=100,
+                       itl_ms=(20.0, 20.0))
+    burst = pm.Sample(ok=True, ttft_ms=900.0, tps=250000.0, tokens_out=100, token_reads=2,
+                      itl_ms=(0.0, 0.0))
+    summary = pm.summarize_samples([steady, burst])
+    assert summary["tps"].n == 1 and summary["tps"].mean == 50.0
+    assert summary["itl_ms"].n == 2 and summary["ttft_ms"].n == 2
