@@ -2805,14 +2805,18 @@ def _cell(mr: ModelResult, scenario: str, metric: str, winners: Mapping[str, str
     return f"{text} {TROPHY}" if winners.get(metric) == mr.spec.name else text
 
 
+def _answers_late(ttft: Stat | None, ttfo: Stat | None) -> bool:
+    """A thinking model: its first answer token comes after its first token."""
+    return bool(ttft and ttfo and ttfo.mean > ttft.mean * 1.001)
+
+
 def scenario_table(models: Sequence[ModelResult], name: str, kind: str,
                    bandwidth_gbs: float) -> TextTable:
     """One scenario as a table: a row per model, a trophy per ranked metric."""
     rankings = [r for metric in ranked_metrics(kind) if (r := rank(models, name, metric))]
     winners = {r.metric: r.best for r in rankings if not r.tie}
     results = {mr.spec.name: sr for mr in models for sr in mr.scenarios if sr.scenario.name == name}
-    thinking = any(scenario_stat(mr, name, "ttfo_ms") and scenario_stat(mr, name, "ttft_ms") and
-                   scenario_stat(mr, name, "ttfo_ms").mean > scenario_stat(mr, name, "ttft_ms").mean * 1.001  # type: ignore[union-attr]
+    thinking = any(_answers_late(scenario_stat(mr, name, "ttft_ms"), scenario_stat(mr, name, "ttfo_ms"))
                    for mr in models)
     if kind == "throughput":
         headers = ("Model", "Streams", "Output (tok/s)", "Req/s", "Decode/stream (tok/s)",
@@ -3558,7 +3562,7 @@ def model_to_dict(mr: ModelResult, bandwidth_gbs: float) -> dict[str, Any]:
 
 
 def report_to_dict(report: Report) -> dict[str, Any]:
-    """The JSON report: a stable contract (schema_version 1, docs/report-format.md)."""
+    """The JSON report: a stable contract (schema_version 1, docs/metrics.md)."""
     return {
         "schema_version": SCHEMA_VERSION,
         "tool": {"name": TOOL_NAME, "version": __version__},
@@ -3866,7 +3870,7 @@ def discover_endpoint_models(base_url: str, table: Sequence[ModelSpec], api_key:
     except httpx.HTTPError as exc:
         raise UsageError(f"cannot reach {base_url} ({type(exc).__name__}): is the server running?"
                          ) from None
-    listed = served_models(r.json()) if r.status_code == 200 and _is_json(r) else []
+    listed = served_models(_json_or_none(r)) if r.status_code == 200 else []
     if r.status_code == 401:
         raise UsageError(f"{base_url} wants an API key: pass --api-key or set VLLM_API_KEY")
     if not listed:
@@ -3892,12 +3896,11 @@ def discover_endpoint_models(base_url: str, table: Sequence[ModelSpec], api_key:
     return out
 
 
-def _is_json(r: Any) -> bool:
+def _json_or_none(r: Any) -> Any:
     try:
-        r.json()
-        return True
+        return r.json()
     except ValueError:
-        return False
+        return None
 
 
 # ============================================================================
@@ -4226,6 +4229,13 @@ async def measure_model(plan: Plan, result: ModelResult, events: Events, *,
                     result.lifecycle["power"] = summary
 
 
+def inference_services(plan: Plan) -> list[str]:
+    """The compose file's services that run a model of the table: the only
+    containers the tool ever stops."""
+    services = plan.compose.services if plan.compose else {}
+    return [m.service for m in plan.table if m.service and m.service in services]
+
+
 def free_port(plan: Plan, compose: Compose, watch: DockerWatch, events: Events,
               sleep: Callable[[float], None] = time.sleep) -> None:
     """Before starting a model: if the port answers, name its holder and stop
@@ -4233,8 +4243,7 @@ def free_port(plan: Plan, compose: Compose, watch: DockerWatch, events: Events,
     port = plan.cfg.port
     if not port_in_use(port):
         return
-    inference = [m.service for m in plan.table if m.service in compose.file.services]
-    holder = who_holds_port(port, watch.client, compose.file.project, inference)  # type: ignore[arg-type]
+    holder = who_holds_port(port, watch.client, compose.file.project, inference_services(plan))
     if holder.kind != "inference":
         raise ModelFailed(f"port {port} is already in use by {holder.description}: stop it, "
                           "or publish the services on another port and pass --port")
@@ -4328,8 +4337,7 @@ def run_benchmark(plan: Plan, out: Any, err: Any, *, styled: bool = False,
     signals.install()
     try:
         if compose is not None:
-            inference = [m.service for m in plan.table if m.service in plan.compose.services]  # type: ignore[union-attr]
-            running = compose.running(inference)  # type: ignore[arg-type]
+            running = compose.running(inference_services(plan))
             if running:
                 events.info(f"stopping running inference services first: {', '.join(running)}")
                 with signals.held():

@@ -978,7 +978,8 @@ class _Handler(BaseHTTPRequestHandler):
         )
         return tokenize_text(text)
 
-    def h_tokenize(self) -> None:
+    def _tokenizer_request(self) -> tuple[StandinConfig, dict[str, Any]]:
+        """What /tokenize and /detokenize both check first; (config, body)."""
         cfg = self.state.snapshot()
         if not cfg.tokenize_endpoint:
             raise _Reply(404, {"detail": "Not Found"})
@@ -987,6 +988,10 @@ class _Handler(BaseHTTPRequestHandler):
         if not isinstance(body, dict):
             raise _bad_request("request body must be a JSON object")
         self._check_model(body)
+        return cfg, body
+
+    def h_tokenize(self) -> None:
+        cfg, body = self._tokenizer_request()
         if "messages" in body:
             words = self._render_request(body, cfg)
         elif isinstance(body.get("prompt"), str):
@@ -1001,14 +1006,7 @@ class _Handler(BaseHTTPRequestHandler):
         })
 
     def h_detokenize(self) -> None:
-        cfg = self.state.snapshot()
-        if not cfg.tokenize_endpoint:
-            raise _Reply(404, {"detail": "Not Found"})
-        self._check_ready()
-        body = self._json_body()
-        if not isinstance(body, dict):
-            raise _bad_request("request body must be a JSON object")
-        self._check_model(body)
+        _, body = self._tokenizer_request()
         ids = body.get("tokens")
         if not isinstance(ids, list) or not all(isinstance(i, int) for i in ids):
             raise _bad_request("`tokens` must be a list of integers", "tokens")
