@@ -2814,6 +2814,9 @@ def scenario_table(models: Sequence[ModelResult], name: str, kind: str,
                    bandwidth_gbs: float) -> TextTable:
     """One scenario as a table: a row per model, a trophy per ranked metric."""
     rankings = [r for metric in ranked_metrics(kind) if (r := rank(models, name, metric))]
+    ran = [mr for mr in models if any(sr.scenario.name == name for sr in mr.scenarios)]
+    unranked = [metric for metric in ranked_metrics(kind)
+                 if len(ran) > 1 and all(r.metric != metric for r in rankings)]
     winners = {r.metric: r.best for r in rankings if not r.tie}
     results = {mr.spec.name: sr for mr in models for sr in mr.scenarios if sr.scenario.name == name}
     thinking = any(_answers_late(scenario_stat(mr, name, "ttft_ms"), scenario_stat(mr, name, "ttfo_ms"))
@@ -2883,6 +2886,11 @@ def scenario_table(models: Sequence[ModelResult], name: str, kind: str,
             notes.append(f"warning: {mr.spec.name}: the server reports {server['prefix_cache_hits']} "
                          "prefix-cache hit tokens during this cold scenario")
     notes.extend(format_ranking(r) for r in rankings)
+    for metric in unranked:  # say why a metric has no winner instead of leaving it out
+        m = METRICS[metric]
+        have = [mr.spec.name for mr in ran if scenario_stat(mr, name, metric)]
+        notes.append(f"{m.label} ({m.unit}): not ranked: a value for {', '.join(have) or 'no model'} "
+                     f"only, of {', '.join(mr.spec.name for mr in ran)} (see the notes above)")
     sc = next(sr.scenario for sr in results.values()) if results else None
     title = f"{describe_scenario(sc)}" if sc else name
     return TextTable(title, headers, tuple(rows), tuple(dict.fromkeys(notes)))

@@ -91,3 +91,15 @@ def test_decode_detail_has_tpot_itl_percentiles_and_e2e_rate_per_scenario():
     table = pm.decode_detail_table([mr])
     # ITL pools every gap: [1, 2, 3, 4, 5] -> p50 3, p90 4.6, p99 4.96
     assert table.rows == (("m", "latency", "3.00 ± 1.41", "3.00", "4.60", "4.96", "300.0 ± 141.4"),)
+
+
+def test_a_metric_only_one_model_has_is_said_to_be_unranked():
+    a = pm.ModelResult(pm.ModelSpec("a", None, "a", 4096), status="ok")
+    b = pm.ModelResult(pm.ModelSpec("b", None, "b", 4096), status="ok")
+    sc = pm.Scenario("latency", "latency", None, 5, 2)
+    a.scenarios.append(pm.ScenarioResult(sc, (), {"tps": pm.summarize([5.0, 6.0]),
+                                                  "ttft_ms": pm.summarize([1.0, 1.1])}))
+    b.scenarios.append(pm.ScenarioResult(sc, (), {"ttft_ms": pm.summarize([9.0, 9.1])}))
+    notes = pm.scenario_table([a, b], "latency", "latency", 273.0).notes
+    assert "Decode (tok/s): not ranked: a value for a only, of a, b (see the notes above)" in notes
+    assert any(n.startswith("TTFT (ms): 🏆 a") for n in notes)
