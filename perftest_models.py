@@ -27,6 +27,28 @@ exit codes: 0 all models ok, 1 a model failed, 2 usage error,
             what was measured before a failure or interrupt is saved.
 """
 
+# Sections, in the order the data flows (each banner reads "# <name>"):
+#   Model table          ModelSpec, the default models, hardware, fixed workload
+#   Errors               PerftestError and its exit codes (only main() catches)
+#   Records              Metric, Scenario, Sample, Stat, ScenarioResult, ModelResult,
+#                        RunConfig, Report: frozen records that flow one way
+#   Model files          --models YAML: load and validate into ModelSpec
+#   Services             Compose and Docker: start, watch, stop a model's service
+#   Measurement          pure: reads of one stream -> Sample (TTFT, ITL, tokens)
+#   Transport            lean HTTP/1.1 transport; stamps reads in the socket callback
+#   Client               thin: send a streaming chat request, retries, JSON calls
+#   Prompts              prompts of exact token counts (the server's /tokenize)
+#   Server metrics       vLLM's /metrics deltas, GPU power
+#   Statistics           pure: percentiles, Student-t intervals, the roofline
+#   Benchmark            plan scenarios, wait for readiness, warm up, run scenarios
+#   Winners              pure: rank models per scenario and metric
+#   Saved reports        the JSON edge: Report <-> dict, load_report
+#   Comparison           pure: baseline vs candidate, verdicts, thresholds
+#   Rendering            pure: tables and summaries as text
+#   Exports              pure: Markdown, CSV, charts, HTML
+#   Output               files, progress on stderr, signals
+#   Command line         argument parsing, the run per model, main()
+
 from __future__ import annotations
 
 import argparse
@@ -149,13 +171,6 @@ CONTEXT_TOKENS_OUT = 100
 TEMPERATURE = 0.7
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
-# Filler for context prompts: plain words that tokenize predictably.
-_FILLER_WORDS = (
-    "the system processes each request in order and records the time it "
-    "takes to answer while the model reads every token of the context before "
-    "it writes the first word of its reply"
-).split()
-
 
 # ============================================================================
 # Errors
@@ -238,6 +253,16 @@ METRICS: dict[str, Metric] = {
         Metric("tokens_out", "Tokens out", "", None),
     )
 }
+
+# Whole-level figures of a throughput scenario: one value per level, so no
+# spread. Their direction is declared here once, as METRICS does for samples.
+AGGREGATE_METRICS: dict[str, Metric] = {
+    m.key: m
+    for m in (
+        Metric("output_tps", "Throughput", "tok/s", True, 1),
+        Metric("requests_per_s", "Requests", "req/s", True, 2),
+    )
+}
 DECODE_METRICS = ("tps", "tpot_ms")
 SAMPLE_METRICS = ("ttft_ms", "ttfo_ms", "tps", "tpot_ms", "e2e_tps", "prefill_tps",
                   "total_s", "tokens_in", "tokens_out")
@@ -263,6 +288,15 @@ class Scenario:
     @property
     def clamped(self) -> bool:
         return self.requested_tokens_in is not None
+
+
+def describe_scenario(s: Scenario) -> str:
+    tin = "~50-token prompt" if s.target_tokens_in is None else f"{s.target_tokens_in} tokens in"
+    clamp = f" (clamped from {s.requested_tokens_in} to fit the context)" if s.clamped else ""
+    if s.kind == "throughput":
+        return (f"{s.name}: {s.requests} requests, {s.concurrency} at a time, {tin}, "
+                f"{s.target_tokens_out} out")
+    return f"{s.name}: {tin}{clamp}, {s.target_tokens_out} out, x{s.requests}"
 
 
 @dataclass(frozen=True)
@@ -380,79 +414,22 @@ class Report:
     interrupted: str | None = None
 
 
-# ============================================================================
-# Statistics (pure)
-# ============================================================================
-
-# Two-sided 95% Student t quantiles by degrees of freedom; beyond 30 the
-# normal approximation is within 2%.
-_T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
-        2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
-        2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
-
-
-def t95(df: int) -> float:
-    """Two-sided 95% quantile of Student's t with `df` degrees of freedom."""
-    if df < 1:
-        raise ValueError("df must be >= 1")
-    return _T95[df - 1] if df <= len(_T95) else 1.960 + 2.4 / df
+def parse_token_count(text: str) -> int:
+    """'8k' -> 8000, '32K' -> 32000, '1500' -> 1500 (k is 1000, as in the seed)."""
+    t = text.strip().lower()
+    mult = 1000 if t.endswith("k") else 1
+    digits = t[:-1] if mult == 1000 else t
+    if not digits.isdigit() or int(digits) * mult < 1:
+        raise ValueError(text)
+    return int(digits) * mult
 
 
-def percentile(values: Sequence[float], q: float) -> float:
-    """The q-th percentile (0-100) by linear interpolation, as numpy does."""
-    if not values:
-        raise ValueError("percentile of no values")
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q / 100.0
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
-
-
-def summarize(values: Sequence[float]) -> Stat | None:
-    """Mean, sample stddev, min, max, median, p90, p99 and 95% CI of the mean."""
-    if not values:
-        return None
-    n = len(values)
-    mean = statistics.fmean(values)
-    stddev = statistics.stdev(values) if n > 1 else None
-    ci = None
-    if stddev is not None:
-        half = t95(n - 1) * stddev / math.sqrt(n)
-        ci = (mean - half, mean + half)
-    return Stat(n=n, mean=mean, stddev=stddev, min=min(values), max=max(values),
-                median=statistics.median(values), p90=percentile(values, 90),
-                p99=percentile(values, 99), ci95=ci)
-
-
-def summarize_samples(samples: Iterable[Sample]) -> dict[str, Stat]:
-    """One Stat per metric over the ok samples; ITL pools every token gap.
-    Bursty samples (see Sample.bursty) stay out of the decode figures (tps,
-    TPOT, ITL): their gaps show how the server flushed, not how it decoded."""
-    ok = [s for s in samples if s.ok]
-    steady = [s for s in ok if not s.bursty]
-    out: dict[str, Stat] = {}
-    for key in SAMPLE_METRICS:
-        pool = steady if key in DECODE_METRICS else ok
-        stat = summarize([getattr(s, key) for s in pool if getattr(s, key) is not None])
-        if stat is not None:
-            out[key] = stat
-    itl = summarize([gap for s in steady for gap in s.itl_ms])
-    if itl is not None:
-        out["itl_ms"] = itl
-    return out
-
-
-def ratio_with_error(a: Stat, b: Stat) -> tuple[float, float | None]:
-    """a.mean / b.mean and its standard deviation by error propagation."""
-    r = a.mean / b.mean
-    if a.stddev is None or b.stddev is None or a.mean == 0:
-        return r, None
-    return r, r * math.hypot(a.stddev / a.mean, b.stddev / b.mean)
+def format_token_count(n: int) -> str:
+    return f"{n // 1000}k" if n % 1000 == 0 else str(n)
 
 
 # ============================================================================
-# Model table loading and validation
+# Model files
 # ============================================================================
 
 
@@ -542,42 +519,10 @@ def _load_yaml(path: Path, what: str) -> Any:
         raise UsageError(f"{what} {path} is not valid YAML ({first}): fix the file") from None
 
 
-def parse_token_count(text: str) -> int:
-    """'8k' -> 8000, '32K' -> 32000, '1500' -> 1500 (k is 1000, as in the seed)."""
-    t = text.strip().lower()
-    mult = 1000 if t.endswith("k") else 1
-    digits = t[:-1] if mult == 1000 else t
-    if not digits.isdigit() or int(digits) * mult < 1:
-        raise ValueError(text)
-    return int(digits) * mult
-
-
-def format_token_count(n: int) -> str:
-    return f"{n // 1000}k" if n % 1000 == 0 else str(n)
-
-
-def plan_scenarios(cfg: RunConfig, spec: ModelSpec) -> list[Scenario]:
-    """The scenarios one model runs, with context sizes clamped to fit
-    (max context - output tokens) and marked as clamped."""
-    plan = [Scenario("latency", "latency", None, cfg.latency_tokens_out, cfg.iterations)]
-    fits = spec.max_context_tokens - cfg.context_tokens_out
-    for size in cfg.context_sizes:
-        target = min(size, fits)
-        plan.append(Scenario(f"context-{format_token_count(size)}", "context", target,
-                             cfg.context_tokens_out, cfg.iterations,
-                             requested_tokens_in=size if target != size else None))
-    for c in cfg.concurrency:
-        n = cfg.throughput_requests or max(4 * c, 8)
-        tin = max(1, min(cfg.throughput_tokens_in,
-                         spec.max_context_tokens - cfg.throughput_tokens_out))
-        plan.append(Scenario(f"throughput-c{c}", "throughput", tin, cfg.throughput_tokens_out,
-                             n, concurrency=c))
-    return plan
-
-
 # ============================================================================
 # Services: Compose and Docker (I/O)
 # ============================================================================
+
 
 Runner = Callable[..., "subprocess.CompletedProcess[str]"]
 
@@ -826,64 +771,14 @@ def who_holds_port(port: int, client: Any, project: str,
                       f"`ss -ltnp 'sport = :{port}'`)")
 
 
-class PowerSampler:
-    """GPU power from nvidia-smi, sampled in a thread while a model runs.
-
-    Absent cleanly (no samples, `summary()` None) where nvidia-smi is not
-    installed or fails. Energy is the trapezoid integral of the samples.
-    """
-
-    def __init__(self, runner: Runner = subprocess.run, interval_s: float = 1.0,
-                 clock: Clock = time.monotonic):
-        self.runner, self.interval_s, self.clock = runner, interval_s, clock
-        self.samples: list[tuple[float, float]] = []  # (clock s, watts)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def read_w(self) -> float | None:
-        try:
-            proc = self.runner(["nvidia-smi", "--query-gpu=power.draw", "--format=csv,noheader,nounits"],
-                               capture_output=True, text=True, timeout=10)
-            values = [float(v) for v in proc.stdout.split()] if proc.returncode == 0 else []
-        except (OSError, ValueError, subprocess.SubprocessError):
-            return None
-        return sum(values) if values else None
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            watts = self.read_w()
-            if watts is None:
-                return
-            self.samples.append((self.clock(), watts))
-            self._stop.wait(self.interval_s)
-
-    def __enter__(self) -> PowerSampler:
-        if shutil.which("nvidia-smi"):
-            self._thread = threading.Thread(target=self._loop, name="power", daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=15)
-
-    def summary(self, tokens: int) -> dict[str, Any] | None:
-        if len(self.samples) < 2:
-            return None
-        energy = sum((t1 - t0) * (w0 + w1) / 2
-                     for (t0, w0), (t1, w1) in zip(self.samples, self.samples[1:]))
-        watts = [w for _, w in self.samples]
-        return {"mean_w": round(statistics.fmean(watts), 1), "max_w": max(watts),
-                "energy_j": round(energy, 1), "samples": len(watts),
-                "tokens_per_j": round(tokens / energy, 4) if energy > 0 else None}
-
-
 # ============================================================================
-# Streaming client: measurement (pure)
+# Measurement (pure)
 # ============================================================================
+
 
 Read = tuple[float, bytes]  # (clock time when the bytes arrived, the bytes)
+
+Clock = Callable[[], float]
 
 try:  # optional (the `fast` extra): parses a chunk several times faster
     from orjson import loads as _orjson_loads
@@ -1116,53 +1011,8 @@ def spread_gaps(times: Sequence[float], counts: Sequence[int | None], tokens_out
 
 
 # ============================================================================
-# Streaming client: I/O (thin)
+# Transport (I/O)
 # ============================================================================
-
-Clock = Callable[[], float]
-StreamObserver = Callable[[float, Sequence[Read], Sample], None]
-RETRYABLE_STATUS = (429, 503)  # refused before any generation: safe to resend
-
-
-def http_client(base_url: str, api_key: str | None, timeout_s: float, streams: int = 1) -> Any:
-    """An httpx.AsyncClient whose pool never makes a stream wait for a
-    connection (so the client adds no queueing of its own).
-
-    POST requests (the measured streams) go over `StreamTransport`, a lean
-    HTTP/1.1 transport, unless a proxy applies to `base_url`: httpx's own
-    stack (httpcore, anyio, h11) costs several times more CPU per network
-    read than the whole rest of the client (docs/benchmark.md)."""
-    import httpx  # noqa: PLC0415 (lazy: see imports)
-
-    headers = {"Accept-Encoding": "identity", "User-Agent": f"{TOOL_NAME}/{__version__}"}
-    if api_key:
-        headers["Authorization"] = f"Bearer {api_key}"
-    limits = httpx.Limits(max_connections=streams + 4, max_keepalive_connections=streams + 4)
-    transport = None if _proxied(base_url) else StreamTransport(
-        httpx.AsyncHTTPTransport(limits=limits))
-    return httpx.AsyncClient(
-        base_url=base_url, headers=headers,
-        timeout=httpx.Timeout(timeout_s, connect=10.0), limits=limits, transport=transport)
-
-
-def _uvloop() -> Any:
-    try:
-        import uvloop  # noqa: PLC0415 (optional: the `fast` extra)
-    except ImportError:
-        return None
-    return uvloop if hasattr(uvloop, "run") else None
-
-
-def event_loop_name() -> str:
-    """The event loop run_async uses: "uvloop" or "asyncio"."""
-    return "uvloop" if _uvloop() else "asyncio"
-
-
-def run_async(main: Any) -> Any:
-    """asyncio.run, on uvloop when it is installed (the `fast` extra): its
-    loop costs less per network read, which is the client's hot path."""
-    uvloop = _uvloop()
-    return uvloop.run(main) if uvloop else asyncio.run(main)
 
 
 def _proxied(url: str) -> bool:
@@ -1728,6 +1578,56 @@ def _body_stream_class() -> type:
     return BodyStream
 
 
+# ============================================================================
+# Client (thin I/O)
+# ============================================================================
+
+
+StreamObserver = Callable[[float, Sequence[Read], Sample], None]
+RETRYABLE_STATUS = (429, 503)  # refused before any generation: safe to resend
+
+
+def http_client(base_url: str, api_key: str | None, timeout_s: float, streams: int = 1) -> Any:
+    """An httpx.AsyncClient whose pool never makes a stream wait for a
+    connection (so the client adds no queueing of its own).
+
+    POST requests (the measured streams) go over `StreamTransport`, a lean
+    HTTP/1.1 transport, unless a proxy applies to `base_url`: httpx's own
+    stack (httpcore, anyio, h11) costs several times more CPU per network
+    read than the whole rest of the client (docs/benchmark.md)."""
+    import httpx  # noqa: PLC0415 (lazy: see imports)
+
+    headers = {"Accept-Encoding": "identity", "User-Agent": f"{TOOL_NAME}/{__version__}"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    limits = httpx.Limits(max_connections=streams + 4, max_keepalive_connections=streams + 4)
+    transport = None if _proxied(base_url) else StreamTransport(
+        httpx.AsyncHTTPTransport(limits=limits))
+    return httpx.AsyncClient(
+        base_url=base_url, headers=headers,
+        timeout=httpx.Timeout(timeout_s, connect=10.0), limits=limits, transport=transport)
+
+
+def _uvloop() -> Any:
+    try:
+        import uvloop  # noqa: PLC0415 (optional: the `fast` extra)
+    except ImportError:
+        return None
+    return uvloop if hasattr(uvloop, "run") else None
+
+
+def event_loop_name() -> str:
+    """The event loop run_async uses: "uvloop" or "asyncio"."""
+    return "uvloop" if _uvloop() else "asyncio"
+
+
+def run_async(main: Any) -> Any:
+    """asyncio.run, on uvloop when it is installed (the `fast` extra): its
+    loop costs less per network read, which is the client's hot path."""
+    uvloop = _uvloop()
+    return uvloop.run(main) if uvloop else asyncio.run(main)
+
+
 def _error_message(status: int, body: bytes) -> str:
     text = body.decode("utf-8", "replace").strip()
     with contextlib.suppress(ValueError, AttributeError, TypeError):
@@ -1898,6 +1798,13 @@ def served_models(doc: Any) -> list[dict[str, Any]]:
 # Prompts with exact token counts
 # ============================================================================
 
+# Filler for context prompts: plain words that tokenize predictably.
+_FILLER_WORDS = (
+    "the system processes each request in order and records the time it "
+    "takes to answer while the model reads every token of the context before "
+    "it writes the first word of its reply"
+).split()
+
 
 def filler(n_chars: int) -> str:
     """The first `n_chars` characters of an endless plain-English filler."""
@@ -2034,7 +1941,7 @@ class PromptBuilder:
 
 
 # ============================================================================
-# Server metrics (vLLM's Prometheus /metrics)
+# Server metrics and GPU telemetry
 # ============================================================================
 
 
@@ -2103,9 +2010,160 @@ async def scrape_metrics(client: Any) -> dict[str, float] | None:
     return parse_prometheus(r.text) if r.status_code == 200 else None
 
 
+class PowerSampler:
+    """GPU power from nvidia-smi, sampled in a thread while a model runs.
+
+    Absent cleanly (no samples, `summary()` None) where nvidia-smi is not
+    installed or fails. Energy is the trapezoid integral of the samples.
+    """
+
+    def __init__(self, runner: Runner = subprocess.run, interval_s: float = 1.0,
+                 clock: Clock = time.monotonic):
+        self.runner, self.interval_s, self.clock = runner, interval_s, clock
+        self.samples: list[tuple[float, float]] = []  # (clock s, watts)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def read_w(self) -> float | None:
+        try:
+            proc = self.runner(["nvidia-smi", "--query-gpu=power.draw", "--format=csv,noheader,nounits"],
+                               capture_output=True, text=True, timeout=10)
+            values = [float(v) for v in proc.stdout.split()] if proc.returncode == 0 else []
+        except (OSError, ValueError, subprocess.SubprocessError):
+            return None
+        return sum(values) if values else None
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            watts = self.read_w()
+            if watts is None:
+                return
+            self.samples.append((self.clock(), watts))
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> PowerSampler:
+        if shutil.which("nvidia-smi"):
+            self._thread = threading.Thread(target=self._loop, name="power", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=15)
+
+    def summary(self, tokens: int) -> dict[str, Any] | None:
+        if len(self.samples) < 2:
+            return None
+        energy = sum((t1 - t0) * (w0 + w1) / 2
+                     for (t0, w0), (t1, w1) in zip(self.samples, self.samples[1:]))
+        watts = [w for _, w in self.samples]
+        return {"mean_w": round(statistics.fmean(watts), 1), "max_w": max(watts),
+                "energy_j": round(energy, 1), "samples": len(watts),
+                "tokens_per_j": round(tokens / energy, 4) if energy > 0 else None}
+
+
 # ============================================================================
-# Benchmark: readiness, warm-up, scenarios (measurement through the client)
+# Statistics (pure)
 # ============================================================================
+
+# Two-sided 95% Student t quantiles by degrees of freedom; beyond 30 the
+# normal approximation is within 2%.
+_T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
+        2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
+        2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def t95(df: int) -> float:
+    """Two-sided 95% quantile of Student's t with `df` degrees of freedom."""
+    if df < 1:
+        raise ValueError("df must be >= 1")
+    return _T95[df - 1] if df <= len(_T95) else 1.960 + 2.4 / df
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0-100) by linear interpolation, as numpy does."""
+    if not values:
+        raise ValueError("percentile of no values")
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100.0
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def summarize(values: Sequence[float]) -> Stat | None:
+    """Mean, sample stddev, min, max, median, p90, p99 and 95% CI of the mean."""
+    if not values:
+        return None
+    n = len(values)
+    mean = statistics.fmean(values)
+    stddev = statistics.stdev(values) if n > 1 else None
+    ci = None
+    if stddev is not None:
+        half = t95(n - 1) * stddev / math.sqrt(n)
+        ci = (mean - half, mean + half)
+    return Stat(n=n, mean=mean, stddev=stddev, min=min(values), max=max(values),
+                median=statistics.median(values), p90=percentile(values, 90),
+                p99=percentile(values, 99), ci95=ci)
+
+
+def summarize_samples(samples: Iterable[Sample]) -> dict[str, Stat]:
+    """One Stat per metric over the ok samples; ITL pools every token gap.
+    Bursty samples (see Sample.bursty) stay out of the decode figures (tps,
+    TPOT, ITL): their gaps show how the server flushed, not how it decoded."""
+    ok = [s for s in samples if s.ok]
+    steady = [s for s in ok if not s.bursty]
+    out: dict[str, Stat] = {}
+    for key in SAMPLE_METRICS:
+        pool = steady if key in DECODE_METRICS else ok
+        stat = summarize([getattr(s, key) for s in pool if getattr(s, key) is not None])
+        if stat is not None:
+            out[key] = stat
+    itl = summarize([gap for s in steady for gap in s.itl_ms])
+    if itl is not None:
+        out["itl_ms"] = itl
+    return out
+
+
+def ratio_with_error(a: Stat, b: Stat) -> tuple[float, float | None]:
+    """a.mean / b.mean and its standard deviation by error propagation."""
+    r = a.mean / b.mean
+    if a.stddev is None or b.stddev is None or a.mean == 0:
+        return r, None
+    return r, r * math.hypot(a.stddev / a.mean, b.stddev / b.mean)
+
+
+def roofline_tps(spec: ModelSpec, bandwidth_gbs: float) -> float | None:
+    """Decode tokens/s ceiling: bandwidth / bytes of active weights (the KV
+    cache read is left out, so the true ceiling is a little lower)."""
+    if not spec.params_active_b or not spec.bytes_per_weight:
+        return None
+    return bandwidth_gbs * 1e9 / (spec.params_active_b * 1e9 * spec.bytes_per_weight)
+
+
+# ============================================================================
+# Benchmark: planning, readiness, warm-up, scenarios
+# ============================================================================
+
+
+def plan_scenarios(cfg: RunConfig, spec: ModelSpec) -> list[Scenario]:
+    """The scenarios one model runs, with context sizes clamped to fit
+    (max context - output tokens) and marked as clamped."""
+    plan = [Scenario("latency", "latency", None, cfg.latency_tokens_out, cfg.iterations)]
+    fits = spec.max_context_tokens - cfg.context_tokens_out
+    for size in cfg.context_sizes:
+        target = min(size, fits)
+        plan.append(Scenario(f"context-{format_token_count(size)}", "context", target,
+                             cfg.context_tokens_out, cfg.iterations,
+                             requested_tokens_in=size if target != size else None))
+    for c in cfg.concurrency:
+        n = cfg.throughput_requests or max(4 * c, 8)
+        tin = max(1, min(cfg.throughput_tokens_in,
+                         spec.max_context_tokens - cfg.throughput_tokens_out))
+        plan.append(Scenario(f"throughput-c{c}", "throughput", tin, cfg.throughput_tokens_out,
+                             n, concurrency=c))
+    return plan
 
 
 class Events:
@@ -2354,25 +2412,8 @@ async def benchmark_model(client: Any, result: ModelResult, cfg: RunConfig, even
         events.scenario_done(result, sr)
 
 
-def describe_scenario(s: Scenario) -> str:
-    tin = "~50-token prompt" if s.target_tokens_in is None else f"{s.target_tokens_in} tokens in"
-    clamp = f" (clamped from {s.requested_tokens_in} to fit the context)" if s.clamped else ""
-    if s.kind == "throughput":
-        return (f"{s.name}: {s.requests} requests, {s.concurrency} at a time, {tin}, "
-                f"{s.target_tokens_out} out")
-    return f"{s.name}: {tin}{clamp}, {s.target_tokens_out} out, x{s.requests}"
-
-
-def roofline_tps(spec: ModelSpec, bandwidth_gbs: float) -> float | None:
-    """Decode tokens/s ceiling: bandwidth / bytes of active weights (the KV
-    cache read is left out, so the true ceiling is a little lower)."""
-    if not spec.params_active_b or not spec.bytes_per_weight:
-        return None
-    return bandwidth_gbs * 1e9 / (spec.params_active_b * 1e9 * spec.bytes_per_weight)
-
-
 # ============================================================================
-# Comparison and winners (pure)
+# Winners (pure)
 # ============================================================================
 
 
@@ -2442,8 +2483,69 @@ def scenario_names(models: Sequence[ModelResult]) -> list[tuple[str, str]]:
 
 
 # ============================================================================
-# Saved reports: loading (the JSON edge)
+# Saved reports: the JSON edge
 # ============================================================================
+
+
+def _round(x: Any, digits: int = 3) -> Any:
+    return round(x, digits) if isinstance(x, float) else x
+
+
+def stat_to_dict(st: Stat) -> dict[str, Any]:
+    d = {k: _round(v, 4) for k, v in dataclasses.asdict(st).items() if k != "ci95"}
+    d["ci95"] = [_round(v, 4) for v in st.ci95] if st.ci95 else None
+    return d
+
+
+def sample_to_dict(s: Sample) -> dict[str, Any]:
+    # seconds to the microsecond, milliseconds and rates to 3 decimals
+    d = {k: _round(v, 6 if k.endswith("_s") else 3)
+         for k, v in dataclasses.asdict(s).items() if k != "itl_ms"}
+    d["itl_ms"] = [round(x, 3) for x in s.itl_ms]
+    return d
+
+
+def scenario_to_dict(sr: ScenarioResult) -> dict[str, Any]:
+    sc = sr.scenario
+    return {
+        "name": sc.name, "kind": sc.kind,
+        "target_tokens_in": sc.target_tokens_in, "requested_tokens_in": sc.requested_tokens_in,
+        "clamped": sc.clamped, "target_tokens_out": sc.target_tokens_out,
+        "requests": sc.requests, "concurrency": sc.concurrency,
+        "samples": [sample_to_dict(s) for s in sr.samples],
+        "summary": {k: stat_to_dict(v) for k, v in sr.summary.items()},
+        "aggregate": {k: _round(v) for k, v in sr.aggregate.items()} if sr.aggregate else None,
+        "server_metrics": {k: _round(v) for k, v in sr.server.items()} if sr.server else None,
+    }
+
+
+def model_to_dict(mr: ModelResult, bandwidth_gbs: float) -> dict[str, Any]:
+    spec = mr.spec
+    ceiling = roofline_tps(spec, bandwidth_gbs)
+    tps = scenario_stat(mr, "latency", "tps")
+    return {
+        "name": spec.name, "model_id": spec.model_id, "service": spec.service,
+        "status": mr.status, "error": mr.error, "failure": mr.failure or None,
+        "spec": {k: v for k, v in dataclasses.asdict(spec).items()
+                 if k not in ("name", "model_id", "service")},
+        "server": mr.server, "lifecycle": mr.lifecycle,
+        "roofline": {"bandwidth_gbs": bandwidth_gbs, "ceiling_tps": _round(ceiling),
+                     "achieved_pct": _round(100 * tps.mean / ceiling, 1) if ceiling and tps else None},
+        "scenarios": [scenario_to_dict(sr) for sr in mr.scenarios],
+    }
+
+
+def report_to_dict(report: Report) -> dict[str, Any]:
+    """The JSON report: a stable contract (schema_version 1, docs/metrics.md)."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "tool": {"name": TOOL_NAME, "version": __version__},
+        "started_at": report.started_at, "finished_at": report.finished_at,
+        "interrupted": report.interrupted,
+        "config": dataclasses.asdict(report.config),
+        "environment": report.environment,
+        "models": [model_to_dict(mr, report.config.bandwidth_gbs) for mr in report.models],
+    }
 
 
 def _known_fields(cls: type, data: Mapping[str, Any]) -> dict[str, Any]:
@@ -2547,15 +2649,6 @@ def load_report(path: Path, what: str = "report") -> Report:
 # Comparison of saved reports (pure)
 # ============================================================================
 
-# Whole-level figures of a throughput scenario: one value per level, so no
-# spread. Their direction is declared here once, as METRICS does for samples.
-AGGREGATE_METRICS: dict[str, Metric] = {
-    m.key: m
-    for m in (
-        Metric("output_tps", "Throughput", "tok/s", True, 1),
-        Metric("requests_per_s", "Requests", "req/s", True, 2),
-    )
-}
 # Every metric with a direction can be compared; token counts cannot.
 COMPARED_METRICS: dict[str, Metric] = {
     k: m for k, m in {**METRICS, **AGGREGATE_METRICS}.items() if m.higher_is_better is not None}
@@ -2749,6 +2842,7 @@ def compare_reports(baseline: Report, candidate: Report, thresholds_pct: Mapping
 # ============================================================================
 # Rendering (pure: returns text)
 # ============================================================================
+
 
 TROPHY = "🏆"
 
@@ -3019,11 +3113,6 @@ def format_summary(report: Report) -> str:
     if report.interrupted:
         lines.append(f"  interrupted by {report.interrupted}: the results above are partial")
     return "\n".join(lines) + "\n"
-
-
-# ============================================================================
-# Rendering comparisons (pure: returns text)
-# ============================================================================
 
 
 def fmt_change(pct: float | None) -> str:
@@ -3517,69 +3606,8 @@ def format_html(report: Report, charts: Mapping[str, bytes], comparison: Compari
 
 
 # ============================================================================
-# Output: JSON report, files
+# Output: files, progress, signals (I/O)
 # ============================================================================
-
-
-def _round(x: Any, digits: int = 3) -> Any:
-    return round(x, digits) if isinstance(x, float) else x
-
-
-def stat_to_dict(st: Stat) -> dict[str, Any]:
-    d = {k: _round(v, 4) for k, v in dataclasses.asdict(st).items() if k != "ci95"}
-    d["ci95"] = [_round(v, 4) for v in st.ci95] if st.ci95 else None
-    return d
-
-
-def sample_to_dict(s: Sample) -> dict[str, Any]:
-    # seconds to the microsecond, milliseconds and rates to 3 decimals
-    d = {k: _round(v, 6 if k.endswith("_s") else 3)
-         for k, v in dataclasses.asdict(s).items() if k != "itl_ms"}
-    d["itl_ms"] = [round(x, 3) for x in s.itl_ms]
-    return d
-
-
-def scenario_to_dict(sr: ScenarioResult) -> dict[str, Any]:
-    sc = sr.scenario
-    return {
-        "name": sc.name, "kind": sc.kind,
-        "target_tokens_in": sc.target_tokens_in, "requested_tokens_in": sc.requested_tokens_in,
-        "clamped": sc.clamped, "target_tokens_out": sc.target_tokens_out,
-        "requests": sc.requests, "concurrency": sc.concurrency,
-        "samples": [sample_to_dict(s) for s in sr.samples],
-        "summary": {k: stat_to_dict(v) for k, v in sr.summary.items()},
-        "aggregate": {k: _round(v) for k, v in sr.aggregate.items()} if sr.aggregate else None,
-        "server_metrics": {k: _round(v) for k, v in sr.server.items()} if sr.server else None,
-    }
-
-
-def model_to_dict(mr: ModelResult, bandwidth_gbs: float) -> dict[str, Any]:
-    spec = mr.spec
-    ceiling = roofline_tps(spec, bandwidth_gbs)
-    tps = scenario_stat(mr, "latency", "tps")
-    return {
-        "name": spec.name, "model_id": spec.model_id, "service": spec.service,
-        "status": mr.status, "error": mr.error, "failure": mr.failure or None,
-        "spec": {k: v for k, v in dataclasses.asdict(spec).items()
-                 if k not in ("name", "model_id", "service")},
-        "server": mr.server, "lifecycle": mr.lifecycle,
-        "roofline": {"bandwidth_gbs": bandwidth_gbs, "ceiling_tps": _round(ceiling),
-                     "achieved_pct": _round(100 * tps.mean / ceiling, 1) if ceiling and tps else None},
-        "scenarios": [scenario_to_dict(sr) for sr in mr.scenarios],
-    }
-
-
-def report_to_dict(report: Report) -> dict[str, Any]:
-    """The JSON report: a stable contract (schema_version 1, docs/metrics.md)."""
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "tool": {"name": TOOL_NAME, "version": __version__},
-        "started_at": report.started_at, "finished_at": report.finished_at,
-        "interrupted": report.interrupted,
-        "config": dataclasses.asdict(report.config),
-        "environment": report.environment,
-        "models": [model_to_dict(mr, report.config.bandwidth_gbs) for mr in report.models],
-    }
 
 
 def atomic_write(path: Path, text: str) -> None:
@@ -3664,6 +3692,194 @@ def collect_environment(runner: Runner = subprocess.run) -> dict[str, Any]:
             if proc.returncode == 0 and proc.stdout.strip():
                 env["gpu"] = proc.stdout.strip().splitlines()[0]
     return env
+
+
+def _write_export(path: Path, data: bytes, what: str) -> None:
+    try:
+        if path.parent != Path():
+            path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise PerftestError(f"cannot write {what} {path} ({exc.strerror or exc}): "
+                            "check the folder's permissions and free space") from None
+
+
+def write_exports(targets: ExportTargets, report: Report, stdout: Any, err: Any, *,
+                  comparison: Comparison | None = None, labels: tuple[str, str] | None = None,
+                  baseline: Report | None = None, compare_only: bool = False) -> None:
+    """Render and write each export that was asked for ('-' to `stdout`); the
+    charts are drawn once for both --html and --charts. `compare_only`: the
+    Markdown holds the comparison alone (the compare command)."""
+    charts: dict[str, bytes] = {}
+
+    def get_charts() -> dict[str, bytes]:
+        if not charts:
+            charts.update(render_charts(report, baseline))
+        return charts
+
+    makers: dict[str, Callable[[], str]] = {
+        "markdown": lambda: (format_comparison_markdown(comparison, labels or ("baseline", "candidate"))
+                             if compare_only and comparison is not None
+                             else format_markdown(report, comparison, labels)),
+        "csv": lambda: format_csv(report),
+        "html": lambda: format_html(report, get_charts(), comparison, labels),
+    }
+    for key, make in makers.items():
+        dest = getattr(targets, key)
+        if dest is None:
+            continue
+        if dest == "-":
+            stdout.write(make())
+            stdout.flush()
+            continue
+        _write_export(Path(dest), make().encode("utf-8"), f"--{key}")
+        err.write(f"{key}: {dest}\n")
+    if targets.charts is not None:
+        for name, png in get_charts().items():
+            _write_export(targets.charts / name, png, "--charts")
+        err.write(f"charts: {', '.join(get_charts())} in {targets.charts}\n")
+
+
+class SignalGuard:
+    """Turns SIGTERM and SIGHUP into Interrupted (SIGINT stays
+    KeyboardInterrupt), and holds any signal back while a service is being
+    stopped, so that cleanup itself cannot be cut short."""
+
+    SIGNALS = tuple(s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s)
+
+    def __init__(self) -> None:
+        self.holding = False
+        self.pending: int | None = None
+        self.previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        for sig in self.SIGNALS:
+            self.previous[sig] = signal.signal(sig, self._handle)
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.holding:
+            self.pending = signum
+            return
+        self._raise(signum)
+
+    @staticmethod
+    def _raise(signum: int) -> None:
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise Interrupted(signum)
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        self.holding = True
+        try:
+            yield
+        finally:
+            self.holding = False
+        if self.pending is not None:
+            signum, self.pending = self.pending, None
+            self._raise(signum)
+
+
+class ConsoleEvents(Events):
+    """Progress to stderr: a live line on a terminal; in a log, one line
+    every `quiet_s` seconds while waiting, so a long load is visible but
+    does not flood."""
+
+    def __init__(self, err: Any, tty: bool, on_scenario: Callable[[], None] = lambda: None,
+                 quiet_s: float = 30.0, clock: Clock = time.monotonic):
+        self.err, self.tty, self.on_scenario = err, tty, on_scenario
+        self.quiet_s, self.clock = quiet_s, clock
+        self._last_wait = -math.inf
+        self._live = False
+
+    def _line(self, text: str) -> None:
+        if self._live:
+            self.err.write("\n")
+            self._live = False
+        self.err.write(text + "\n")
+        self.err.flush()
+
+    def info(self, text: str) -> None:
+        self._line(text)
+
+    def waiting(self, model: str, elapsed_s: float, last_log: Callable[[], str | None]) -> None:
+        interval = 1.0 if self.tty else self.quiet_s
+        now = self.clock()
+        if now - self._last_wait < interval:
+            return
+        self._last_wait = now
+        log = last_log()
+        text = f"  {model}: waiting for health, {elapsed_s:.0f} s" + (f" | {log[:100]}" if log else "")
+        if self.tty:
+            self.err.write("\r\x1b[2K" + text)
+            self.err.flush()
+            self._live = True
+        else:
+            self._line(text)
+
+    def sample(self, model: str, scenario: Scenario, index: int, sample: Sample) -> None:
+        if scenario.kind == "throughput" and index + 1 != scenario.requests:
+            return
+        head = f"  [{index + 1}/{scenario.requests}] {scenario.name}"
+        if scenario.kind == "throughput":
+            self._line(f"{head}: done")
+        elif sample.ok:
+            tps = f", {sample.tps:.1f} tok/s" if sample.tps else ""
+            self._line(f"{head}: TTFT {sample.ttft_ms:.0f} ms{tps}, {sample.tokens_in} in, "
+                       f"{sample.tokens_out} out, {sample.total_s:.2f} s")
+        else:
+            self._line(f"{head}: FAILED: {sample.error}")
+
+    def scenario_done(self, model: ModelResult, result: ScenarioResult) -> None:
+        self.on_scenario()
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+
+
+class ReportFiles:
+    """The run's .json (rewritten after every scenario) and .txt reports.
+    A write that fails mid-run is reported once; the results still go to stdout."""
+
+    def __init__(self, folder: Path, stem: str, err: Any):
+        self.json_path = folder / f"{stem}.json"
+        self.txt_path = folder / f"{stem}.txt"
+        self.err = err
+        self.failed: str | None = None
+
+    def _write(self, path: Path, text: str) -> bool:
+        try:
+            atomic_write(path, text)
+            return True
+        except OSError as exc:
+            if self.failed is None:
+                self.err.write(f"warning: cannot write {path} ({exc.strerror or exc}); "
+                               "the results go to stdout instead\n")
+            self.failed = str(exc)
+            return False
+
+    def save_json(self, report: Report) -> bool:
+        return self._write(self.json_path, json.dumps(report_to_dict(report), indent=1) + "\n")
+
+    def save_text(self, text: str) -> bool:
+        return self._write(self.txt_path, text)
+
+
+# Control characters in an error message come from the user's input (an
+# argument, a field name in someone's YAML): shown escaped, so the message
+# stays one line and cannot drive the terminal.
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(32), 127)} | {10: "\\n", 13: "\\r", 9: "\\t"}
+
+
+def one_line(text: str) -> str:
+    return text.translate(_CONTROL)
 
 
 # ============================================================================
@@ -3911,11 +4127,6 @@ def _json_or_none(r: Any) -> Any:
         return None
 
 
-# ============================================================================
-# Baseline, exports and the compare command (command layer)
-# ============================================================================
-
-
 def _thresholds(text: str) -> dict[str, float | None]:
     try:
         return parse_thresholds(text)
@@ -3987,54 +4198,6 @@ def check_output_options(args: argparse.Namespace) -> tuple[Baseline | None, Exp
     return baseline, targets
 
 
-def _write_export(path: Path, data: bytes, what: str) -> None:
-    try:
-        if path.parent != Path():
-            path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise PerftestError(f"cannot write {what} {path} ({exc.strerror or exc}): "
-                            "check the folder's permissions and free space") from None
-
-
-def write_exports(targets: ExportTargets, report: Report, stdout: Any, err: Any, *,
-                  comparison: Comparison | None = None, labels: tuple[str, str] | None = None,
-                  baseline: Report | None = None, compare_only: bool = False) -> None:
-    """Render and write each export that was asked for ('-' to `stdout`); the
-    charts are drawn once for both --html and --charts. `compare_only`: the
-    Markdown holds the comparison alone (the compare command)."""
-    charts: dict[str, bytes] = {}
-
-    def get_charts() -> dict[str, bytes]:
-        if not charts:
-            charts.update(render_charts(report, baseline))
-        return charts
-
-    makers: dict[str, Callable[[], str]] = {
-        "markdown": lambda: (format_comparison_markdown(comparison, labels or ("baseline", "candidate"))
-                             if compare_only and comparison is not None
-                             else format_markdown(report, comparison, labels)),
-        "csv": lambda: format_csv(report),
-        "html": lambda: format_html(report, get_charts(), comparison, labels),
-    }
-    for key, make in makers.items():
-        dest = getattr(targets, key)
-        if dest is None:
-            continue
-        if dest == "-":
-            stdout.write(make())
-            stdout.flush()
-            continue
-        _write_export(Path(dest), make().encode("utf-8"), f"--{key}")
-        err.write(f"{key}: {dest}\n")
-    if targets.charts is not None:
-        for name, png in get_charts().items():
-            _write_export(targets.charts / name, png, "--charts")
-        err.write(f"charts: {', '.join(get_charts())} in {targets.charts}\n")
-
-
 def finish_run(plan: Plan, report: Report, code: int, *, out: Any, stdout: Any, err: Any,
                styled: bool = False) -> int:
     """After the reports are saved: compare with --baseline (the table goes to
@@ -4100,109 +4263,6 @@ def build_compare_parser() -> argparse.ArgumentParser:
                    help="the report to judge")
     add_output_options(p, run=False)
     return p
-
-
-# ============================================================================
-# Running: lifecycle per model, progress, signals (command layer)
-# ============================================================================
-
-
-class SignalGuard:
-    """Turns SIGTERM and SIGHUP into Interrupted (SIGINT stays
-    KeyboardInterrupt), and holds any signal back while a service is being
-    stopped, so that cleanup itself cannot be cut short."""
-
-    SIGNALS = tuple(s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s)
-
-    def __init__(self) -> None:
-        self.holding = False
-        self.pending: int | None = None
-        self.previous: dict[int, Any] = {}
-
-    def install(self) -> None:
-        for sig in self.SIGNALS:
-            self.previous[sig] = signal.signal(sig, self._handle)
-
-    def restore(self) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.holding:
-            self.pending = signum
-            return
-        self._raise(signum)
-
-    @staticmethod
-    def _raise(signum: int) -> None:
-        if signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        raise Interrupted(signum)
-
-    @contextlib.contextmanager
-    def held(self) -> Iterator[None]:
-        self.holding = True
-        try:
-            yield
-        finally:
-            self.holding = False
-        if self.pending is not None:
-            signum, self.pending = self.pending, None
-            self._raise(signum)
-
-
-class ConsoleEvents(Events):
-    """Progress to stderr: a live line on a terminal; in a log, one line
-    every `quiet_s` seconds while waiting, so a long load is visible but
-    does not flood."""
-
-    def __init__(self, err: Any, tty: bool, on_scenario: Callable[[], None] = lambda: None,
-                 quiet_s: float = 30.0, clock: Clock = time.monotonic):
-        self.err, self.tty, self.on_scenario = err, tty, on_scenario
-        self.quiet_s, self.clock = quiet_s, clock
-        self._last_wait = -math.inf
-        self._live = False
-
-    def _line(self, text: str) -> None:
-        if self._live:
-            self.err.write("\n")
-            self._live = False
-        self.err.write(text + "\n")
-        self.err.flush()
-
-    def info(self, text: str) -> None:
-        self._line(text)
-
-    def waiting(self, model: str, elapsed_s: float, last_log: Callable[[], str | None]) -> None:
-        interval = 1.0 if self.tty else self.quiet_s
-        now = self.clock()
-        if now - self._last_wait < interval:
-            return
-        self._last_wait = now
-        log = last_log()
-        text = f"  {model}: waiting for health, {elapsed_s:.0f} s" + (f" | {log[:100]}" if log else "")
-        if self.tty:
-            self.err.write("\r\x1b[2K" + text)
-            self.err.flush()
-            self._live = True
-        else:
-            self._line(text)
-
-    def sample(self, model: str, scenario: Scenario, index: int, sample: Sample) -> None:
-        if scenario.kind == "throughput" and index + 1 != scenario.requests:
-            return
-        head = f"  [{index + 1}/{scenario.requests}] {scenario.name}"
-        if scenario.kind == "throughput":
-            self._line(f"{head}: done")
-        elif sample.ok:
-            tps = f", {sample.tps:.1f} tok/s" if sample.tps else ""
-            self._line(f"{head}: TTFT {sample.ttft_ms:.0f} ms{tps}, {sample.tokens_in} in, "
-                       f"{sample.tokens_out} out, {sample.total_s:.2f} s")
-        else:
-            self._line(f"{head}: FAILED: {sample.error}")
-
-    def scenario_done(self, model: ModelResult, result: ScenarioResult) -> None:
-        self.on_scenario()
 
 
 def _last_log_line(watch: DockerWatch) -> Callable[[], str | None]:
@@ -4292,38 +4352,6 @@ def run_model(plan: Plan, result: ModelResult, events: Events, compose: Compose 
                             f"(stop it by hand: docker compose stop {service})")
 
 
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
-
-
-class ReportFiles:
-    """The run's .json (rewritten after every scenario) and .txt reports.
-    A write that fails mid-run is reported once; the results still go to stdout."""
-
-    def __init__(self, folder: Path, stem: str, err: Any):
-        self.json_path = folder / f"{stem}.json"
-        self.txt_path = folder / f"{stem}.txt"
-        self.err = err
-        self.failed: str | None = None
-
-    def _write(self, path: Path, text: str) -> bool:
-        try:
-            atomic_write(path, text)
-            return True
-        except OSError as exc:
-            if self.failed is None:
-                self.err.write(f"warning: cannot write {path} ({exc.strerror or exc}); "
-                               "the results go to stdout instead\n")
-            self.failed = str(exc)
-            return False
-
-    def save_json(self, report: Report) -> bool:
-        return self._write(self.json_path, json.dumps(report_to_dict(report), indent=1) + "\n")
-
-    def save_text(self, text: str) -> bool:
-        return self._write(self.txt_path, text)
-
-
 def run_benchmark(plan: Plan, out: Any, err: Any, *, styled: bool = False,
                   err_tty: bool = False) -> int:
     """The main job: every selected model in turn; exit 0, 1, 3, 130 or 143."""
@@ -4393,16 +4421,6 @@ def run_benchmark(plan: Plan, out: Any, err: Any, *, styled: bool = False,
         finally:
             signals.restore()
     return finish_run(plan, report, code, out=out, stdout=stdout, err=err, styled=styled)
-
-
-# Control characters in an error message come from the user's input (an
-# argument, a field name in someone's YAML): shown escaped, so the message
-# stays one line and cannot drive the terminal.
-_CONTROL = {c: f"\\x{c:02x}" for c in (*range(32), 127)} | {10: "\\n", 13: "\\r", 9: "\\t"}
-
-
-def one_line(text: str) -> str:
-    return text.translate(_CONTROL)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
