@@ -201,9 +201,9 @@ class SetupError(PerftestError):
 class ModelFailed(PerftestError):
     """One model failed (timeout, crash, errors); the run goes on."""
 
-    def __init__(self, message: str, details: Mapping[str, Any] | None = None):
+    def __init__(self, message: str, details: Failure | None = None):
         super().__init__(message)
-        self.details = dict(details or {})
+        self.details = details
 
 
 class RegressionFound(PerftestError):
@@ -354,16 +354,95 @@ class Stat:
 
 
 @dataclass(frozen=True)
+class Aggregate:
+    """Whole-level figures of a throughput level: tokens/s and requests/s over
+    its wall time; the peaks are absent where /metrics was not scraped."""
+
+    duration_s: float | None = None
+    requests_ok: int | None = None
+    errors: int | None = None
+    output_tps: float | None = None
+    requests_per_s: float | None = None
+    peak_kv_cache_usage_perc: float | None = None
+    peak_requests_waiting: float | None = None
+
+
+@dataclass(frozen=True)
+class ServerDelta:
+    """The server's own view of a scenario, from two /metrics scrapes:
+    counts, mean times in ms, tokens the engine computed per step."""
+
+    requests: int | None = None
+    ttft_mean_ms: float | None = None
+    queue_mean_ms: float | None = None
+    itl_mean_ms: float | None = None
+    generation_tokens: int | None = None
+    prompt_tokens: int | None = None
+    prefix_cache_queries: int | None = None
+    prefix_cache_hits: int | None = None
+    tokens_per_step: float | None = None
+    kv_cache_usage_perc: float | None = None  # absent where the gauge is not served
+    # Keys a saved report (of an older version) did not have: written back
+    # absent, so that a report reads back and writes out unchanged.
+    unsaved: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
+
+
+@dataclass(frozen=True)
 class ScenarioResult:
     scenario: Scenario
     samples: tuple[Sample, ...]
     summary: Mapping[str, Stat]
-    aggregate: Mapping[str, Any] | None = None  # throughput: whole-level figures
-    server: Mapping[str, Any] | None = None  # vLLM /metrics deltas
+    aggregate: Aggregate | None = None  # throughput: whole-level figures
+    server: ServerDelta | None = None  # vLLM /metrics deltas
 
     @property
     def failed(self) -> int:
         return sum(not s.ok for s in self.samples)
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Why a model's container stopped: its state, exit code, log tail."""
+
+    container_status: str | None = None
+    exit_code: int | None = None
+    oom_killed: bool | None = None
+    log_tail: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    """What the server says about itself (/version, /v1/models), and the
+    chat_template_kwargs sent with every request."""
+
+    version: str | None = None
+    max_model_len: int | None = None
+    chat_template_kwargs: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class PowerSummary:
+    """GPU power over a model's run: watts, joules, output tokens per joule."""
+
+    mean_w: float
+    max_w: float
+    energy_j: float
+    samples: int
+    tokens_per_j: float | None
+
+
+@dataclass(frozen=True)
+class Lifecycle:
+    """A model's service as it ran: image, command, load time, GPU power.
+    A field is None where it is not known (nothing started, no GPU)."""
+
+    image: str | None = None
+    image_id: str | None = None
+    repo_digests: tuple[str, ...] | None = None
+    command: tuple[str, ...] | None = None
+    service: str | None = None
+    load_s: float | None = None
+    power: PowerSummary | None = None
 
 
 @dataclass
@@ -373,9 +452,9 @@ class ModelResult:
     spec: ModelSpec
     status: str = "pending"  # "ok" | "failed" | "skipped" | "interrupted"
     error: str | None = None
-    failure: dict[str, Any] = field(default_factory=dict)
-    server: dict[str, Any] = field(default_factory=dict)
-    lifecycle: dict[str, Any] = field(default_factory=dict)
+    failure: Failure | None = None
+    server: ServerInfo | None = None
+    lifecycle: Lifecycle = field(default_factory=Lifecycle)
     scenarios: list[ScenarioResult] = field(default_factory=list)
 
 
@@ -404,12 +483,23 @@ class RunConfig:
     models: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class Environment:
+    """Where the run ran; a field is None where it is not known."""
+
+    host: str | None = None
+    python: str | None = None
+    platform: str | None = None
+    gpu: str | None = None
+    compose: str | None = None
+
+
 @dataclass
 class Report:
     config: RunConfig
     started_at: str
     models: list[ModelResult]
-    environment: dict[str, Any] = field(default_factory=dict)
+    environment: Environment = field(default_factory=Environment)
     finished_at: str | None = None
     interrupted: str | None = None
 
@@ -697,18 +787,18 @@ class DockerWatch:
         raw = c.logs(tail=lines).decode("utf-8", "replace")
         return [ln for ln in raw.splitlines() if ln.strip()][-lines:]
 
-    def image(self) -> dict[str, Any]:
+    def image(self) -> Lifecycle:
+        """The container's image and command (an empty record without one)."""
         c = self.container()
         if c is None:
-            return {}
-        info: dict[str, Any] = {"image": c.attrs.get("Config", {}).get("Image"),
-                                "image_id": c.attrs.get("Image")}
+            return Lifecycle()
+        digests = None
         with contextlib.suppress(Exception):
-            info["repo_digests"] = list(c.image.attrs.get("RepoDigests") or [])
+            digests = tuple(c.image.attrs.get("RepoDigests") or ())
         cmd = c.attrs.get("Config", {}).get("Cmd")
-        if cmd:
-            info["command"] = list(cmd)
-        return info
+        return Lifecycle(image=c.attrs.get("Config", {}).get("Image"),
+                         image_id=c.attrs.get("Image"), repo_digests=digests,
+                         command=tuple(cmd) if cmd else None)
 
     def check_alive(self) -> None:
         """Raise ModelFailed with exit code, OOM flag and log tail if the
@@ -717,8 +807,7 @@ class DockerWatch:
         if st.status in ("running", "created", "restarting"):
             return
         tail = self.log_tail()
-        details = {"container_status": st.status, "exit_code": st.exit_code,
-                   "oom_killed": st.oom_killed, "log_tail": tail}
+        details = Failure(st.status, st.exit_code, st.oom_killed, tuple(tail))
         if st.status == "absent":
             raise ModelFailed(f"container of {self.service} disappeared", details)
         why = "OOM-killed" if st.oom_killed else f"exited with code {st.exit_code}"
@@ -1968,7 +2057,7 @@ def parse_prometheus(text: str) -> dict[str, float]:
 
 
 def server_delta(before: Mapping[str, float] | None, after: Mapping[str, float] | None
-                 ) -> dict[str, Any] | None:
+                 ) -> ServerDelta | None:
     """The server's own view of a scenario, from two /metrics scrapes."""
     if not before or not after:
         return None
@@ -1978,26 +2067,23 @@ def server_delta(before: Mapping[str, float] | None, after: Mapping[str, float] 
         n = d(f"{base}_count")
         return d(f"{base}_sum") / n * 1000 if n > 0 else None
 
-    out: dict[str, Any] = {
-        "requests": int(d("vllm:time_to_first_token_seconds_count")),
-        "ttft_mean_ms": mean_ms("vllm:time_to_first_token_seconds"),
-        "queue_mean_ms": mean_ms("vllm:request_queue_time_seconds"),
-        "itl_mean_ms": mean_ms("vllm:inter_token_latency_seconds")
+    gauge = next((after[g] for g in ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
+                  if g in after), None)
+    return ServerDelta(
+        requests=int(d("vllm:time_to_first_token_seconds_count")),
+        ttft_mean_ms=mean_ms("vllm:time_to_first_token_seconds"),
+        queue_mean_ms=mean_ms("vllm:request_queue_time_seconds"),
+        itl_mean_ms=mean_ms("vllm:inter_token_latency_seconds")
         if "vllm:inter_token_latency_seconds_count" in after
         else mean_ms("vllm:time_per_output_token_seconds"),
-        "generation_tokens": int(d("vllm:generation_tokens_total")),
-        "prompt_tokens": int(d("vllm:prompt_tokens_total")),
-        "prefix_cache_queries": int(d("vllm:prefix_cache_queries_total")),
-        "prefix_cache_hits": int(d("vllm:prefix_cache_hits_total")),
+        generation_tokens=int(d("vllm:generation_tokens_total")),
+        prompt_tokens=int(d("vllm:prompt_tokens_total")),
+        prefix_cache_queries=int(d("vllm:prefix_cache_queries_total")),
+        prefix_cache_hits=int(d("vllm:prefix_cache_hits_total")),
         # tokens the engine computed per step: above 1 in decode means batching
-        "tokens_per_step": (d("vllm:iteration_tokens_total_sum") / n
-                            if (n := d("vllm:iteration_tokens_total_count")) > 0 else None),
-    }
-    for gauge in ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"):
-        if gauge in after:
-            out["kv_cache_usage_perc"] = after[gauge]
-            break
-    return out
+        tokens_per_step=(d("vllm:iteration_tokens_total_sum") / n
+                         if (n := d("vllm:iteration_tokens_total_count")) > 0 else None),
+        kv_cache_usage_perc=gauge)
 
 
 async def scrape_metrics(client: Any) -> dict[str, float] | None:
@@ -2052,15 +2138,15 @@ class PowerSampler:
         if self._thread is not None:
             self._thread.join(timeout=15)
 
-    def summary(self, tokens: int) -> dict[str, Any] | None:
+    def summary(self, tokens: int) -> PowerSummary | None:
         if len(self.samples) < 2:
             return None
         energy = sum((t1 - t0) * (w0 + w1) / 2
                      for (t0, w0), (t1, w1) in zip(self.samples, self.samples[1:]))
         watts = [w for _, w in self.samples]
-        return {"mean_w": round(statistics.fmean(watts), 1), "max_w": max(watts),
-                "energy_j": round(energy, 1), "samples": len(watts),
-                "tokens_per_j": round(tokens / energy, 4) if energy > 0 else None}
+        return PowerSummary(mean_w=round(statistics.fmean(watts), 1), max_w=max(watts),
+                            energy_j=round(energy, 1), samples=len(watts),
+                            tokens_per_j=round(tokens / energy, 4) if energy > 0 else None)
 
 
 # ============================================================================
@@ -2211,15 +2297,14 @@ async def wait_until_ready(client: Any, spec: ModelSpec, timeout_s: float, event
         await asyncio.sleep(poll_s)
 
 
-async def server_info(client: Any, spec: ModelSpec) -> dict[str, Any]:
-    info: dict[str, Any] = {"version": None, "max_model_len": None}
-    version = await get_json(client, "/version")
-    if isinstance(version, dict):
-        info["version"] = version.get("version")
+async def server_info(client: Any, spec: ModelSpec) -> ServerInfo:
+    doc = await get_json(client, "/version")
+    version = doc.get("version") if isinstance(doc, dict) else None
+    max_len = None
     for m in served_models(await get_json(client, "/v1/models")):
         if m["id"] == spec.model_id:
-            info["max_model_len"] = m.get("max_model_len")
-    return info
+            max_len = m.get("max_model_len")
+    return ServerInfo(version, max_len, dict(spec.chat_template_kwargs or {}) or None)
 
 
 async def _peak_metrics(client: Any, stop: asyncio.Event, interval_s: float = 0.5
@@ -2268,7 +2353,7 @@ async def run_scenario(client: Any, spec: ModelSpec, scenario: Scenario, cfg: Ru
 
     before = await scrape_metrics(client)
     samples: list[Sample] = [] if measured is None else measured
-    aggregate: dict[str, Any] | None = None
+    aggregate: Aggregate | None = None
     failure: ModelFailed | None = None
     if scenario.concurrency == 1 and scenario.kind != "throughput":
         for i in range(scenario.requests):
@@ -2296,7 +2381,7 @@ async def run_scenario(client: Any, spec: ModelSpec, scenario: Scenario, cfg: Ru
         peak = await peak_task
         for i, s in enumerate(samples):
             events.sample(spec.name, scenario, i, s)
-        aggregate = throughput_aggregate(samples, duration_s) | peak
+        aggregate = dataclasses.replace(throughput_aggregate(samples, duration_s), **peak)
         if all(not s.ok for s in samples) and check_alive is not None:
             try:
                 await asyncio.to_thread(check_alive)
@@ -2357,17 +2442,13 @@ async def run_concurrent(client: Any, payloads: Sequence[bytes], scenario: Scena
     return done, (max(ends) if ends else clock() - t_start)
 
 
-def throughput_aggregate(samples: Sequence[Sample], duration_s: float) -> dict[str, Any]:
+def throughput_aggregate(samples: Sequence[Sample], duration_s: float) -> Aggregate:
     """Whole-level figures: output tokens/s and requests/s over the wall time."""
     ok = [s for s in samples if s.ok]
     tokens = sum(s.tokens_out or 0 for s in ok)
-    return {
-        "duration_s": duration_s,
-        "requests_ok": len(ok),
-        "errors": len(samples) - len(ok),
-        "output_tps": tokens / duration_s if duration_s > 0 else None,
-        "requests_per_s": len(ok) / duration_s if duration_s > 0 else None,
-    }
+    return Aggregate(duration_s=duration_s, requests_ok=len(ok), errors=len(samples) - len(ok),
+                     output_tps=tokens / duration_s if duration_s > 0 else None,
+                     requests_per_s=len(ok) / duration_s if duration_s > 0 else None)
 
 
 async def benchmark_model(client: Any, result: ModelResult, cfg: RunConfig, events: Events, *,
@@ -2376,8 +2457,7 @@ async def benchmark_model(client: Any, result: ModelResult, cfg: RunConfig, even
     """Warm up, then run every scenario of the plan, appending each result to
     `result.scenarios` as soon as it is complete."""
     spec = result.spec
-    result.server.update(await server_info(client, spec))
-    result.server["chat_template_kwargs"] = dict(spec.chat_template_kwargs or {}) or None
+    result.server = await server_info(client, spec)
     nonce = new_nonce()
     for _ in range(WARMUP_TRIES):  # a server just out of loading may fail one request
         warm = await send_chat(client, chat_payload(spec.model_id, latency_messages(nonce),
@@ -2491,6 +2571,45 @@ def _round(x: Any, digits: int = 3) -> Any:
     return round(x, digits) if isinstance(x, float) else x
 
 
+def record_to_dict(rec: Any, absent_if_none: Iterable[str] = (), digits: int | None = None
+                   ) -> dict[str, Any]:
+    """A record's fields as JSON values, in field order: tuples as lists,
+    records as dicts, floats rounded to `digits` when given. A field named in
+    `absent_if_none` is left out while None (the key is absent, not null)."""
+    out: dict[str, Any] = {}
+    unsaved = getattr(rec, "unsaved", frozenset())
+    for f in dataclasses.fields(rec):
+        value = getattr(rec, f.name)
+        if f.name == "unsaved" or f.name in unsaved or (value is None and f.name in absent_if_none):
+            continue
+        if dataclasses.is_dataclass(value):
+            value = record_to_dict(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        elif isinstance(value, Mapping):
+            value = dict(value)
+        out[f.name] = _round(value, digits) if digits is not None else value
+    return out
+
+
+def record_from_dict(cls: type, data: Mapping[str, Any], tuples: Iterable[str] = ()) -> Any:
+    """The inverse of record_to_dict for a flat record: unknown keys ignored,
+    missing ones take their default, the fields in `tuples` made tuples."""
+    known = _known_fields(cls, data)
+    for name in tuples:
+        if known.get(name) is not None:
+            known[name] = tuple(known[name])
+    return cls(**known)
+
+
+ABSENT_IF_NONE = {  # fields whose key a report leaves out while unknown
+    Aggregate: ("peak_kv_cache_usage_perc", "peak_requests_waiting"),
+    ServerDelta: ("kv_cache_usage_perc",),
+    Lifecycle: tuple(f.name for f in dataclasses.fields(Lifecycle)),
+    Environment: tuple(f.name for f in dataclasses.fields(Environment)),
+}
+
+
 def stat_to_dict(st: Stat) -> dict[str, Any]:
     d = {k: _round(v, 4) for k, v in dataclasses.asdict(st).items() if k != "ci95"}
     d["ci95"] = [_round(v, 4) for v in st.ci95] if st.ci95 else None
@@ -2514,8 +2633,10 @@ def scenario_to_dict(sr: ScenarioResult) -> dict[str, Any]:
         "requests": sc.requests, "concurrency": sc.concurrency,
         "samples": [sample_to_dict(s) for s in sr.samples],
         "summary": {k: stat_to_dict(v) for k, v in sr.summary.items()},
-        "aggregate": {k: _round(v) for k, v in sr.aggregate.items()} if sr.aggregate else None,
-        "server_metrics": {k: _round(v) for k, v in sr.server.items()} if sr.server else None,
+        "aggregate": (record_to_dict(sr.aggregate, ABSENT_IF_NONE[Aggregate], 3)
+                      if sr.aggregate else None),
+        "server_metrics": (record_to_dict(sr.server, ABSENT_IF_NONE[ServerDelta], 3)
+                           if sr.server else None),
     }
 
 
@@ -2525,10 +2646,12 @@ def model_to_dict(mr: ModelResult, bandwidth_gbs: float) -> dict[str, Any]:
     tps = scenario_stat(mr, "latency", "tps")
     return {
         "name": spec.name, "model_id": spec.model_id, "service": spec.service,
-        "status": mr.status, "error": mr.error, "failure": mr.failure or None,
+        "status": mr.status, "error": mr.error,
+        "failure": record_to_dict(mr.failure) if mr.failure else None,
         "spec": {k: v for k, v in dataclasses.asdict(spec).items()
                  if k not in ("name", "model_id", "service")},
-        "server": mr.server, "lifecycle": mr.lifecycle,
+        "server": record_to_dict(mr.server) if mr.server else {},
+        "lifecycle": record_to_dict(mr.lifecycle, ABSENT_IF_NONE[Lifecycle]),
         "roofline": {"bandwidth_gbs": bandwidth_gbs, "ceiling_tps": _round(ceiling),
                      "achieved_pct": _round(100 * tps.mean / ceiling, 1) if ceiling and tps else None},
         "scenarios": [scenario_to_dict(sr) for sr in mr.scenarios],
@@ -2543,7 +2666,7 @@ def report_to_dict(report: Report) -> dict[str, Any]:
         "started_at": report.started_at, "finished_at": report.finished_at,
         "interrupted": report.interrupted,
         "config": dataclasses.asdict(report.config),
-        "environment": report.environment,
+        "environment": record_to_dict(report.environment, ABSENT_IF_NONE[Environment]),
         "models": [model_to_dict(mr, report.config.bandwidth_gbs) for mr in report.models],
     }
 
@@ -2578,13 +2701,26 @@ def scenario_from_dict(data: Mapping[str, Any], where: str) -> ScenarioResult:
         target_tokens_out=data["target_tokens_out"], requests=data["requests"],
         concurrency=data.get("concurrency", 1), requested_tokens_in=data.get("requested_tokens_in"))
     where = f"{where}/{scenario.name}"
-    aggregate = data.get("aggregate")
+    aggregate, server = data.get("aggregate"), data.get("server_metrics")
     if aggregate is not None:  # only what compare reads: a newer text field is no damage
         _check_numbers(aggregate, AGGREGATE_METRICS, f"{where}/aggregate")
     return ScenarioResult(
         scenario, tuple(sample_from_dict(s) for s in data["samples"]),
         {k: stat_from_dict(v, f"{where}/{k}") for k, v in data["summary"].items()},
-        aggregate, data.get("server_metrics"))
+        record_from_dict(Aggregate, aggregate) if aggregate is not None else None,
+        server_delta_from_dict(server) if server is not None else None)
+
+
+def server_delta_from_dict(data: Mapping[str, Any]) -> ServerDelta:
+    unsaved = {f.name for f in dataclasses.fields(ServerDelta)} - set(data) - {"unsaved"}
+    return dataclasses.replace(record_from_dict(ServerDelta, data), unsaved=frozenset(unsaved))
+
+
+def lifecycle_from_dict(data: Mapping[str, Any]) -> Lifecycle:
+    power = data.get("power")
+    return dataclasses.replace(
+        record_from_dict(Lifecycle, data, ("repo_digests", "command")),
+        power=record_from_dict(PowerSummary, power) if power else None)
 
 
 def model_from_dict(data: Mapping[str, Any]) -> ModelResult:
@@ -2592,9 +2728,11 @@ def model_from_dict(data: Mapping[str, Any]) -> ModelResult:
                    if k not in ("name", "model_id", "service")}
     spec = ModelSpec(name=data["name"], service=data.get("service"), model_id=data["model_id"],
                      **spec_fields)
+    failure, server = data.get("failure"), data.get("server")
     return ModelResult(spec, status=data["status"], error=data.get("error"),
-                       failure=dict(data.get("failure") or {}), server=dict(data.get("server") or {}),
-                       lifecycle=dict(data.get("lifecycle") or {}),
+                       failure=record_from_dict(Failure, failure, ("log_tail",)) if failure else None,
+                       server=record_from_dict(ServerInfo, server) if server else None,
+                       lifecycle=lifecycle_from_dict(data.get("lifecycle") or {}),
                        scenarios=[scenario_from_dict(s, spec.name) for s in data["scenarios"]])
 
 
@@ -2606,7 +2744,7 @@ def report_from_dict(data: Mapping[str, Any]) -> Report:
               for k, v in _known_fields(RunConfig, data["config"]).items()}
     return Report(RunConfig(**config), data["started_at"],
                   [model_from_dict(m) for m in data["models"]],
-                  environment=dict(data.get("environment") or {}),
+                  environment=record_from_dict(Environment, data.get("environment") or {}),
                   finished_at=data.get("finished_at"), interrupted=data.get("interrupted"))
 
 
@@ -2784,7 +2922,7 @@ def scenario_stats(sr: ScenarioResult | None) -> dict[str, Stat]:
         return {}
     stats = {k: st for k, st in sr.summary.items() if k in COMPARED_METRICS}
     for key in AGGREGATE_METRICS:
-        value = (sr.aggregate or {}).get(key)
+        value = getattr(sr.aggregate, key, None)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             stats[key] = summarize([float(value)])  # type: ignore[assignment]
     return stats
@@ -2832,7 +2970,7 @@ def compare_reports(baseline: Report, candidate: Report, thresholds_pct: Mapping
     if any(not c.tested and c.verdict in (REGRESSED, IMPROVED) for c in changes):
         notes.append("(untested) a single run on one side: no spread to tell noise from a "
                      "change, so the threshold alone decided (use --iterations 3 or more)")
-    gpus = (baseline.environment.get("gpu"), candidate.environment.get("gpu"))
+    gpus = (baseline.environment.gpu, candidate.environment.gpu)
     if gpus[0] != gpus[1]:
         notes.append(f"note: the baseline ran on {gpus[0] or 'an unknown GPU'}, "
                      f"the candidate on {gpus[1] or 'an unknown GPU'}")
@@ -2936,8 +3074,8 @@ def scenario_table(models: Sequence[ModelResult], name: str, kind: str,
             continue
         cell = lambda metric: _cell(mr, name, metric, winners)  # noqa: E731,B023
         failed = str(sr.failed) if sr.failed else ""
-        server = sr.server or {}
-        server_ttft = fmt_num(server.get("ttft_mean_ms"))
+        server = sr.server or ServerDelta()
+        server_ttft = fmt_num(server.ttft_mean_ms)
         tokens_out = fmt_stat(sr.summary.get("tokens_out"))
         bursty = sum(s.bursty for s in sr.samples)
         if bursty:
@@ -2950,13 +3088,13 @@ def scenario_table(models: Sequence[ModelResult], name: str, kind: str,
             notes.append(f"(!) {mr.spec.name}: some samples did not produce exactly "
                          f"{sr.scenario.target_tokens_out} output tokens")
         if kind == "throughput":
-            agg = sr.aggregate or {}
+            agg = sr.aggregate or Aggregate()
             ttft = sr.summary.get("ttft_ms")
-            rows.append((mr.spec.name, str(sr.scenario.concurrency), fmt_num(agg.get("output_tps"), 1),
-                         fmt_num(agg.get("requests_per_s"), 2), decode,
+            rows.append((mr.spec.name, str(sr.scenario.concurrency), fmt_num(agg.output_tps, 1),
+                         fmt_num(agg.requests_per_s, 2), decode,
                          fmt_num(ttft.median if ttft else None), fmt_num(ttft.p90 if ttft else None),
-                         fmt_num(ttft.p99 if ttft else None), fmt_num(server.get("queue_mean_ms")),
-                         fmt_pct(agg.get("peak_kv_cache_usage_perc")), str(agg.get("errors", 0))))
+                         fmt_num(ttft.p99 if ttft else None), fmt_num(server.queue_mean_ms),
+                         fmt_pct(agg.peak_kv_cache_usage_perc), str(agg.errors or 0)))
         elif kind == "context":
             tin = fmt_stat(sr.summary.get("tokens_in"))
             if sr.scenario.clamped:
@@ -2976,8 +3114,8 @@ def scenario_table(models: Sequence[ModelResult], name: str, kind: str,
                          decode, f"{fmt_num(itl.median, 1)} / {fmt_num(itl.p99, 1)}" if itl else "-",
                          fmt_stat(sr.summary.get("tokens_in")), tokens_out, cell("total_s"), roof,
                          failed))
-        if server.get("prefix_cache_hits") and kind != "throughput":
-            notes.append(f"warning: {mr.spec.name}: the server reports {server['prefix_cache_hits']} "
+        if server.prefix_cache_hits and kind != "throughput":
+            notes.append(f"warning: {mr.spec.name}: the server reports {server.prefix_cache_hits} "
                          "prefix-cache hit tokens during this cold scenario")
     notes.extend(format_ranking(r) for r in rankings)
     for metric in unranked:  # say why a metric has no winner instead of leaving it out
@@ -3019,10 +3157,10 @@ def format_results(report: Report, styled: bool = False) -> str:
     cfg = report.config
     lines = [f"{TOOL_NAME} {__version__}: {len(report.models)} model(s), "
              f"{cfg.iterations} iteration(s), started {report.started_at}",
-             f"hardware: {cfg.hardware} ({cfg.bandwidth_gbs:g} GB/s), host {report.environment.get('host', '?')}"]
+             f"hardware: {cfg.hardware} ({cfg.bandwidth_gbs:g} GB/s), host {report.environment.host or '?'}"]
     env = report.environment
-    if env.get("gpu"):
-        lines.append(f"gpu: {env['gpu']}")
+    if env.gpu:
+        lines.append(f"gpu: {env.gpu}")
     parts = ["\n".join(lines), ""]
     for name, kind in scenario_names(report.models):
         parts.append(render_table(scenario_table(report.models, name, kind, cfg.bandwidth_gbs), styled))
@@ -3075,26 +3213,27 @@ def prefill_curve_table(models: Sequence[ModelResult]) -> TextTable | None:
 def format_model_environment(mr: ModelResult, bandwidth_gbs: float) -> list[str]:
     """Where the numbers came from: server version, image, command, power."""
     facts = []
-    if mr.server.get("version"):
-        facts.append(f"vLLM {mr.server['version']}")
-    if mr.lifecycle.get("image"):
-        digest = (mr.lifecycle.get("repo_digests") or [mr.lifecycle.get("image_id") or ""])[0]
-        facts.append(f"image {mr.lifecycle['image']}" + (f" ({digest})" if digest else ""))
-    if mr.server.get("chat_template_kwargs"):
-        facts.append(f"chat_template_kwargs {json.dumps(mr.server['chat_template_kwargs'])}")
+    server, life = mr.server or ServerInfo(), mr.lifecycle
+    if server.version:
+        facts.append(f"vLLM {server.version}")
+    if life.image:
+        digest = (life.repo_digests or [life.image_id or ""])[0]
+        facts.append(f"image {life.image}" + (f" ({digest})" if digest else ""))
+    if server.chat_template_kwargs:
+        facts.append(f"chat_template_kwargs {json.dumps(dict(server.chat_template_kwargs))}")
     ceiling = roofline_tps(mr.spec, bandwidth_gbs)
     tps = scenario_stat(mr, "latency", "tps")
     if ceiling:
         achieved = f", achieved {tps.mean / ceiling:.0%}" if tps else ""
         facts.append(f"decode roofline {ceiling:,.1f} tok/s{achieved}")
-    power = mr.lifecycle.get("power")
+    power = life.power
     if power:
-        per_j = power.get("tokens_per_j")
-        facts.append(f"GPU {power['mean_w']:.0f} W mean, {power['energy_j'] / 1000:.1f} kJ"
+        per_j = power.tokens_per_j
+        facts.append(f"GPU {power.mean_w:.0f} W mean, {power.energy_j / 1000:.1f} kJ"
                      + (f", {per_j:.2f} tokens/J" if per_j else ""))
     lines = [f"      {'; '.join(facts)}"] if facts else []
-    if mr.lifecycle.get("command"):
-        lines.append(f"      command: {' '.join(map(str, mr.lifecycle['command']))}")
+    if life.command:
+        lines.append(f"      command: {' '.join(map(str, life.command))}")
     return lines
 
 
@@ -3102,14 +3241,14 @@ def format_summary(report: Report) -> str:
     lines = ["Summary:"]
     for mr in report.models:
         line = f"  {mr.spec.name}: {mr.status}"
-        if mr.lifecycle.get("load_s") is not None:
-            line += f", loaded in {mr.lifecycle['load_s']:.1f} s"
+        if mr.lifecycle.load_s is not None:
+            line += f", loaded in {mr.lifecycle.load_s:.1f} s"
         if mr.error:
             line += f": {mr.error}"
         lines.append(line)
         lines.extend(format_model_environment(mr, report.config.bandwidth_gbs))
-        if mr.failure.get("log_tail"):
-            lines.extend(f"      | {ln}" for ln in mr.failure["log_tail"][-5:])
+        if mr.failure and mr.failure.log_tail:
+            lines.extend(f"      | {ln}" for ln in mr.failure.log_tail[-5:])
     if report.interrupted:
         lines.append(f"  interrupted by {report.interrupted}: the results above are partial")
     return "\n".join(lines) + "\n"
@@ -3239,7 +3378,7 @@ def _md_notes(notes: Iterable[str]) -> str:
 
 def _run_line(report: Report) -> str:
     cfg = report.config
-    gpu = report.environment.get("gpu")
+    gpu = report.environment.gpu
     return (f"{TOOL_NAME} {__version__}: {len(report.models)} model(s), {cfg.iterations} "
             f"iteration(s), started {report.started_at}; hardware {cfg.hardware} "
             f"({cfg.bandwidth_gbs:g} GB/s)" + (f"; gpu {gpu}" if gpu else ""))
@@ -3247,8 +3386,8 @@ def _run_line(report: Report) -> str:
 
 def _status_line(mr: ModelResult) -> str:
     line = f"{mr.spec.name}: {mr.status}"
-    if mr.lifecycle.get("load_s") is not None:
-        line += f", loaded in {mr.lifecycle['load_s']:.1f} s"
+    if mr.lifecycle.load_s is not None:
+        line += f", loaded in {mr.lifecycle.load_s:.1f} s"
     return line + (f": {mr.error}" if mr.error else "")
 
 
@@ -3389,9 +3528,9 @@ def chart_data(report: Report, baseline: Report | None = None) -> tuple[Chart, .
             prefill.append(Series(label(mr, is_base), tuple(p[0] for p in points),
                                   tuple(p[1].mean for p in points),
                                   tuple(_stat_err(p[1]) for p in points), color[mr.spec.name], is_base))
-        levels = sorted((sr.scenario.concurrency, sr.aggregate["output_tps"]) for sr in mr.scenarios
+        levels = sorted((sr.scenario.concurrency, sr.aggregate.output_tps) for sr in mr.scenarios
                         if sr.scenario.kind == "throughput" and sr.aggregate
-                        and isinstance(sr.aggregate.get("output_tps"), (int, float)))
+                        and isinstance(sr.aggregate.output_tps, (int, float)))
         if levels:
             throughput.append(Series(label(mr, is_base), tuple(float(c) for c, _ in levels),
                                      tuple(float(v) for _, v in levels), None,
@@ -3681,17 +3820,17 @@ def prepare_report_dir(path: Path) -> Path:
     return path
 
 
-def collect_environment(runner: Runner = subprocess.run) -> dict[str, Any]:
+def collect_environment(runner: Runner = subprocess.run) -> Environment:
     """Host, Python, and the GPU from nvidia-smi when it is there."""
-    env: dict[str, Any] = {"host": socket.gethostname(), "python": sys.version.split()[0],
-                           "platform": sys.platform}
+    gpu = None
     if shutil.which("nvidia-smi"):
         with contextlib.suppress(OSError, subprocess.SubprocessError):
             proc = runner(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
                            "--format=csv,noheader"], capture_output=True, text=True, timeout=10)
             if proc.returncode == 0 and proc.stdout.strip():
-                env["gpu"] = proc.stdout.strip().splitlines()[0]
-    return env
+                gpu = proc.stdout.strip().splitlines()[0]
+    return Environment(host=socket.gethostname(), python=sys.version.split()[0],
+                       platform=sys.platform, gpu=gpu)
 
 
 def _write_export(path: Path, data: bytes, what: str) -> None:
@@ -4286,7 +4425,7 @@ async def measure_model(plan: Plan, result: ModelResult, events: Events, *,
             await wait_until_ready(client, result.spec, cfg.health_timeout_s, events,
                                    check_alive=check_alive, last_log=_last_log_line(watch))
             load_s = time.monotonic() - (t_up if t_up is not None else time.monotonic())
-            result.lifecycle["load_s"] = round(load_s, 2)
+            result.lifecycle = dataclasses.replace(result.lifecycle, load_s=round(load_s, 2))
             events.info(f"{result.spec.name}: healthy after {load_s:.1f} s")
         with PowerSampler() as power:
             try:
@@ -4294,7 +4433,7 @@ async def measure_model(plan: Plan, result: ModelResult, events: Events, *,
             finally:
                 tokens = sum(s.tokens_out or 0 for sr in result.scenarios for s in sr.samples if s.ok)
                 if (summary := power.summary(tokens)) is not None:
-                    result.lifecycle["power"] = summary
+                    result.lifecycle = dataclasses.replace(result.lifecycle, power=summary)
 
 
 def inference_services(plan: Plan) -> list[str]:
@@ -4339,8 +4478,8 @@ def run_model(plan: Plan, result: ModelResult, events: Events, compose: Compose 
     try:
         compose.up(service)  # inside try: an interrupt during `up` still stops it
         with contextlib.suppress(Exception):
-            result.lifecycle.update(watch.image())
-        result.lifecycle["service"] = service
+            result.lifecycle = watch.image()
+        result.lifecycle = dataclasses.replace(result.lifecycle, service=service)
         run_async(measure_model(plan, result, events, watch=watch, t_up=t_up))
     finally:
         with signals.held():
@@ -4368,7 +4507,7 @@ def run_benchmark(plan: Plan, out: Any, err: Any, *, styled: bool = False,
         compose = Compose(plan.compose, find_compose_command())
         docker_client()  # a clear error now if the daemon is down
         events.info(f"using {compose.version_label} with {plan.compose.path}")
-        report.environment["compose"] = compose.version_label
+        report.environment = dataclasses.replace(report.environment, compose=compose.version_label)
     code = 0
     signals.install()
     try:

@@ -144,12 +144,12 @@ def test_concurrent_streams_give_the_scripted_aggregate(standin):
 
     samples, duration = run(go())
     agg = pm.throughput_aggregate(samples, duration)
-    assert agg["requests_ok"] == 8 and agg["errors"] == 0
+    assert agg.requests_ok == 8 and agg.errors == 0
     # The server's sleeps set floors that no noise can lower: two waves of
     # 0.1 + 19 x 0.01 = 0.29 s; the ceilings are loose (a noisy 2-core machine).
     assert 2 * 0.29 <= duration < 3 * 2 * 0.29
-    assert agg["output_tps"] == pytest.approx(8 * 20 / duration)
-    assert agg["requests_per_s"] == pytest.approx(8 / duration)
+    assert agg.output_tps == pytest.approx(8 * 20 / duration)
+    assert agg.requests_per_s == pytest.approx(8 / duration)
     starts = sorted(s.start_s for s in samples)
     assert starts[3] < 0.29 <= starts[4]  # the second wave starts only as the first ends
     assert all(s.ttft_ms >= 100.0 and 40.0 < s.tps < 250.0 for s in samples)  # scripted: 100

@@ -64,6 +64,29 @@ def test_a_real_report_round_trips_through_the_records_unchanged():
     assert again == original
 
 
+def _kept(original: object, again: object, where: str = "") -> list[str]:
+    """Where `again` lost or changed a value of `original`, or added a key
+    with a value (a newer version's field read back from an older file is null)."""
+    if isinstance(original, dict) and isinstance(again, dict):
+        lost = [f"{where}/{k}" for k in original if k not in again]
+        added = [f"{where}/{k}+" for k in again if k not in original and again[k] is not None]
+        return lost + added + [p for k in original if k in again
+                               for p in _kept(original[k], again[k], f"{where}/{k}")]
+    if isinstance(original, list) and isinstance(again, list) and len(original) == len(again):
+        return [p for i, (a, b) in enumerate(zip(original, again)) for p in _kept(a, b, f"{where}[{i}]")]
+    return [] if original == again and type(original) is type(again) else [where]
+
+
+@pytest.mark.parametrize("path", [BASE, CAND, SINGLE_BASE, SINGLE_CAND,
+                                  ROOT / "docs" / "samples" / "baseline.json",
+                                  ROOT / "docs" / "samples" / "candidate.json"],
+                         ids=lambda p: p.name)
+def test_every_saved_report_reads_into_records_and_writes_out_every_key_it_had(path):
+    original = json.loads(path.read_text())
+    again = json.loads(json.dumps(pm.report_to_dict(pm.load_report(path))))
+    assert _kept(original, again) == []
+
+
 def _write(tmp_path: Path, name: str, doc: object) -> Path:
     path = tmp_path / name
     path.write_text(doc if isinstance(doc, str) else json.dumps(doc))
@@ -112,7 +135,7 @@ def test_a_field_this_version_does_not_know_is_ignored_not_refused(tmp_path):
     throughput["samples"][0]["new_field_ms"] = 1.0
     doc["config"]["new_option"] = True
     report = pm.load_report(_write(tmp_path, "newer.json", doc))
-    assert report.models[0].scenarios[-1].aggregate["output_tps"] == 1767.342
+    assert report.models[0].scenarios[-1].aggregate.output_tps == 1767.342
 
 
 def test_a_bad_candidate_is_named_as_the_candidate(tmp_path, capsys):

@@ -291,9 +291,9 @@ PROM_AFTER = PROM_BEFORE.replace("} 100.0", "} 400.0").replace("_sum{model_name=
 
 def test_server_metrics_deltas_give_the_servers_own_ttft():
     d = pm.server_delta(pm.parse_prometheus(PROM_BEFORE), pm.parse_prometheus(PROM_AFTER))
-    assert d["generation_tokens"] == 300 and d["requests"] == 2
-    assert d["ttft_mean_ms"] == pytest.approx(300.0)
-    assert d["prefix_cache_hits"] == 0
+    assert d.generation_tokens == 300 and d.requests == 2
+    assert d.ttft_mean_ms == pytest.approx(300.0)
+    assert d.prefix_cache_hits == 0
 
 
 def test_prometheus_sums_label_sets_and_skips_buckets():

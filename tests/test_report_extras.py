@@ -29,9 +29,9 @@ def test_power_is_integrated_into_energy_and_tokens_per_joule(tmp_path, monkeypa
             pass
     n = len(sampler.samples)
     summary = sampler.summary(tokens=3000)
-    assert summary["mean_w"] == 150.5 and summary["samples"] == n
-    assert summary["energy_j"] == pytest.approx(150.5 * 2.0 * (n - 1))
-    assert summary["tokens_per_j"] == pytest.approx(3000 / (150.5 * 2.0 * (n - 1)), rel=1e-3)
+    assert summary.mean_w == 150.5 and summary.samples == n
+    assert summary.energy_j == pytest.approx(150.5 * 2.0 * (n - 1))
+    assert summary.tokens_per_j == pytest.approx(3000 / (150.5 * 2.0 * (n - 1)), rel=1e-3)
 
 
 def test_power_is_absent_cleanly_without_nvidia_smi(tmp_path, monkeypatch):
@@ -69,10 +69,11 @@ def test_the_prefill_curve_has_a_column_per_context_size():
 
 def test_the_summary_names_the_roofline_share_power_and_image():
     mr = result("q", [1, 2], [1, 2], tps=[6.1, 6.2, 6.3], params_active_b=32.8, bytes_per_weight=1.0)
-    mr.server.update(version="0.11.0", chat_template_kwargs={"enable_thinking": False})
-    mr.lifecycle.update(image="vllm/vllm-openai:v0.11.0", repo_digests=["vllm@sha256:ab"],
-                        command=["Qwen/Qwen3-32B-FP8", "--max-model-len", "32000"],
-                        power={"mean_w": 140.0, "energy_j": 2500.0, "tokens_per_j": 0.5})
+    mr.server = pm.ServerInfo(version="0.11.0", chat_template_kwargs={"enable_thinking": False})
+    mr.lifecycle = pm.Lifecycle(image="vllm/vllm-openai:v0.11.0", repo_digests=("vllm@sha256:ab",),
+                                command=("Qwen/Qwen3-32B-FP8", "--max-model-len", "32000"),
+                                power=pm.PowerSummary(mean_w=140.0, max_w=140.0, energy_j=2500.0,
+                                                      samples=2, tokens_per_j=0.5))
     lines = pm.format_model_environment(mr, 273.0)
     assert lines[0] == ("      vLLM 0.11.0; image vllm/vllm-openai:v0.11.0 (vllm@sha256:ab); "
                         'chat_template_kwargs {"enable_thinking": false}; '

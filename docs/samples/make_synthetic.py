@@ -67,7 +67,7 @@ def model_run(rng: random.Random, spec: pm.ModelSpec, cfg: pm.RunConfig, speed, 
             duration_s = max(s.total_s for s in ss) * sc.requests / sc.concurrency
             aggregate = pm.throughput_aggregate(ss, duration_s)
         scenarios.append(pm.ScenarioResult(sc, tuple(ss), pm.summarize_samples(ss), aggregate))
-    return pm.ModelResult(spec, status="ok", lifecycle={"load_s": 95.0 if speed is dense else 60.0},
+    return pm.ModelResult(spec, status="ok", lifecycle=pm.Lifecycle(load_s=95.0 if speed is dense else 60.0),
                           scenarios=scenarios)
 
 
@@ -90,8 +90,8 @@ def report(seed: int, started: str, candidate: bool) -> dict:
                   throughput_factor={16: 0.9} if candidate else {}),
     ]
     r = pm.Report(cfg, started, models, finished_at=started,
-                  environment={"host": "synthetic", "python": "3.11", "platform": "linux",
-                               "gpu": "synthetic data: no GPU was measured"})
+                  environment=pm.Environment(host="synthetic", python="3.11", platform="linux",
+                                             gpu="synthetic data: no GPU was measured"))
     return pm.report_to_dict(r)
 
 
