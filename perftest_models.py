@@ -2562,6 +2562,49 @@ def scenario_names(models: Sequence[ModelResult]) -> list[tuple[str, str]]:
     return list(seen.items())
 
 
+@dataclass(frozen=True)
+class Unranked:
+    """A ranked metric with no winner although several models ran the
+    scenario: only the models in `have` have a value for it."""
+
+    metric: str
+    have: tuple[str, ...]
+    ran: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ScenarioWinners:
+    """The outcome of ranking one scenario, computed once and rendered by
+    every output (text, styled, Markdown, HTML)."""
+
+    scenario: str
+    kind: str
+    rankings: tuple[Ranking, ...]
+    unranked: tuple[Unranked, ...] = ()
+
+    def winner(self, metric: str) -> str | None:
+        """The model that won `metric` outright (None: a tie or no ranking)."""
+        return next((r.best for r in self.rankings if r.metric == metric and not r.tie), None)
+
+
+def scenario_winners(models: Sequence[ModelResult], scenario: str, kind: str) -> ScenarioWinners:
+    """Rank every metric of the scenario's kind; say which could not be ranked."""
+    rankings = tuple(r for metric in ranked_metrics(kind) if (r := rank(models, scenario, metric)))
+    ran = tuple(mr.spec.name for mr in models
+                if any(sr.scenario.name == scenario for sr in mr.scenarios))
+    unranked = tuple(
+        Unranked(metric, tuple(mr.spec.name for mr in models if mr.spec.name in ran
+                               and scenario_stat(mr, scenario, metric)), ran)
+        for metric in ranked_metrics(kind)
+        if len(ran) > 1 and all(r.metric != metric for r in rankings))
+    return ScenarioWinners(scenario, kind, rankings, unranked)
+
+
+def rank_scenarios(models: Sequence[ModelResult]) -> tuple[ScenarioWinners, ...]:
+    """The Winners stage: every scenario any model ran, in first-seen order."""
+    return tuple(scenario_winners(models, name, kind) for name, kind in scenario_names(models))
+
+
 # ============================================================================
 # Saved reports: the JSON edge
 # ============================================================================
@@ -3031,10 +3074,17 @@ class TextTable:
     notes: tuple[str, ...] = ()
 
 
-def _cell(mr: ModelResult, scenario: str, metric: str, winners: Mapping[str, str]) -> str:
-    st = scenario_stat(mr, scenario, metric)
+def _cell(mr: ModelResult, metric: str, winners: ScenarioWinners) -> str:
+    st = scenario_stat(mr, winners.scenario, metric)
     text = fmt_stat(st, METRICS[metric].digits)
-    return f"{text} {TROPHY}" if winners.get(metric) == mr.spec.name else text
+    return f"{text} {TROPHY}" if winners.winner(metric) == mr.spec.name else text
+
+
+def format_unranked(u: Unranked) -> str:
+    """Why a metric has no winner, instead of leaving it out."""
+    m = METRICS[u.metric]
+    return (f"{m.label} ({m.unit}): not ranked: a value for {', '.join(u.have) or 'no model'} "
+            f"only, of {', '.join(u.ran)} (see the notes above)")
 
 
 def _answers_late(ttft: Stat | None, ttfo: Stat | None) -> bool:
@@ -3042,14 +3092,10 @@ def _answers_late(ttft: Stat | None, ttfo: Stat | None) -> bool:
     return bool(ttft and ttfo and ttfo.mean > ttft.mean * 1.001)
 
 
-def scenario_table(models: Sequence[ModelResult], name: str, kind: str,
+def scenario_table(models: Sequence[ModelResult], winners: ScenarioWinners,
                    bandwidth_gbs: float) -> TextTable:
     """One scenario as a table: a row per model, a trophy per ranked metric."""
-    rankings = [r for metric in ranked_metrics(kind) if (r := rank(models, name, metric))]
-    ran = [mr for mr in models if any(sr.scenario.name == name for sr in mr.scenarios)]
-    unranked = [metric for metric in ranked_metrics(kind)
-                 if len(ran) > 1 and all(r.metric != metric for r in rankings)]
-    winners = {r.metric: r.best for r in rankings if not r.tie}
+    name, kind = winners.scenario, winners.kind
     results = {mr.spec.name: sr for mr in models for sr in mr.scenarios if sr.scenario.name == name}
     thinking = any(_answers_late(scenario_stat(mr, name, "ttft_ms"), scenario_stat(mr, name, "ttfo_ms"))
                    for mr in models)
@@ -3072,7 +3118,7 @@ def scenario_table(models: Sequence[ModelResult], name: str, kind: str,
                 rows.append((mr.spec.name, f"{mr.status.upper()}: {mr.error or ''}"[:70],
                              *[""] * (len(headers) - 2)))
             continue
-        cell = lambda metric: _cell(mr, name, metric, winners)  # noqa: E731,B023
+        cell = lambda metric: _cell(mr, metric, winners)  # noqa: E731,B023
         failed = str(sr.failed) if sr.failed else ""
         server = sr.server or ServerDelta()
         server_ttft = fmt_num(server.ttft_mean_ms)
@@ -3117,12 +3163,8 @@ def scenario_table(models: Sequence[ModelResult], name: str, kind: str,
         if server.prefix_cache_hits and kind != "throughput":
             notes.append(f"warning: {mr.spec.name}: the server reports {server.prefix_cache_hits} "
                          "prefix-cache hit tokens during this cold scenario")
-    notes.extend(format_ranking(r) for r in rankings)
-    for metric in unranked:  # say why a metric has no winner instead of leaving it out
-        m = METRICS[metric]
-        have = [mr.spec.name for mr in ran if scenario_stat(mr, name, metric)]
-        notes.append(f"{m.label} ({m.unit}): not ranked: a value for {', '.join(have) or 'no model'} "
-                     f"only, of {', '.join(mr.spec.name for mr in ran)} (see the notes above)")
+    notes.extend(format_ranking(r) for r in winners.rankings)
+    notes.extend(format_unranked(u) for u in winners.unranked)
     sc = next(sr.scenario for sr in results.values()) if results else None
     title = f"{describe_scenario(sc)}" if sc else name
     return TextTable(title, headers, tuple(rows), tuple(dict.fromkeys(notes)))
@@ -3152,9 +3194,12 @@ def render_table(table: TextTable, styled: bool) -> str:
     return "\n".join(line.rstrip() for line in out.getvalue().splitlines()) + "\n"
 
 
-def format_results(report: Report, styled: bool = False) -> str:
-    """The complete results output: header, one table per scenario, summary."""
+def format_results(report: Report, styled: bool = False,
+                   winners: Sequence[ScenarioWinners] | None = None) -> str:
+    """The complete results output: header, one table per scenario, summary.
+    `winners`: the Winners stage's result (rank_scenarios) when it is at hand."""
     cfg = report.config
+    winners = rank_scenarios(report.models) if winners is None else winners
     lines = [f"{TOOL_NAME} {__version__}: {len(report.models)} model(s), "
              f"{cfg.iterations} iteration(s), started {report.started_at}",
              f"hardware: {cfg.hardware} ({cfg.bandwidth_gbs:g} GB/s), host {report.environment.host or '?'}"]
@@ -3162,8 +3207,8 @@ def format_results(report: Report, styled: bool = False) -> str:
     if env.gpu:
         lines.append(f"gpu: {env.gpu}")
     parts = ["\n".join(lines), ""]
-    for name, kind in scenario_names(report.models):
-        parts.append(render_table(scenario_table(report.models, name, kind, cfg.bandwidth_gbs), styled))
+    for sw in winners:
+        parts.append(render_table(scenario_table(report.models, sw, cfg.bandwidth_gbs), styled))
     for extra in (decode_detail_table(report.models), prefill_curve_table(report.models)):
         if extra is not None:
             parts.append(render_table(extra, styled))
@@ -3417,14 +3462,16 @@ def format_comparison_markdown(comparison: Comparison, labels: tuple[str, str]) 
 
 
 def format_markdown(report: Report, comparison: Comparison | None = None,
-                    labels: tuple[str, str] | None = None) -> str:
+                    labels: tuple[str, str] | None = None,
+                    winners: Sequence[ScenarioWinners] | None = None) -> str:
     """The results as Markdown (a PR comment or a wiki page): the comparison
     first when there is one, then a table per scenario and the model status."""
+    winners = rank_scenarios(report.models) if winners is None else winners
     parts = [f"# {TOOL_NAME} results\n\n{_run_line(report)}\n"]
     if comparison is not None:
         parts.append(format_comparison_markdown(comparison, labels or ("baseline", "candidate")))
-    for name, kind in scenario_names(report.models):
-        t = scenario_table(report.models, name, kind, report.config.bandwidth_gbs)
+    for sw in winners:
+        t = scenario_table(report.models, sw, report.config.bandwidth_gbs)
         parts.append(f"### {t.title}\n\n{markdown_table(t.headers, t.rows)}"
                      + (f"\n{_md_notes(t.notes)}" if t.notes else ""))
     parts.append("### Models\n\n" + "".join(f"- {_md_cell(_status_line(mr))}\n"
@@ -3707,12 +3754,14 @@ def _html_comparison(comparison: Comparison, labels: tuple[str, str]) -> str:
 
 
 def format_html(report: Report, charts: Mapping[str, bytes], comparison: Comparison | None = None,
-                labels: tuple[str, str] | None = None) -> str:
+                labels: tuple[str, str] | None = None,
+                winners: Sequence[ScenarioWinners] | None = None) -> str:
     """One self-contained HTML page: inline CSS, charts as base64 PNG, no
     script and no network reference, so it opens anywhere, offline."""
     import base64  # noqa: PLC0415
     from html import escape  # noqa: PLC0415
 
+    winners = rank_scenarios(report.models) if winners is None else winners
     titles = {f"{c.name}.png": c.title for c in chart_data(report)}
     parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
              '<meta name="viewport" content="width=device-width, initial-scale=1">',
@@ -3731,8 +3780,8 @@ def format_html(report: Report, charts: Mapping[str, bytes], comparison: Compari
         parts.append(f'<figure><img alt="{escape(title)}" src="data:image/png;base64,{data}">'
                      f"<figcaption>{escape(title)}</figcaption></figure>")
     parts.append("<h2>Results</h2>")
-    for name, kind in scenario_names(report.models):
-        t = scenario_table(report.models, name, kind, report.config.bandwidth_gbs)
+    for sw in winners:
+        t = scenario_table(report.models, sw, report.config.bandwidth_gbs)
         parts.append(f"<h3>{escape(t.title)}</h3>")
         parts.append(_html_table(t.headers, t.rows) + _html_notes(t.notes))
     parts.append("<h2>Models</h2>")
@@ -3847,11 +3896,14 @@ def _write_export(path: Path, data: bytes, what: str) -> None:
 
 def write_exports(targets: ExportTargets, report: Report, stdout: Any, err: Any, *,
                   comparison: Comparison | None = None, labels: tuple[str, str] | None = None,
-                  baseline: Report | None = None, compare_only: bool = False) -> None:
+                  baseline: Report | None = None, compare_only: bool = False,
+                  winners: Sequence[ScenarioWinners] | None = None) -> None:
     """Render and write each export that was asked for ('-' to `stdout`); the
-    charts are drawn once for both --html and --charts. `compare_only`: the
-    Markdown holds the comparison alone (the compare command)."""
+    charts are drawn once for both --html and --charts, the winners ranked
+    once for all. `compare_only`: the Markdown holds the comparison alone
+    (the compare command)."""
     charts: dict[str, bytes] = {}
+    winners = rank_scenarios(report.models) if winners is None else winners
 
     def get_charts() -> dict[str, bytes]:
         if not charts:
@@ -3861,9 +3913,9 @@ def write_exports(targets: ExportTargets, report: Report, stdout: Any, err: Any,
     makers: dict[str, Callable[[], str]] = {
         "markdown": lambda: (format_comparison_markdown(comparison, labels or ("baseline", "candidate"))
                              if compare_only and comparison is not None
-                             else format_markdown(report, comparison, labels)),
+                             else format_markdown(report, comparison, labels, winners)),
         "csv": lambda: format_csv(report),
-        "html": lambda: format_html(report, get_charts(), comparison, labels),
+        "html": lambda: format_html(report, get_charts(), comparison, labels, winners),
     }
     for key, make in makers.items():
         dest = getattr(targets, key)
@@ -4338,7 +4390,7 @@ def check_output_options(args: argparse.Namespace) -> tuple[Baseline | None, Exp
 
 
 def finish_run(plan: Plan, report: Report, code: int, *, out: Any, stdout: Any, err: Any,
-               styled: bool = False) -> int:
+               styled: bool = False, winners: Sequence[ScenarioWinners] | None = None) -> int:
     """After the reports are saved: compare with --baseline (the table goes to
     `out`), then write the exports. A regression turns exit 0 into 3; a failed
     model (1) or an interrupt (130, 143) keeps its code."""
@@ -4351,7 +4403,7 @@ def finish_run(plan: Plan, report: Report, code: int, *, out: Any, stdout: Any, 
         out.flush()
     try:
         write_exports(plan.exports, report, stdout, err, comparison=comparison, labels=labels,
-                      baseline=plan.baseline.report if plan.baseline else None)
+                      baseline=plan.baseline.report if plan.baseline else None, winners=winners)
     except PerftestError as exc:
         err.write(f"warning: {exc}; the JSON report holds every result\n")
     if comparison is not None and comparison.regressions:
@@ -4541,12 +4593,14 @@ def run_benchmark(plan: Plan, out: Any, err: Any, *, styled: bool = False,
                 mr.status = "skipped"
         code = 130 if signum == signal.SIGINT else 143
     finally:
+        winners: Sequence[ScenarioWinners] | None = None  # ranked once the run is over
         try:
             with signals.held():
                 report.finished_at = _now().isoformat()
-                plain = format_results(report, styled=False)
+                winners = rank_scenarios(report.models)  # once, for every output
+                plain = format_results(report, styled=False, winners=winners)
                 saved = files.save_json(report) & files.save_text(plain)
-                out.write(format_results(report, styled=True) if styled else plain)
+                out.write(format_results(report, styled=True, winners=winners) if styled else plain)
                 if not saved:
                     out.write("\n" + json.dumps(report_to_dict(report), indent=1) + "\n")
                 out.flush()
@@ -4559,7 +4613,8 @@ def run_benchmark(plan: Plan, out: Any, err: Any, *, styled: bool = False,
                 code = 143 if isinstance(exc, Interrupted) else 130
         finally:
             signals.restore()
-    return finish_run(plan, report, code, out=out, stdout=stdout, err=err, styled=styled)
+    return finish_run(plan, report, code, out=out, stdout=stdout, err=err, styled=styled,
+                      winners=winners)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -101,6 +101,26 @@ def test_a_metric_only_one_model_has_is_said_to_be_unranked():
     a.scenarios.append(pm.ScenarioResult(sc, (), {"tps": pm.summarize([5.0, 6.0]),
                                                   "ttft_ms": pm.summarize([1.0, 1.1])}))
     b.scenarios.append(pm.ScenarioResult(sc, (), {"ttft_ms": pm.summarize([9.0, 9.1])}))
-    notes = pm.scenario_table([a, b], "latency", "latency", 273.0).notes
+    notes = pm.scenario_table([a, b], pm.scenario_winners([a, b], "latency", "latency"), 273.0).notes
     assert "Decode (tok/s): not ranked: a value for a only, of a, b (see the notes above)" in notes
     assert any(n.startswith("TTFT (ms): 🏆 a") for n in notes)
+
+
+def test_every_output_renders_the_one_ranking_it_is_given_and_ranks_nothing_itself():
+    # a is faster; a ranking that says b won (as no rank() would) shows up in
+    # every output: the renderers read the Winners stage's record, they do not rank.
+    a = pm.ModelResult(pm.ModelSpec("a", None, "a", 4096), status="ok")
+    b = pm.ModelResult(pm.ModelSpec("b", None, "b", 4096), status="ok")
+    sc = pm.Scenario("latency", "latency", None, 5, 2)
+    a.scenarios.append(pm.ScenarioResult(sc, (), {"ttft_ms": pm.summarize([1.0, 1.1])}))
+    b.scenarios.append(pm.ScenarioResult(sc, (), {"ttft_ms": pm.summarize([9.0, 9.1])}))
+    report = pm.Report(pm.RunConfig(), "2026-01-01T00:00:00", [a, b])
+    assert pm.rank_scenarios(report.models)[0].winner("ttft_ms") == "a"
+    given = (pm.ScenarioWinners("latency", "latency", (
+        pm.Ranking("latency", "ttft_ms", "b", "a", tie=False, tested=True, ratio=2.0),)),)
+    for text in (pm.format_results(report, winners=given),
+                 pm.format_results(report, styled=True, winners=given),
+                 pm.format_markdown(report, winners=given),
+                 pm.format_html(report, {}, winners=given)):
+        assert "b: 2.00x faster than a" in text  # the trophy is a star in HTML
+        assert "faster than b" not in text
