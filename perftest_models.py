@@ -177,6 +177,16 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 # ============================================================================
 
 
+# Control characters in an error message come from the user's input (an
+# argument, a field name in someone's YAML): shown escaped, so the message
+# stays one line and cannot drive the terminal.
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(32), 127)} | {10: "\\n", 13: "\\r", 9: "\\t"}
+
+
+def one_line(text: str) -> str:
+    return text.translate(_CONTROL)
+
+
 class PerftestError(Exception):
     """Base of every error the tool reports; carries the exit code.
 
@@ -445,6 +455,32 @@ class Lifecycle:
     power: PowerSummary | None = None
 
 
+@dataclass(frozen=True)
+class AnswerExample:
+    """One known-answer prompt the model got wrong (the answer escaped and cut short)."""
+
+    prompt: str
+    expected: str
+    answer: str
+
+
+@dataclass(frozen=True)
+class AnswerCheck:
+    """The known-answer check of one model, made at warm-up before any
+    measured request: did the model answer a few easy prompts right?"""
+
+    status: str  # "right" | "wrong" | "unchecked" (could not be judged) | "skipped"
+    asked: int = 0  # prompts the model answered (refused ones are not counted)
+    right: int = 0
+    example: AnswerExample | None = None  # one wrong answer
+    reason: str | None = None  # why unchecked or skipped
+
+    @property
+    def ok(self) -> bool | None:
+        """True right, False wrong, None not judged (unchecked or skipped)."""
+        return {"right": True, "wrong": False}.get(self.status)
+
+
 @dataclass
 class ModelResult:
     """Everything known about one model's run; filled in as the run goes."""
@@ -456,6 +492,12 @@ class ModelResult:
     server: ServerInfo | None = None
     lifecycle: Lifecycle = field(default_factory=Lifecycle)
     scenarios: list[ScenarioResult] = field(default_factory=list)
+    answer_check: AnswerCheck | None = None
+
+    @property
+    def ranked(self) -> bool:
+        """Its figures may win: a model whose answers were wrong is never crowned."""
+        return self.answer_check is None or self.answer_check.ok is not False
 
 
 @dataclass(frozen=True)
@@ -476,6 +518,8 @@ class RunConfig:
     health_timeout_s: float = 1800.0
     request_timeout_s: float = 300.0
     max_failed_samples: int = 3
+    answer_check: bool = True  # --no-answer-check turns it off (recorded)
+    require_correct_answers: bool = False  # a wrong-answering model fails (exit 1)
     hardware: str = "dgx-spark"
     bandwidth_gbs: float = HARDWARE_BANDWIDTH_GBS["dgx-spark"]
     compose_file: str | None = "docker-compose.yml"
@@ -1916,6 +1960,21 @@ def new_nonce() -> str:
     return uuid.uuid4().hex[:12]
 
 
+# Known-answer prompts: easy enough for any instruction-tuned model of the
+# table, with one short right answer each (any of the listed words, as a
+# whole word among the first ANSWER_WORDS words of the reply).
+KNOWN_ANSWERS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("What is 17 + 25? Reply with the number only.", ("42",)),
+    ("What is the capital of France? Reply with one word.", ("paris",)),
+    ("What is the opposite of hot? Reply with one word.", ("cold",)),
+    ("How many legs does a spider have? Reply with the number only.", ("8", "eight")),
+)
+ANSWER_WORDS = 16
+ANSWER_TOKENS = 512  # budget per answer: thinking models think first
+ANSWER_RIGHT_SHARE = 0.75  # at least 3 of 4 right: a good model may slip once
+ANSWER_EXAMPLE_CHARS = 120
+
+
 def _answer_int(response: Any, keys: Sequence[str], what: str) -> int:
     """An integer from a JSON answer (`keys` is its path); ModelFailed if absent."""
     try:
@@ -2451,6 +2510,108 @@ def throughput_aggregate(samples: Sequence[Sample], duration_s: float) -> Aggreg
                      requests_per_s=len(ok) / duration_s if duration_s > 0 else None)
 
 
+def answer_text(message: Any) -> str | None:
+    """The answer of a chat completion message, reasoning left out; None when
+    the model was still thinking when its budget ran out."""
+    if not isinstance(message, Mapping) or not isinstance(message.get("content"), str):
+        return None
+    text = message["content"]
+    if "<think>" in text or "</think>" in text:  # no reasoning parser on the server
+        head, sep, tail = text.rpartition("</think>")
+        if not sep:
+            return None
+        text = tail
+    return text.strip()
+
+
+def answer_is_right(text: str, expected: Sequence[str]) -> bool:
+    """One of the expected words, whole, among the first ANSWER_WORDS words."""
+    words = re.findall(r"\w+", text.casefold())[:ANSWER_WORDS]
+    return any(e in words for e in expected)
+
+
+def judge_answers(replies: Sequence[tuple[str, Sequence[str], str | None]],
+                  refused: Sequence[str]) -> AnswerCheck:
+    """(prompt, expected, answer or None if unfinished) per reply -> the verdict."""
+    done = [(p, e, a) for p, e, a in replies if a is not None]
+    if not done:
+        why = refused[0] if refused else f"no answer finished within {ANSWER_TOKENS} tokens"
+        return AnswerCheck("unchecked", reason=why)
+    wrong = [(p, e, a) for p, e, a in done if not answer_is_right(a, e)]
+    right = len(done) - len(wrong)
+    status = "right" if right >= ANSWER_RIGHT_SHARE * len(done) else "wrong"
+    example = None
+    if wrong:
+        p, e, a = wrong[0]
+        cut = a if len(a) <= ANSWER_EXAMPLE_CHARS else a[:ANSWER_EXAMPLE_CHARS] + "..."
+        example = AnswerExample(p, " or ".join(e), one_line(cut))
+    return AnswerCheck(status, asked=len(done), right=right, example=example)
+
+
+async def ask_known_answers(client: Any, spec: ModelSpec) -> AnswerCheck:
+    """Ask the known-answer prompts at once, at temperature 0, and judge them.
+
+    A refusal (no chat template, a 4xx) or an unfinished answer makes the
+    check "unchecked", never "wrong": only answers that came are judged.
+    """
+    import httpx  # noqa: PLC0415
+
+    async def ask(prompt: str) -> Any:
+        body: dict[str, Any] = {"model": spec.model_id, "max_tokens": ANSWER_TOKENS,
+                                "temperature": 0.0, "cache_salt": new_nonce(),
+                                "messages": [{"role": "user", "content": prompt}]}
+        if spec.chat_template_kwargs:
+            body["chat_template_kwargs"] = dict(spec.chat_template_kwargs)
+        try:
+            return await client.post("/v1/chat/completions", json=body)
+        except httpx.HTTPError as exc:
+            return f"{type(exc).__name__}: {exc}"
+
+    answers = await asyncio.gather(*(ask(p) for p, _ in KNOWN_ANSWERS))
+    replies, refused = [], []
+    for (prompt, expected), r in zip(KNOWN_ANSWERS, answers):
+        if isinstance(r, str) or r.status_code != 200:
+            refused.append(r if isinstance(r, str) else _error_message(r.status_code, r.content))
+            continue
+        try:
+            choice = r.json()["choices"][0]
+            text = answer_text(choice["message"])
+        except (ValueError, LookupError, TypeError):
+            refused.append("the answer was not a chat completion")
+            continue
+        if not text and choice.get("finish_reason") == "length":
+            text = None  # still thinking when the budget ran out: not judged
+        replies.append((prompt, expected, text))
+    return judge_answers(replies, refused)
+
+
+def describe_answer_check(check: AnswerCheck) -> str:
+    """'answers wrong: 0 of 4 right; ...' (pure, for the summary and the tables)."""
+    if check.status == "skipped":
+        return "answer check skipped (--no-answer-check)"
+    if check.status == "unchecked":
+        return f"answers unchecked: {check.reason}"
+    text = f"{check.right} of {check.asked} right"
+    if check.status == "right":
+        return f"answer check: {text}"
+    return f"answers wrong: {text}; its speed figures are shown but not ranked"
+
+
+async def check_answers(client: Any, result: ModelResult, cfg: RunConfig, events: Events) -> None:
+    """The known-answer check at warm-up; with --require-correct-answers a
+    wrong-answering model fails here, before any GPU time is spent measuring it."""
+    if not cfg.answer_check:
+        result.answer_check = AnswerCheck("skipped", reason="--no-answer-check")
+        return
+    check = result.answer_check = await ask_known_answers(client, result.spec)
+    events.info(f"{result.spec.name}: {describe_answer_check(check)}")
+    if check.ok is False and cfg.require_correct_answers:
+        ex = check.example
+        raise ModelFailed(f"answers wrong: {check.right} of {check.asked} right"
+                          + (f" (asked {ex.prompt!r}, got {ex.answer!r})" if ex else "")
+                          + " and --require-correct-answers is set")
+
+
 async def benchmark_model(client: Any, result: ModelResult, cfg: RunConfig, events: Events, *,
                           check_alive: Callable[[], None] | None = None,
                           clock: Clock = time.perf_counter) -> None:
@@ -2468,6 +2629,7 @@ async def benchmark_model(client: Any, result: ModelResult, cfg: RunConfig, even
             break
     else:
         raise ModelFailed(f"warm-up request failed {WARMUP_TRIES} times: {warm.error}")
+    await check_answers(client, result, cfg, events)
     builder = PromptBuilder(client, spec.model_id, spec.chat_template_kwargs)
     failures_left = cfg.max_failed_samples + 1
     for scenario in plan_scenarios(cfg, spec):
@@ -2524,12 +2686,13 @@ def scenario_stat(model: ModelResult, scenario: str, metric: str) -> Stat | None
 
 
 def rank(models: Sequence[ModelResult], scenario: str, metric: str) -> Ranking | None:
-    """Rank the models on one metric of one scenario (None: fewer than two)."""
+    """Rank the models on one metric of one scenario (None: fewer than two).
+    A model whose answers were wrong takes no part: it is never crowned."""
     m = METRICS[metric]
     if m.higher_is_better is None:
         return None
     entries = [(mr.spec.name, st) for mr in models
-               if (st := scenario_stat(mr, scenario, metric)) is not None]
+               if mr.ranked and (st := scenario_stat(mr, scenario, metric)) is not None]
     if len(entries) < 2:
         return None
     entries.sort(key=lambda e: e[1].mean, reverse=m.higher_is_better)
@@ -2593,7 +2756,7 @@ def scenario_winners(models: Sequence[ModelResult], scenario: str, kind: str) ->
     ran = tuple(mr.spec.name for mr in models
                 if any(sr.scenario.name == scenario for sr in mr.scenarios))
     unranked = tuple(
-        Unranked(metric, tuple(mr.spec.name for mr in models if mr.spec.name in ran
+        Unranked(metric, tuple(mr.spec.name for mr in models if mr.spec.name in ran and mr.ranked
                                and scenario_stat(mr, scenario, metric)), ran)
         for metric in ranked_metrics(kind)
         if len(ran) > 1 and all(r.metric != metric for r in rankings))
@@ -2697,8 +2860,15 @@ def model_to_dict(mr: ModelResult, bandwidth_gbs: float) -> dict[str, Any]:
         "lifecycle": record_to_dict(mr.lifecycle, ABSENT_IF_NONE[Lifecycle]),
         "roofline": {"bandwidth_gbs": bandwidth_gbs, "ceiling_tps": _round(ceiling),
                      "achieved_pct": _round(100 * tps.mean / ceiling, 1) if ceiling and tps else None},
+        "answer_check": answer_check_to_dict(mr.answer_check),
         "scenarios": [scenario_to_dict(sr) for sr in mr.scenarios],
     }
+
+
+def answer_check_to_dict(check: AnswerCheck | None) -> dict[str, Any] | None:
+    if check is None:
+        return None
+    return {"ok": check.ok, **dataclasses.asdict(check)}
 
 
 def report_to_dict(report: Report) -> dict[str, Any]:
@@ -2776,7 +2946,17 @@ def model_from_dict(data: Mapping[str, Any]) -> ModelResult:
                        failure=record_from_dict(Failure, failure, ("log_tail",)) if failure else None,
                        server=record_from_dict(ServerInfo, server) if server else None,
                        lifecycle=lifecycle_from_dict(data.get("lifecycle") or {}),
-                       scenarios=[scenario_from_dict(s, spec.name) for s in data["scenarios"]])
+                       scenarios=[scenario_from_dict(s, spec.name) for s in data["scenarios"]],
+                       answer_check=answer_check_from_dict(data.get("answer_check")))
+
+
+def answer_check_from_dict(data: Any) -> AnswerCheck | None:
+    if not isinstance(data, Mapping):
+        return None  # reports from before the check have none
+    example = data.get("example")
+    return dataclasses.replace(
+        record_from_dict(AnswerCheck, data),
+        example=record_from_dict(AnswerExample, example) if isinstance(example, Mapping) else None)
 
 
 def report_from_dict(data: Mapping[str, Any]) -> Report:
@@ -3113,12 +3293,15 @@ def scenario_table(models: Sequence[ModelResult], winners: ScenarioWinners,
     notes: list[str] = []
     for mr in models:
         sr = results.get(mr.spec.name)
+        label = mr.spec.name if mr.ranked else f"{mr.spec.name} (w)"
         if sr is None:
             if mr.status in ("failed", "interrupted"):
                 rows.append((mr.spec.name, f"{mr.status.upper()}: {mr.error or ''}"[:70],
                              *[""] * (len(headers) - 2)))
             continue
         cell = lambda metric: _cell(mr, metric, winners)  # noqa: E731,B023
+        if not mr.ranked and mr.answer_check is not None:
+            notes.append(f"(w) {mr.spec.name}: {describe_answer_check(mr.answer_check)}")
         failed = str(sr.failed) if sr.failed else ""
         server = sr.server or ServerDelta()
         server_ttft = fmt_num(server.ttft_mean_ms)
@@ -3136,7 +3319,7 @@ def scenario_table(models: Sequence[ModelResult], winners: ScenarioWinners,
         if kind == "throughput":
             agg = sr.aggregate or Aggregate()
             ttft = sr.summary.get("ttft_ms")
-            rows.append((mr.spec.name, str(sr.scenario.concurrency), fmt_num(agg.output_tps, 1),
+            rows.append((label, str(sr.scenario.concurrency), fmt_num(agg.output_tps, 1),
                          fmt_num(agg.requests_per_s, 2), decode,
                          fmt_num(ttft.median if ttft else None), fmt_num(ttft.p90 if ttft else None),
                          fmt_num(ttft.p99 if ttft else None), fmt_num(server.queue_mean_ms),
@@ -3148,14 +3331,14 @@ def scenario_table(models: Sequence[ModelResult], winners: ScenarioWinners,
                 notes.append(f"(c) {mr.spec.name}: {sr.scenario.requested_tokens_in} tokens do not "
                              f"fit its {mr.spec.max_context_tokens}-token context; clamped to "
                              f"{sr.scenario.target_tokens_in}")
-            rows.append((mr.spec.name, tin, cell("ttft_ms"), server_ttft, cell("prefill_tps"),
+            rows.append((label, tin, cell("ttft_ms"), server_ttft, cell("prefill_tps"),
                          decode, tokens_out, cell("total_s"), failed))
         else:
             ceiling = roofline_tps(mr.spec, bandwidth_gbs)
             tps = sr.summary.get("tps")
             roof = f"{tps.mean / ceiling:.0%} of {ceiling:,.1f}" if ceiling and tps else "-"
             itl = sr.summary.get("itl_ms")
-            rows.append((mr.spec.name, cell("ttft_ms"), server_ttft,
+            rows.append((label, cell("ttft_ms"), server_ttft,
                          *((cell("ttfo_ms"),) if thinking else ()),
                          decode, f"{fmt_num(itl.median, 1)} / {fmt_num(itl.p99, 1)}" if itl else "-",
                          fmt_stat(sr.summary.get("tokens_in")), tokens_out, cell("total_s"), roof,
@@ -3282,6 +3465,15 @@ def format_model_environment(mr: ModelResult, bandwidth_gbs: float) -> list[str]
     return lines
 
 
+def format_answer_check(check: AnswerCheck) -> str:
+    """The check as the summary shows it, with one wrong answer when there is one."""
+    text = describe_answer_check(check)
+    if check.example is not None:
+        ex = check.example
+        text += f" (asked {one_line(ex.prompt)!r}, expected {ex.expected}, got {ex.answer!r})"
+    return text
+
+
 def format_summary(report: Report) -> str:
     lines = ["Summary:"]
     for mr in report.models:
@@ -3291,6 +3483,8 @@ def format_summary(report: Report) -> str:
         if mr.error:
             line += f": {mr.error}"
         lines.append(line)
+        if mr.answer_check is not None:
+            lines.append(f"      {format_answer_check(mr.answer_check)}")
         lines.extend(format_model_environment(mr, report.config.bandwidth_gbs))
         if mr.failure and mr.failure.log_tail:
             lines.extend(f"      | {ln}" for ln in mr.failure.log_tail[-5:])
@@ -4063,16 +4257,6 @@ class ReportFiles:
         return self._write(self.txt_path, text)
 
 
-# Control characters in an error message come from the user's input (an
-# argument, a field name in someone's YAML): shown escaped, so the message
-# stays one line and cannot drive the terminal.
-_CONTROL = {c: f"\\x{c:02x}" for c in (*range(32), 127)} | {10: "\\n", 13: "\\r", 9: "\\t"}
-
-
-def one_line(text: str) -> str:
-    return text.translate(_CONTROL)
-
-
 # ============================================================================
 # Command line
 # ============================================================================
@@ -4174,6 +4358,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="memory bandwidth profile for the decode roofline (default dgx-spark)")
     what.add_argument("--bandwidth-gbs", type=_positive_float, metavar="GBS",
                       help="memory bandwidth in GB/s (overrides --hardware)")
+    check = what.add_mutually_exclusive_group()
+    check.add_argument("--require-correct-answers", action="store_true",
+                       help="fail a model whose answers to the known-answer check are wrong "
+                            "(exit 1), instead of showing its figures unranked")
+    check.add_argument("--no-answer-check", action="store_true",
+                       help="skip the known-answer check at warm-up (recorded in the report)")
     env = p.add_argument_group("where and how long")
     env.add_argument("--compose-file", type=Path, default=Path("docker-compose.yml"), metavar="PATH",
                      help="compose file with the model services (default docker-compose.yml)")
@@ -4233,6 +4423,7 @@ def make_plan(args: argparse.Namespace, environ: Mapping[str, str] = os.environ)
         concurrency=tuple(args.concurrency), throughput_requests=args.throughput_requests,
         port=args.port, health_timeout_s=args.health_timeout,
         request_timeout_s=args.request_timeout, max_failed_samples=args.max_failures,
+        answer_check=not args.no_answer_check, require_correct_answers=args.require_correct_answers,
         hardware="custom" if args.bandwidth_gbs else args.hardware, bandwidth_gbs=hardware_bw,
         compose_file=str(args.compose_file) if compose else None,
         endpoint=base_url if args.endpoint is not None else None,

@@ -269,6 +269,29 @@ def detokenize_ids(ids: list[int], vocab: _Vocabulary | None = None) -> str:
 # --------------------------------------------------------------------------
 
 
+# The stand-in's own answers to easy questions (a fragment of the question ->
+# the answer a working instruction-tuned model gives). Written here, not taken
+# from the tool, so a test sees whether the tool's check agrees with them.
+STANDIN_ANSWERS = {
+    "17 + 25": "42",
+    "capital of france": "Paris.",
+    "opposite of hot": "Cold",
+    "legs does a spider": "A spider has 8 legs.",
+}
+
+
+def canned_answer(body: Any) -> list[str] | None:
+    """The words of the stand-in's answer to a known question, if it is one."""
+    messages = body.get("messages") if isinstance(body, dict) else None
+    if not isinstance(messages, list) or not messages or not isinstance(messages[-1], dict):
+        return None
+    text = _content_text(messages[-1].get("content")).casefold()
+    for fragment, answer in STANDIN_ANSWERS.items():
+        if fragment in text:
+            return answer.split()
+    return None
+
+
 @dataclass
 class StandinConfig:
     """Live, mutable behaviour of a stand-in server (all times in seconds).
@@ -315,6 +338,18 @@ class StandinConfig:
     stall_s: float = 30.0  # silence of the "stall" fault
     fault_after_chunks: int = 3  # token chunks sent before a mid-stream fault
     quiet: bool = False  # no per-request log lines
+    # How it answers a request without ignore_eos whose prompt is one of
+    # STANDIN_ANSWERS' questions: "right" (a working model: the short right
+    # answer, then EOS) or "garbage" (its usual " tok<i>" words, as a broken
+    # model rambles).
+    answers: str = "right"
+    # Not None: the known-answer questions are refused with this HTTP status
+    # (as a server without a chat template refuses every chat request).
+    answer_refusal: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.answers not in ("right", "garbage"):
+            raise ValueError(f"answers must be 'right' or 'garbage', not {self.answers!r}")
 
     def update(self, **changes: Any) -> None:
         """Validate and apply ``changes`` (used by ``POST /_standin/config``)."""
@@ -739,6 +774,7 @@ class _Job:
     next_target: float = 0.0  # perf_counter() at which the next chunk is due
     last_sent: float = 0.0
     sent_tokens: int = 0
+    answer: list[str] | None = None  # the words of a canned answer (STANDIN_ANSWERS)
 
     @property
     def n_prompt(self) -> int:
@@ -753,7 +789,7 @@ class _Job:
         for start in range(0, self.n_out, per):
             stop = min(start + per, self.n_out)
             reasoning = "".join(f" think{i}" for i in range(start, min(stop, self.n_reasoning)))
-            content = held + "".join(f" tok{i}" for i in range(max(start, self.n_reasoning), stop))
+            content = held + "".join(self._word(i) for i in range(max(start, self.n_reasoning), stop))
             held = ""
             # vLLM holds back a token that ends inside a UTF-8 sequence and
             # sends its chunk with content "": the text comes with the next one.
@@ -761,6 +797,11 @@ class _Job:
                 held, content = content, ""
             out.append((reasoning, content, stop - start))
         return out or [("", "", 0)]
+
+    def _word(self, i: int) -> str:
+        if self.answer is not None:
+            return " " + self.answer[i - self.n_reasoning]
+        return f" tok{i}"
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -1065,7 +1106,14 @@ class _Handler(BaseHTTPRequestHandler):
             raise _bad_request("request body must be a JSON object")
         self._check_model(body)
         forced = self.headers.get(FAULT_HEADER)
-        fault = forced if forced is not None else state.take_fault()
+        # Queued faults are for the benchmark's requests: the known-answer
+        # questions (never sent with ignore_eos) do not take one.
+        known = canned_answer(body) is not None and not body.get("ignore_eos")
+        if known and state.config.answer_refusal:
+            raise _Reply(state.config.answer_refusal,
+                         _error_body("stand-in: no chat template", "BadRequestError",
+                                     state.config.answer_refusal))
+        fault = forced if forced is not None else (None if known else state.take_fault())
         if fault is not None and fault not in FAULT_NAMES:
             raise _bad_request(f"unknown stand-in fault {fault!r}")
         fault = None if fault == "none" else fault
@@ -1149,6 +1197,12 @@ class _Handler(BaseHTTPRequestHandler):
             n_out = min(max_tokens, max(min_tokens, cfg.eos_after_tokens))
         kwargs = body.get("chat_template_kwargs") or {}
         thinking = not (isinstance(kwargs, dict) and kwargs.get("enable_thinking") is False)
+        n_reasoning = min(cfg.reasoning_tokens, n_out) if thinking else 0
+        answer = canned_answer(body) if cfg.answers == "right" and not body.get("ignore_eos") else None
+        if answer is not None:  # think (if it does), answer, stop: as far as the budget goes
+            n_reasoning = min(cfg.reasoning_tokens, max_tokens) if thinking else 0
+            n_out = min(max_tokens, n_reasoning + len(answer))
+            answer = answer[:n_out - n_reasoning]
         return _Job(
             request_id=f"chatcmpl-{uuid.uuid4().hex}",
             created=int(time.time()),
@@ -1161,8 +1215,9 @@ class _Handler(BaseHTTPRequestHandler):
             cached=0,
             max_tokens=max_tokens,
             n_out=n_out,
-            n_reasoning=min(cfg.reasoning_tokens, n_out) if thinking else 0,
+            n_reasoning=n_reasoning,
             finish_reason="length" if n_out >= max_tokens else "stop",
+            answer=answer,
             include_usage=bool(options.get("include_usage")),
             # the no_usage fault plays a server that ignores stream_options
             continuous_usage=bool(options.get("continuous_usage_stats")) and fault != "no_usage",
@@ -1556,6 +1611,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--reasoning-field", default="reasoning_content",
                    choices=["reasoning_content", "reasoning", "both"])
     p.add_argument("--eos-after-tokens", type=int, default=None)
+    p.add_argument("--answers", default="right", choices=["right", "garbage"],
+                   help="answers to the known-answer questions: right, or its usual words")
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--prompt-tokens-details", action="store_true")
     p.add_argument("--max-num-seqs", type=int, default=None)
@@ -1605,7 +1662,7 @@ def main(argv: list[str] | None = None) -> int:
         prompt_tokens_details=args.prompt_tokens_details, max_num_seqs=args.max_num_seqs,
         stamp_chunks=args.stamp_chunks, api_key=args.api_key,
         tokenize_endpoint=not args.no_tokenize, faults=list(args.fault),
-        stall_s=args.stall_s, quiet=args.quiet,
+        stall_s=args.stall_s, quiet=args.quiet, answers=args.answers,
     )
     server = StandinServer(config, host=args.host, port=args.port)
     url = f"http://{args.host}:{server.port}"

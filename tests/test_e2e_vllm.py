@@ -295,7 +295,10 @@ def test_compose_run_measures_two_models_cold_and_exact_and_leaves_nothing_runni
         compose_project, tmp_path):
     project, port, env = compose_project
     run = run_tool(["--compose-file", str(COMPOSE), "--models", str(MODELS), "--port", str(port),
-                    "--iterations", "2", "--context-sizes", "1k,4k", "--health-timeout", "300"],
+                    "--iterations", "2", "--context-sizes", "1k,4k", "--health-timeout", "300",
+                    # random weights answer garbage: the check would leave both unranked,
+                    # and this test is about the winners (the check: the endpoint test)
+                    "--no-answer-check"],
                    tmp_path, env)
     assert run.proc.returncode == 0, run.explain(compose_logs(env, project))
     print(f"\ncompose run: {run.elapsed_s:.0f} s")
@@ -479,6 +482,13 @@ def test_endpoint_run_is_exact_and_cold_and_the_throughput_scenario_batches(bare
     assert m["name"] == "tiny" and m["service"] is None and m["status"] == "ok", m["error"]
     assert not {"image", "load_s", "command"} & set(m["lifecycle"])  # nothing started
     assert m["server"]["max_model_len"] == 40960
+    # The tiny model's weights are random: however fluent, its answers to the
+    # known-answer check must be judged wrong, and the model left unranked.
+    check = m["answer_check"]
+    print(json.dumps(check))
+    assert check["status"] == "wrong" and check["ok"] is False, check
+    assert check["right"] < check["asked"] and check["example"]["answer"], check
+    assert "answers wrong:" in run.proc.stdout
     names = [s["name"] for s in m["scenarios"]]
     assert names == ["latency", "context-1k", "context-4k", "throughput-c1", "throughput-c8"]
     by_name = {s["name"]: s for s in m["scenarios"]}
