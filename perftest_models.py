@@ -518,8 +518,8 @@ class RunConfig:
     health_timeout_s: float = 1800.0
     request_timeout_s: float = 300.0
     max_failed_samples: int = 3
-    answer_check: bool = True  # --no-answer-check turns it off (recorded)
-    require_correct_answers: bool = False  # a wrong-answering model fails (exit 1)
+    answer_check: bool | None = True  # --no-answer-check turns it off (None: an older report)
+    require_correct_answers: bool | None = False  # a wrong-answering model fails (exit 1)
     hardware: str = "dgx-spark"
     bandwidth_gbs: float = HARDWARE_BANDWIDTH_GBS["dgx-spark"]
     compose_file: str | None = "docker-compose.yml"
@@ -2549,7 +2549,7 @@ def judge_answers(replies: Sequence[tuple[str, Sequence[str], str | None]],
 
 
 async def ask_known_answers(client: Any, spec: ModelSpec) -> AnswerCheck:
-    """Ask the known-answer prompts at once, at temperature 0, and judge them.
+    """Ask the known-answer prompts in turn, at temperature 0, and judge them.
 
     A refusal (no chat template, a 4xx) or an unfinished answer makes the
     check "unchecked", never "wrong": only answers that came are judged.
@@ -2567,9 +2567,9 @@ async def ask_known_answers(client: Any, spec: ModelSpec) -> AnswerCheck:
         except httpx.HTTPError as exc:
             return f"{type(exc).__name__}: {exc}"
 
-    answers = await asyncio.gather(*(ask(p) for p, _ in KNOWN_ANSWERS))
     replies, refused = [], []
-    for (prompt, expected), r in zip(KNOWN_ANSWERS, answers):
+    for prompt, expected in KNOWN_ANSWERS:  # one at a time: a signal meets one request
+        r = await ask(prompt)
         if isinstance(r, str) or r.status_code != 200:
             refused.append(r if isinstance(r, str) else _error_message(r.status_code, r.content))
             continue
@@ -2959,12 +2959,19 @@ def answer_check_from_dict(data: Any) -> AnswerCheck | None:
         example=record_from_dict(AnswerExample, example) if isinstance(example, Mapping) else None)
 
 
+# RunConfig fields added after schema_version 1 was first written: None
+# (unknown) when an older report is read back.
+CONFIG_ADDED = ("answer_check", "require_correct_answers")
+
+
 def report_from_dict(data: Mapping[str, Any]) -> Report:
     """The inverse of report_to_dict: a saved report back in the records a
     run builds, so that comparing and exporting work the same on both.
     Raises KeyError, TypeError or ValueError on a malformed document."""
     config = {k: tuple(v) if isinstance(v, list) else v
               for k, v in _known_fields(RunConfig, data["config"]).items()}
+    # A report from before an option existed did not use it: unknown, not its default.
+    config.update({k: None for k in CONFIG_ADDED if k not in data["config"]})
     return Report(RunConfig(**config), data["started_at"],
                   [model_from_dict(m) for m in data["models"]],
                   environment=record_from_dict(Environment, data.get("environment") or {}),
