@@ -20,9 +20,11 @@ examples:
   perftest_models.py --endpoint http://127.0.0.1:8000 --concurrency 1,8
   perftest_models.py --iterations 5 --baseline docs/reports/baseline.json
   perftest_models.py compare BASELINE.json CANDIDATE.json --threshold ttft_ms:10%,tps:5%
+  perftest_models.py history docs/reports --fail-on-change   # trends, step changes
 
 exit codes: 0 all models ok, 1 a model failed, 2 usage error,
-            3 regression past a threshold (compare, --baseline),
+            3 regression past a threshold (compare, --baseline,
+              history --fail-on-change while one stands),
             130 interrupted (Ctrl-C), 143 terminated (SIGTERM/SIGHUP);
             what was measured before a failure or interrupt is saved.
 """
@@ -44,6 +46,7 @@ exit codes: 0 all models ok, 1 a model failed, 2 usage error,
 #   Winners              pure: rank models per scenario and metric
 #   Saved reports        the JSON edge: Report <-> dict, load_report
 #   Comparison           pure: baseline vs candidate, verdicts, thresholds
+#   History              pure: many reports over time, step changes, hardware groups
 #   Rendering            pure: tables and summaries as text
 #   Exports              pure: Markdown, CSV, charts, HTML
 #   Output               files, progress on stderr, signals
@@ -3208,6 +3211,199 @@ def compare_reports(baseline: Report, candidate: Report, thresholds_pct: Mapping
 
 
 # ============================================================================
+# History of saved reports (pure)
+# ============================================================================
+
+# Runs on each side of a candidate step change: the level before and after it
+# is the mean of up to this many runs' means (one run: its own interval).
+HISTORY_WINDOW = 5
+
+
+@dataclass(frozen=True)
+class HistoryRun:
+    """One saved report of a history: its file's name and its records."""
+
+    label: str
+    report: Report
+
+
+@dataclass(frozen=True)
+class StepChange:
+    """The level of a series moved at `run` (the first run at the new level),
+    past its threshold and beyond the runs' own noise."""
+
+    run: int  # index into History.runs
+    before: Stat  # the level over the window before
+    after: Stat  # the level over the window from `run` on
+    change_pct: float | None
+    verdict: str  # REGRESSED | IMPROVED
+    tested: bool
+    differences: tuple[str, ...] = ()  # what its environment changed, e.g. "vLLM 0.11 -> 0.12"
+
+
+@dataclass(frozen=True)
+class Trend:
+    """One model x scenario x metric over the runs (None where a run lacks it)."""
+
+    model: str
+    scenario: str
+    metric: str
+    points: tuple[Stat | None, ...]
+    steps: tuple[StepChange, ...] = ()
+    standing: StepChange | None = None  # a regression the newest level still shows
+
+
+@dataclass(frozen=True)
+class History:
+    runs: tuple[HistoryRun, ...]
+    trends: tuple[Trend, ...]
+    thresholds_pct: Mapping[str, float]
+
+    @property
+    def standing(self) -> tuple[Trend, ...]:
+        """The series whose newest level is worse than before their last step."""
+        return tuple(t for t in self.trends if t.standing is not None)
+
+
+def window_level(points: Sequence[Stat]) -> Stat:
+    """The level of a window of runs: one run's own summary, or the summary
+    of several runs' means (their interval is the run-to-run spread)."""
+    if len(points) == 1:
+        return points[0]
+    return summarize([p.mean for p in points])  # type: ignore[return-value]
+
+
+def _window(points: Sequence[Stat | None], start: int, stop: int) -> list[Stat]:
+    return [p for p in points[max(0, start):max(0, stop)] if p is not None]
+
+
+def _moved(level: Stat, point: Stat, change_pct: float | None, threshold_pct: float) -> bool:
+    """The run's own mean is past the threshold from `level`, on the side the
+    window moved to: a level that moved, not one noisy run pulling a mean."""
+    if change_pct is None or level.mean == 0:
+        return True
+    own = (point.mean - level.mean) / abs(level.mean) * 100
+    return own * change_pct > 0 and abs(own) > threshold_pct
+
+
+def find_steps(metric: str, points: Sequence[Stat | None], threshold_pct: float | None,
+               window: int = HISTORY_WINDOW) -> list[StepChange]:
+    """Step changes in one series, oldest first.
+
+    For every run k the level of the `window` runs before k is judged against
+    the level of the `window` runs from k on, as compare judges two reports
+    (direction, threshold, overlapping intervals are noise), and every run of
+    the window after k must itself be past the threshold on the same side (a
+    level that moved, not one outlier). Neighbouring runs that qualify in the
+    same direction are one step, placed where the change is largest: the
+    first run at the new level.
+    """
+    if threshold_pct is None:
+        return []
+    found: list[StepChange] = []
+    for k in range(1, len(points)):
+        before, after = _window(points, k - window, k), _window(points, k, k + window)
+        if points[k] is None or not before or not after:
+            continue
+        b, a = window_level(before), window_level(after)
+        verdict, change, tested = judge_change(metric, b, a, threshold_pct)
+        if verdict in (REGRESSED, IMPROVED) and all(
+                _moved(b, p, change, threshold_pct) for p in after):
+            found.append(StepChange(k, b, a, change, verdict, tested))
+    steps: list[StepChange] = []
+    for step in found:
+        last = steps[-1] if steps else None
+        if last and last.verdict == step.verdict and step.run - last.run <= window:
+            if abs(step.change_pct or 0) > abs(last.change_pct or 0):
+                steps[-1] = step
+            continue
+        steps.append(step)
+    return steps
+
+
+def standing_regression(metric: str, points: Sequence[Stat | None], steps: Sequence[StepChange],
+                        threshold_pct: float | None, window: int = HISTORY_WINDOW
+                        ) -> StepChange | None:
+    """The regression that stands: the newest level (the last `window` runs,
+    none before the last step) is worse than the level before the last step,
+    past its threshold, however many runs ago that step entered."""
+    if not steps or threshold_pct is None:
+        return None
+    last = steps[-1]
+    newest = _window(points, max(last.run, len(points) - window), len(points))
+    if not newest:
+        return None
+    verdict, change, tested = judge_change(metric, last.before, window_level(newest), threshold_pct)
+    if verdict != REGRESSED:
+        return None
+    return dataclasses.replace(steps[-1], after=window_level(newest), change_pct=change,
+                               verdict=verdict, tested=tested)
+
+
+def _model_facts(report: Report, model: str) -> dict[str, str]:
+    """What a run's environment says about one model, for telling two runs apart."""
+    mr = next((m for m in report.models if m.spec.name == model), None)
+    life, server = (mr.lifecycle, mr.server) if mr else (Lifecycle(), None)
+    digest = (life.repo_digests or (life.image_id,))[0] if life.repo_digests or life.image_id else None
+    facts = {"image": life.image, "image digest": digest,
+             "vLLM": server.version if server else None,
+             "command": " ".join(life.command) if life.command else None,
+             "GPU": report.environment.gpu, "host": report.environment.host,
+             "hardware": report.config.hardware}
+    return {k: v for k, v in facts.items() if v is not None}
+
+
+def environment_differences(before: Report, after: Report, model: str) -> tuple[str, ...]:
+    """'vLLM 0.11.0 -> 0.12.0', ... for every fact of the model that differs."""
+    a, b = _model_facts(before, model), _model_facts(after, model)
+    return tuple(f"{k} {a.get(k, '?')} -> {b.get(k, '?')}" for k in dict.fromkeys([*a, *b])
+                 if a.get(k) != b.get(k))
+
+
+def _previous_with(points: Sequence[Stat | None], k: int) -> int:
+    return next((i for i in range(k - 1, -1, -1) if points[i] is not None), k - 1)
+
+
+def build_history(runs: Sequence[HistoryRun], thresholds_pct: Mapping[str, float]) -> History:
+    """Every model x scenario x metric any run has, as a series over the runs
+    (in the order given: oldest first), with its step changes."""
+    keys: dict[tuple[str, str], None] = {}
+    per_run: list[dict[tuple[str, str], dict[str, Stat]]] = []
+    for run in runs:
+        table = {(mr.spec.name, sr.scenario.name): scenario_stats(sr)
+                 for mr in run.report.models for sr in mr.scenarios}
+        keys.update(dict.fromkeys(table))
+        per_run.append(table)
+    trends = []
+    for model, scenario in keys:
+        for metric in COMPARED_METRICS:
+            points = tuple(t.get((model, scenario), {}).get(metric) for t in per_run)
+            if all(p is None for p in points):
+                continue
+            threshold = thresholds_pct.get(metric)
+            steps = [dataclasses.replace(s, differences=environment_differences(
+                        runs[_previous_with(points, s.run)].report, runs[s.run].report, model))
+                     for s in find_steps(metric, points, threshold)]
+            trends.append(Trend(model, scenario, metric, points, tuple(steps),
+                                standing_regression(metric, points, steps, threshold)))
+    return History(tuple(runs), tuple(trends), dict(thresholds_pct))
+
+
+def hardware_key(report: Report) -> str:
+    """The hardware a report ran on: profile, bandwidth and GPU ('?' unknown)."""
+    cfg = report.config
+    return f"{cfg.hardware} ({cfg.bandwidth_gbs:g} GB/s), GPU {report.environment.gpu or '?'}"
+
+
+def hardware_groups(runs: Sequence[HistoryRun]) -> dict[str, list[HistoryRun]]:
+    """The runs by hardware, in first-seen order (within a group, oldest first)."""
+    groups: dict[str, list[HistoryRun]] = {}
+    for run in runs:
+        groups.setdefault(hardware_key(run.report), []).append(run)
+    return groups
+
+
+# ============================================================================
 # Rendering (pure: returns text)
 # ============================================================================
 
@@ -3584,6 +3780,120 @@ def format_comparison(comparison: Comparison, labels: tuple[str, str], styled: b
             else "no regression past a threshold"]
     parts.append("\n".join(tail) + "\n")
     return "\n".join(parts)
+
+
+def fmt_level(st: Stat | None, digits: int = 0) -> str:
+    """'250.1 ±3.2': the mean and the half-width of its 95% interval."""
+    if st is None:
+        return "-"
+    if st.ci95 is None:
+        return fmt_num(st.mean, digits)
+    return f"{fmt_num(st.mean, digits)} ±{fmt_num((st.ci95[1] - st.ci95[0]) / 2, digits)}"
+
+
+def history_run_line(i: int, run: HistoryRun) -> str:
+    r = run.report
+    return f"  #{i + 1} {run.label}  started {r.started_at}, {len(r.models)} model(s), {r.config.hardware}"
+
+
+def history_tables(history: History, last: int) -> list[TextTable]:
+    """One table per model x scenario: a row per metric, a column per run
+    (the newest `last`, newest last); '*' marks the run where a step entered."""
+    shown = range(max(0, len(history.runs) - last), len(history.runs))
+    by_key: dict[tuple[str, str], list[Trend]] = {}
+    for t in history.trends:
+        by_key.setdefault((t.model, t.scenario), []).append(t)
+    tables = []
+    for (model, scenario), trends in by_key.items():
+        rows = []
+        for t in trends:
+            digits = COMPARED_METRICS[t.metric].digits
+            marks = {s.run for s in t.steps}
+            rows.append((metric_label(t.metric),
+                         *(fmt_level(t.points[i], digits) + (" *" if i in marks else "")
+                           for i in shown)))
+        tables.append(TextTable(f"{model} / {scenario}", ("Metric", *(f"#{i + 1}" for i in shown)),
+                                tuple(rows)))
+    return tables
+
+
+def describe_step(history: History, t: Trend, s: StepChange) -> str:
+    run = history.runs[s.run]
+    digits = COMPARED_METRICS[t.metric].digits
+    text = (f"{t.model} {t.scenario} {metric_label(t.metric)}: {fmt_change(s.change_pct)} "
+            f"({s.verdict}{'' if s.tested else ', untested'}) from run #{s.run + 1} "
+            f"({run.label}, started {run.report.started_at}): "
+            f"{fmt_level(s.before, digits)} -> {fmt_level(s.after, digits)}")
+    changed = "; ".join(s.differences) if s.differences else "nothing in its environment record"
+    return f"{text}; what changed: {changed}"
+
+
+def format_history(history: History, last: int = 12, styled: bool = False) -> str:
+    """The history command's output: the runs, a table per model x scenario,
+    the step changes and the regressions that stand."""
+    n = len(history.runs)
+    head = [f"{TOOL_NAME} history: {n} run(s), oldest first",
+            *(history_run_line(i, r) for i, r in enumerate(history.runs)),
+            format_thresholds(history.thresholds_pct)]
+    if n > last:
+        head.append(f"(the tables show the newest {last} runs; --last N shows more)")
+    parts = ["\n".join(head) + "\n"]
+    parts.extend(render_table(t, styled) for t in history_tables(history, last))
+    steps = [describe_step(history, t, s) for t in history.trends for s in t.steps]
+    tail = ["step changes (* in the tables):", *(f"  {s}" for s in steps)] if steps else \
+        ["no step change past a threshold"]
+    if history.standing:
+        tail.append("REGRESSION standing (the newest level is still worse than before the step):")
+        tail.extend(f"  {describe_step(history, t, t.standing)}" for t in history.standing
+                    if t.standing is not None)
+    else:
+        tail.append("no regression standing")
+    parts.append("\n".join(tail) + "\n")
+    return "\n".join(parts)
+
+
+def _achieved(run: HistoryRun, model: str, st: Stat | None) -> str:
+    mr = next((m for m in run.report.models if m.spec.name == model), None)
+    ceiling = roofline_tps(mr.spec, run.report.config.bandwidth_gbs) if mr else None
+    return f" ({st.mean / ceiling:.0%} of {ceiling:,.1f})" if st and ceiling else ""
+
+
+def hardware_tables(runs: Sequence[HistoryRun]) -> list[TextTable]:
+    """The same model on each hardware: the newest run of each group, a
+    column per group, decode tok/s with its share of that box's roofline."""
+    groups = hardware_groups(runs)
+    newest = {key: group[-1] for key, group in groups.items()}
+    keys = dict.fromkeys((mr.spec.name, sr.scenario.name) for run in newest.values()
+                         for mr in run.report.models for sr in mr.scenarios)
+    tables = []
+    for model, scenario in keys:
+        stats = {key: next((scenario_stats(sr) for mr in run.report.models if mr.spec.name == model
+                            for sr in mr.scenarios if sr.scenario.name == scenario), {})
+                 for key, run in newest.items()}
+        rows = []
+        for metric in COMPARED_METRICS:
+            if not any(metric in s for s in stats.values()):
+                continue
+            digits = COMPARED_METRICS[metric].digits
+            rows.append((metric_label(metric), *(
+                fmt_level(stats[key].get(metric), digits)
+                + (_achieved(newest[key], model, stats[key].get(metric)) if metric == "tps" else "")
+                for key in newest)))
+        tables.append(TextTable(f"{model} / {scenario}", ("Metric", *newest), tuple(rows)))
+    return tables
+
+
+def format_hardware(runs: Sequence[HistoryRun], styled: bool = False) -> str:
+    """history --by hardware: each model on each hardware, side by side."""
+    groups = hardware_groups(runs)
+    head = [f"{TOOL_NAME} history by hardware: {len(groups)} hardware group(s)",
+            *(f"  {key}: {len(g)} run(s), newest {g[-1].label}" for key, g in groups.items())]
+    if len(groups) < 2:
+        head.append("note: every report ran on the same hardware: nothing to set side by side")
+    parts = ["\n".join(head) + "\n"]
+    parts.extend(render_table(t, styled) for t in hardware_tables(runs))
+    return "\n".join(parts)
+
 
 
 # ============================================================================
@@ -3994,6 +4304,65 @@ def format_html(report: Report, charts: Mapping[str, bytes], comparison: Compari
     return "\n".join(parts)
 
 
+def history_charts(history: History) -> tuple[Chart, ...]:
+    """A trend chart per scenario x metric: a line per model over the runs,
+    with the 95% interval of each run's mean as error bars."""
+    colors = {m: i % len(CHART_COLORS) for i, m in enumerate(dict.fromkeys(t.model for t in history.trends))}
+    by_key: dict[tuple[str, str], list[Trend]] = {}
+    for t in history.trends:
+        by_key.setdefault((t.scenario, t.metric), []).append(t)
+    charts = []
+    for (scenario, metric), trends in by_key.items():
+        series = []
+        for t in trends:
+            pts = [(i + 1, p) for i, p in enumerate(t.points) if p is not None]
+            series.append(Series(t.model, tuple(float(x) for x, _ in pts), tuple(p.mean for _, p in pts),
+                                 tuple((p.ci95[1] - p.ci95[0]) / 2 if p.ci95 else 0.0 for _, p in pts),
+                                 color=colors[t.model]))
+        charts.append(Chart(f"history-{scenario}-{metric}", "line",
+                            f"{scenario}: {metric_label(metric)} over the runs",
+                            "run (oldest first)", metric_label(metric), tuple(series)))
+    return tuple(charts)
+
+
+def format_history_markdown(history: History, last: int = 12) -> str:
+    """The history as Markdown (a CI job summary): runs, tables, changes."""
+    parts = [f"# {TOOL_NAME} history\n",
+             "".join(f"- #{i + 1} `{r.label}`, started {r.report.started_at}\n"
+                     for i, r in enumerate(history.runs))]
+    for t in history_tables(history, last):
+        parts.append(f"### {t.title}\n\n{markdown_table(t.headers, t.rows)}")
+    steps = [describe_step(history, t, s) for t in history.trends for s in t.steps]
+    parts.append("### Step changes\n\n" + (_md_notes(steps) if steps else "None past a threshold.\n"))
+    standing = [describe_step(history, t, t.standing) for t in history.standing if t.standing]
+    parts.append("### Regressions standing\n\n" + (_md_notes(standing) if standing else "None.\n"))
+    return "\n".join(parts)
+
+
+def format_history_html(history: History, charts: Mapping[str, bytes], last: int = 12) -> str:
+    """The history as one self-contained HTML page, trend charts included."""
+    import base64  # noqa: PLC0415
+    from html import escape  # noqa: PLC0415
+
+    parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+             f"<title>{escape(TOOL_NAME)} history</title>",
+             f"<style>{_HTML_CSS}</style></head><body>", f"<h1>{escape(TOOL_NAME)} history</h1>",
+             _html_notes(f"#{i + 1} {r.label}, started {r.report.started_at}"
+                         for i, r in enumerate(history.runs))]
+    for name, png in charts.items():
+        data = base64.b64encode(png).decode("ascii")
+        parts.append(f'<figure><img alt="{escape(name)}" src="data:image/png;base64,{data}"></figure>')
+    for t in history_tables(history, last):
+        parts.append(f"<h3>{escape(t.title)}</h3>" + _html_table(t.headers, t.rows))
+    steps = [describe_step(history, t, s) for t in history.trends for s in t.steps]
+    standing = [describe_step(history, t, t.standing) for t in history.standing if t.standing]
+    parts.append("<h2>Step changes</h2>" + (_html_notes(steps) if steps else "<p>None.</p>"))
+    parts.append("<h2>Regressions standing</h2>" + (_html_notes(standing) if standing else "<p>None.</p>"))
+    parts.append("</body></html>\n")
+    return "\n".join(parts)
+
+
+
 # ============================================================================
 # Output: files, progress, signals (I/O)
 # ============================================================================
@@ -4044,6 +4413,9 @@ def remove_stale_temp_files(folder: Path, now: Callable[[], float] = time.time) 
             with contextlib.suppress(OSError):
                 if now() - p.stat().st_mtime > STALE_TEMP_S:
                     p.unlink()
+
+
+REPORT_GLOB = "model-comparison-*.json"  # the JSON reports a run saves (report_stem)
 
 
 def report_stem(started: dt.datetime) -> str:
@@ -4118,6 +4490,13 @@ def write_exports(targets: ExportTargets, report: Report, stdout: Any, err: Any,
         "csv": lambda: format_csv(report),
         "html": lambda: format_html(report, get_charts(), comparison, labels, winners),
     }
+    emit_exports(targets, makers, get_charts, stdout, err)
+
+
+def emit_exports(targets: ExportTargets, makers: Mapping[str, Callable[[], str]],
+                 get_charts: Callable[[], Mapping[str, bytes]], stdout: Any, err: Any) -> None:
+    """Write each wanted export ('-': to `stdout`) and the chart files, and
+    say on `err` where each went."""
     for key, make in makers.items():
         dest = getattr(targets, key)
         if dest is None:
@@ -4654,6 +5033,110 @@ def build_compare_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _history_epilog() -> str:
+    return f"""\
+A folder stands for every {REPORT_GLOB} in it. The reports are put in the
+order they were started (oldest first), whatever order they are given in.
+
+step changes:
+  For every run k, the level of the {HISTORY_WINDOW} runs before k (their means' mean and
+  interval; one run: its own) is judged against the level of the {HISTORY_WINDOW} runs from
+  k on, as compare judges two reports: past the metric's threshold and with
+  intervals that do not overlap, and with each of those runs past the
+  threshold on its own, is a change. Neighbouring runs that qualify in
+  the same direction are one step, placed where the change is largest. Its
+  run is named with what differed in its environment record (image digest,
+  vLLM version, command, GPU, host).
+
+--fail-on-change:
+  exit 3 while a regression stands: the newest level ({HISTORY_WINDOW} runs at most, none
+  from before the last step) is worse than the level before the last step,
+  past its threshold, however many runs ago it entered. Fixing it (a step
+  back) or accepting it (leave the runs before it out of the history) ends it.
+
+examples:
+  perftest_models.py history docs/reports
+  perftest_models.py history docs/reports --fail-on-change --markdown summary.md
+  perftest_models.py history spark/ h100/ --by hardware
+"""
+
+
+def build_history_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="perftest_models.py history",
+                description="Show saved JSON reports over time: per model, scenario and metric "
+                            "the series of means with their intervals, the runs where a step "
+                            "change entered, and regressions that still stand.",
+                epilog=_history_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("reports", type=Path, nargs="+", metavar="REPORT.json|DIR",
+                   help="saved reports, or folders of them")
+    p.add_argument("--by", choices=("run", "hardware"), default="run",
+                   help="run: the series over time (default); hardware: the newest run on each "
+                        "hardware side by side, with the share of each box's roofline")
+    p.add_argument("--fail-on-change", action="store_true",
+                   help="exit 3 while a regression past its threshold stands")
+    p.add_argument("--last", type=_positive_int, default=12, metavar="N",
+                   help="runs shown in the tables (default 12, the newest); all are judged")
+    g = p.add_argument_group("thresholds and exports")
+    defaults = ", ".join(f"{k}:{v:g}%%" for k, v in DEFAULT_THRESHOLDS_PCT.items())
+    g.add_argument("--threshold", type=_thresholds, metavar="RULES",
+                   help=f"step thresholds in percent on top of the defaults {defaults}")
+    g.add_argument("--markdown", metavar="FILE|-", help="also write it as Markdown (- for stdout)")
+    g.add_argument("--html", metavar="FILE|-",
+                   help="also write one HTML page with the trend charts (needs matplotlib)")
+    g.add_argument("--charts", type=Path, metavar="DIR",
+                   help="also write the trend charts as PNG files into DIR (needs matplotlib)")
+    return p
+
+
+def history_files(paths: Sequence[Path]) -> list[Path]:
+    """The report files: each file as given, each folder's saved reports."""
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            found = sorted(path.glob(REPORT_GLOB))
+            if not found:
+                raise UsageError(f"{path} holds no {REPORT_GLOB}: give report files or the "
+                                 "folder the runs saved them in (--report-dir)")
+            files.extend(found)
+        else:
+            files.append(path)
+    return list(dict.fromkeys(files))
+
+
+def load_history(paths: Sequence[Path]) -> list[HistoryRun]:
+    runs = [HistoryRun(p.name, load_report(p)) for p in history_files(paths)]
+    return sorted(runs, key=lambda r: r.report.started_at)
+
+
+def history_main(argv: Sequence[str], out: Any, err: Any) -> int:
+    """history REPORT.json... | DIR: the trends on stdout (or the export named
+    '-'); exit 3 (RegressionFound) with --fail-on-change while one stands."""
+    args = build_history_parser().parse_args(list(argv))
+    _, exports = check_output_options(args)
+    runs = load_history(args.reports)
+    history = build_history(runs, effective_thresholds(args.threshold or {}))
+    text_out = err if exports.to_stdout else out
+    styled = text_out.isatty() and not os.environ.get("NO_COLOR")
+    text_out.write(format_hardware(runs, styled) if args.by == "hardware"
+                   else format_history(history, args.last, styled))
+    text_out.flush()
+    charts: dict[str, bytes] = {}
+
+    def get_charts() -> dict[str, bytes]:
+        if not charts:
+            charts.update({f"{c.name}.png": figure_png(draw_chart(c)) for c in history_charts(history)})
+        return charts
+
+    emit_exports(exports, {"markdown": lambda: format_history_markdown(history, args.last),
+                           "html": lambda: format_history_html(history, get_charts(), args.last)},
+                 get_charts, out, err)
+    if args.fail_on_change and history.standing:
+        worst = "; ".join(f"{t.model} {t.scenario} {t.metric} {fmt_change(t.standing.change_pct)}"
+                          for t in history.standing if t.standing)
+        raise RegressionFound(f"a regression stands: {worst}")
+    return 0
+
+
 def _last_log_line(watch: DockerWatch) -> Callable[[], str | None]:
     def read() -> str | None:
         with contextlib.suppress(Exception):
@@ -4822,6 +5305,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args_list[:1] == ["compare"]:
             return compare_main(args_list[1:], out, err)
+        if args_list[:1] == ["history"]:
+            return history_main(args_list[1:], out, err)
         plan = make_plan(build_parser().parse_args(args_list))
         styled = out.isatty() and not os.environ.get("NO_COLOR")
         return run_benchmark(plan, out, err, styled=styled, err_tty=err.isatty())

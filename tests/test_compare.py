@@ -550,7 +550,8 @@ def test_usage_doc_matches_the_help_output(monkeypatch):
         pytest.skip(f"argparse lays out help differently across Pythons; docs/usage.md was made "
                     f"with Python {made_with.group(1)}")
     monkeypatch.setenv("COLUMNS", "100")
-    helps = [pm.build_parser().format_help(), pm.build_compare_parser().format_help()]
+    helps = [pm.build_parser().format_help(), pm.build_compare_parser().format_help(),
+             pm.build_history_parser().format_help()]
     blocks = re.findall(r"^```text\n(.*?)^```$", doc, re.S | re.M)
     assert blocks == helps, "docs/usage.md is out of step with --help: run docs/generate_samples.py"
 
