@@ -907,6 +907,87 @@ def who_holds_port(port: int, client: Any, project: str,
                       f"`ss -ltnp 'sport = :{port}'`)")
 
 
+@dataclass(frozen=True)
+class RunningService:
+    """A model's service while it runs: its container's watch, the monotonic
+    time `up` began (the load time runs from there), image and command."""
+
+    service: str
+    watch: DockerWatch
+    started_s: float
+    lifecycle: Lifecycle
+
+
+class ServiceLifecycle:
+    """Every start, watch and stop of one compose file's model services.
+
+    `ours` are the file's inference services: the only containers ever
+    stopped. `running(service)` is the one way to run one: it first stops
+    any of ours left running (by an earlier run), frees the port when one of
+    ours holds it, starts the service, and always stops it on the way out,
+    under `hold` (a second signal waits until the stop is done)."""
+
+    def __init__(self, compose: Compose, ours: Sequence[str], port: int,
+                 info: Callable[[str], None], *,
+                 hold: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
+                 clock: Clock = time.monotonic, sleep: Callable[[float], None] = time.sleep,
+                 docker: Any = None):
+        self.compose, self.ours, self.port, self.info = compose, list(ours), port, info
+        self.hold, self.clock, self.sleep, self.docker = hold, clock, sleep, docker
+        self._leftovers_checked = False
+
+    @contextlib.contextmanager
+    def running(self, name: str, service: str) -> Iterator[RunningService]:
+        self._stop_leftovers()
+        watch = DockerWatch(self.compose.file.project, service, self.docker)
+        self._free_port(watch)
+        self.info(f"{name}: starting {service}")
+        started_s = self.clock()
+        try:
+            self.compose.up(service)  # inside try: an interrupt during `up` still stops it
+            facts = Lifecycle()
+            with contextlib.suppress(Exception):
+                facts = watch.image()
+            yield RunningService(service, watch, started_s,
+                                 dataclasses.replace(facts, service=service))
+        finally:
+            with self.hold():
+                try:
+                    self.compose.stop([service])
+                    self.info(f"{name}: stopped {service}")
+                except PerftestError as exc:
+                    self.info(f"{name}: could not stop {service}: {exc} "
+                              f"(stop it by hand: docker compose stop {service})")
+
+    def _stop_leftovers(self) -> None:
+        if self._leftovers_checked:
+            return
+        self._leftovers_checked = True
+        running = self.compose.running(self.ours)
+        if running:
+            self.info(f"stopping running inference services first: {', '.join(running)}")
+            with self.hold():
+                self.compose.stop(running)
+
+    def _free_port(self, watch: DockerWatch) -> None:
+        """If the port answers, name its holder and stop it only when it is
+        one of ours."""
+        port = self.port
+        if not port_in_use(port):
+            return
+        holder = who_holds_port(port, watch.client, self.compose.file.project, self.ours)
+        if holder.kind != "inference":
+            raise ModelFailed(f"port {port} is already in use by {holder.description}: stop it, "
+                              "or publish the services on another port and pass --port")
+        self.info(f"port {port} is held by {holder.description}: stopping it")
+        self.compose.stop([holder.service])  # type: ignore[list-item]
+        for _ in range(60):
+            if not port_in_use(port):
+                return
+            self.sleep(0.5)
+        raise ModelFailed(f"port {port} still in use after stopping {holder.service}")
+
+
 # ============================================================================
 # Measurement (pure)
 # ============================================================================
@@ -5147,17 +5228,17 @@ def _last_log_line(watch: DockerWatch) -> Callable[[], str | None]:
 
 
 async def measure_model(plan: Plan, result: ModelResult, events: Events, *,
-                        watch: DockerWatch | None = None, t_up: float | None = None) -> None:
-    """Wait for the server (when we started it, at monotonic time `t_up`),
-    then benchmark the model."""
+                        service: RunningService | None = None) -> None:
+    """Wait for the server (when we started it: `service`), then benchmark the model."""
     cfg = plan.cfg
     streams = max(cfg.concurrency, default=1)
+    watch = service.watch if service else None
     async with http_client(plan.base_url, plan.api_key, cfg.request_timeout_s, streams) as client:
         check_alive = watch.check_alive if watch else None
-        if watch is not None:
+        if service is not None and watch is not None:
             await wait_until_ready(client, result.spec, cfg.health_timeout_s, events,
                                    check_alive=check_alive, last_log=_last_log_line(watch))
-            load_s = time.monotonic() - (t_up if t_up is not None else time.monotonic())
+            load_s = time.monotonic() - service.started_s
             result.lifecycle = dataclasses.replace(result.lifecycle, load_s=round(load_s, 2))
             events.info(f"{result.spec.name}: healthy after {load_s:.1f} s")
         with PowerSampler() as power:
@@ -5176,52 +5257,16 @@ def inference_services(plan: Plan) -> list[str]:
     return [m.service for m in plan.table if m.service and m.service in services]
 
 
-def free_port(plan: Plan, compose: Compose, watch: DockerWatch, events: Events,
-              sleep: Callable[[float], None] = time.sleep) -> None:
-    """Before starting a model: if the port answers, name its holder and stop
-    it only when it is one of this compose file's inference services."""
-    port = plan.cfg.port
-    if not port_in_use(port):
-        return
-    holder = who_holds_port(port, watch.client, compose.file.project, inference_services(plan))
-    if holder.kind != "inference":
-        raise ModelFailed(f"port {port} is already in use by {holder.description}: stop it, "
-                          "or publish the services on another port and pass --port")
-    events.info(f"port {port} is held by {holder.description}: stopping it")
-    compose.stop([holder.service])  # type: ignore[list-item]
-    for _ in range(60):
-        if not port_in_use(port):
-            return
-        sleep(0.5)
-    raise ModelFailed(f"port {port} still in use after stopping {holder.service}")
-
-
-def run_model(plan: Plan, result: ModelResult, events: Events, compose: Compose | None,
-              signals: SignalGuard) -> None:
+def run_model(plan: Plan, result: ModelResult, events: Events,
+              services: ServiceLifecycle | None) -> None:
     """One model's whole life: start, measure, and always stop what we started."""
-    if compose is None:
+    if services is None:
         run_async(measure_model(plan, result, events))
         return
-    service = result.spec.service
-    assert service is not None
-    watch = DockerWatch(compose.file.project, service)
-    free_port(plan, compose, watch, events)
-    events.info(f"{result.spec.name}: starting {service}")
-    t_up = time.monotonic()  # the load time runs from here to healthy
-    try:
-        compose.up(service)  # inside try: an interrupt during `up` still stops it
-        with contextlib.suppress(Exception):
-            result.lifecycle = watch.image()
-        result.lifecycle = dataclasses.replace(result.lifecycle, service=service)
-        run_async(measure_model(plan, result, events, watch=watch, t_up=t_up))
-    finally:
-        with signals.held():
-            try:
-                compose.stop([service])
-                events.info(f"{result.spec.name}: stopped {service}")
-            except PerftestError as exc:
-                events.info(f"{result.spec.name}: could not stop {service}: {exc} "
-                            f"(stop it by hand: docker compose stop {service})")
+    assert result.spec.service is not None
+    with services.running(result.spec.name, result.spec.service) as service:
+        result.lifecycle = service.lifecycle
+        run_async(measure_model(plan, result, events, service=service))
 
 
 def run_benchmark(plan: Plan, out: Any, err: Any, *, styled: bool = False,
@@ -5235,26 +5280,22 @@ def run_benchmark(plan: Plan, out: Any, err: Any, *, styled: bool = False,
     files = ReportFiles(report_dir, report_stem(started), err)
     events = ConsoleEvents(err, err_tty, on_scenario=lambda: files.save_json(report))
     signals = SignalGuard()
-    compose = None
+    services = None
     if plan.compose is not None:
         compose = Compose(plan.compose, find_compose_command())
         docker_client()  # a clear error now if the daemon is down
         events.info(f"using {compose.version_label} with {plan.compose.path}")
         report.environment = dataclasses.replace(report.environment, compose=compose.version_label)
+        services = ServiceLifecycle(compose, inference_services(plan), plan.cfg.port, events.info,
+                                    hold=signals.held)
     code = 0
     signals.install()
     try:
-        if compose is not None:
-            running = compose.running(inference_services(plan))
-            if running:
-                events.info(f"stopping running inference services first: {', '.join(running)}")
-                with signals.held():
-                    compose.stop(running)
         for mr in report.models:
             mr.status = "running"
             events.info(f"=== {mr.spec.name} ({mr.spec.model_id})")
             try:
-                run_model(plan, mr, events, compose, signals)
+                run_model(plan, mr, events, services)
                 mr.status = "ok"
             except ModelFailed as exc:
                 mr.status, mr.error, mr.failure = "failed", str(exc), exc.details

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -240,6 +242,46 @@ def test_compose_commands_are_argv_lists_with_file_and_project(tmp_path):
     assert runner.calls == [base + ["up", "-d", "vllm-a"],
                             base + ["ps", "--services", "--filter", "status=running"],
                             base + ["stop", "vllm-a"]]
+
+
+class NoContainers:
+    """A Docker client that finds no container (the containers are not real here)."""
+
+    class containers:  # noqa: N801 (the SDK's attribute name)
+        @staticmethod
+        def list(**kwargs):
+            return []
+
+
+def test_the_service_lifecycle_stops_leftovers_once_and_always_stops_what_it_started(tmp_path):
+    path = tmp_path / "docker-compose.yml"
+    path.write_text("name: b\nservices:\n  vllm-a: {image: x}\n  vllm-b: {image: x}\n")
+    runner = FakeRunner(stdout="vllm-b\n")  # vllm-b was left running by an earlier run
+    said, held = [], []
+
+    @contextlib.contextmanager
+    def hold():
+        held.append(len(runner.calls))
+        yield
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    services = pm.ServiceLifecycle(pm.Compose(pm.load_compose_file(path), ("docker", "compose"),
+                                              runner), ["vllm-a", "vllm-b"], port, said.append,
+                                   hold=hold, clock=lambda: 7.0, docker=NoContainers())
+    with services.running("a", "vllm-a") as svc:
+        assert (svc.service, svc.started_s, svc.lifecycle) == ("vllm-a", 7.0, pm.Lifecycle(service="vllm-a"))
+    with pytest.raises(KeyboardInterrupt), services.running("a", "vllm-a"):
+        raise KeyboardInterrupt
+    base = ["docker", "compose", "-f", str(path), "-p", "b"]
+    assert runner.calls == [base + ["ps", "--services", "--filter", "status=running"],
+                            base + ["stop", "vllm-b"],
+                            base + ["up", "-d", "vllm-a"], base + ["stop", "vllm-a"],
+                            base + ["up", "-d", "vllm-a"], base + ["stop", "vllm-a"]]
+    assert held == [1, 3, 5]  # every stop under the hold against a second signal
+    assert said == ["stopping running inference services first: vllm-b",
+                    "a: starting vllm-a", "a: stopped vllm-a", "a: starting vllm-a", "a: stopped vllm-a"]
 
 
 def test_a_daemon_that_is_down_becomes_advice(tmp_path):
