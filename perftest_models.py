@@ -31,7 +31,7 @@ exit codes: 0 all models ok, 1 a model failed, 2 usage error,
 
 # Sections, in the order the data flows (each banner reads "# <name>"):
 #   Model table          ModelSpec, the default models, hardware, fixed workload
-#   Errors               PerftestError and its exit codes (only main() catches)
+#   Errors               ExitCode, PerftestError and its subclasses (only main() catches)
 #   Records              Metric, Scenario, Sample, Stat, ScenarioResult, ModelResult,
 #                        RunConfig, Report: frozen records that flow one way
 #   Model files          --models YAML: load and validate into ModelSpec
@@ -59,6 +59,7 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime as dt
+import enum
 import json
 import math
 import os
@@ -190,25 +191,36 @@ def one_line(text: str) -> str:
     return text.translate(_CONTROL)
 
 
+class ExitCode(enum.IntEnum):
+    """Every exit status of the tool, in one place (the --help epilog lists them)."""
+
+    OK = 0
+    FAILED = 1  # a model failed, or the environment cannot run a benchmark
+    USAGE = 2  # bad options or input files: nothing was started
+    REGRESSION = 3  # a metric regressed past its threshold (compare, --baseline)
+    INTERRUPTED = 130  # Ctrl-C (SIGINT)
+    TERMINATED = 143  # SIGTERM or SIGHUP
+
+
 class PerftestError(Exception):
     """Base of every error the tool reports; carries the exit code.
 
     Only main() catches these. The message says what went wrong and what to do.
     """
 
-    exit_code = 1
+    exit_code = ExitCode.FAILED
 
 
 class UsageError(PerftestError):
     """Bad options or input files: nothing was started."""
 
-    exit_code = 2
+    exit_code = ExitCode.USAGE
 
 
 class SetupError(PerftestError):
     """The environment cannot run a benchmark (Docker, Compose, port)."""
 
-    exit_code = 1
+    exit_code = ExitCode.FAILED
 
 
 class ModelFailed(PerftestError):
@@ -218,9 +230,6 @@ class ModelFailed(PerftestError):
         super().__init__(message)
         self.details = details
 
-
-class RegressionFound(PerftestError):
-    exit_code = 3
 
 
 class Interrupted(KeyboardInterrupt):
@@ -233,6 +242,11 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
+
+
+def interrupted_exit_code(exc: BaseException) -> ExitCode:
+    """130 for Ctrl-C (a plain KeyboardInterrupt), 143 for SIGTERM or SIGHUP."""
+    return ExitCode.TERMINATED if isinstance(exc, Interrupted) else ExitCode.INTERRUPTED
 
 
 # ============================================================================
@@ -5064,10 +5078,19 @@ def finish_run(plan: Plan, report: Report, code: int, *, out: Any, stdout: Any, 
                       baseline=plan.baseline.report if plan.baseline else None, winners=winners)
     except PerftestError as exc:
         err.write(f"warning: {exc}; the JSON report holds every result\n")
-    if comparison is not None and comparison.regressions:
-        err.write(f"{TOOL_NAME}: {regression_message(comparison)}\n")
-        return code or RegressionFound.exit_code
-    return code
+    if comparison is None:
+        return code
+    return regression_gate(comparison, code, err, f"{TOOL_NAME}: ")
+
+
+def regression_gate(comparison: Comparison, code: int, err: Any, prefix: str) -> int:
+    """The regression exit of both compare and --baseline: past a threshold,
+    one stderr line names each regression and the exit is REGRESSION, unless
+    an earlier code stands (a failed model, an interrupt)."""
+    if not comparison.regressions:
+        return code
+    err.write(f"{prefix}{regression_message(comparison)}\n")
+    return code or ExitCode.REGRESSION
 
 
 def _compare_epilog() -> str:
@@ -5271,7 +5294,8 @@ def run_model(plan: Plan, result: ModelResult, events: Events,
 
 def run_benchmark(plan: Plan, out: Any, err: Any, *, styled: bool = False,
                   err_tty: bool = False) -> int:
-    """The main job: every selected model in turn; exit 0, 1, 3, 130 or 143."""
+    """The main job: every selected model in turn; exit OK, FAILED, REGRESSION,
+    INTERRUPTED or TERMINATED (ExitCode)."""
     out, stdout = (err, out) if plan.exports.to_stdout else (out, out)  # '-' export owns stdout
     report_dir = prepare_report_dir(plan.report_dir)
     started = _now()
@@ -5288,7 +5312,7 @@ def run_benchmark(plan: Plan, out: Any, err: Any, *, styled: bool = False,
         report.environment = dataclasses.replace(report.environment, compose=compose.version_label)
         services = ServiceLifecycle(compose, inference_services(plan), plan.cfg.port, events.info,
                                     hold=signals.held)
-    code = 0
+    code: int = ExitCode.OK
     signals.install()
     try:
         for mr in report.models:
@@ -5304,7 +5328,7 @@ def run_benchmark(plan: Plan, out: Any, err: Any, *, styled: bool = False,
                 mr.status, mr.error = "failed", str(exc)
                 events.info(f"{mr.spec.name}: FAILED: {exc}")
             files.save_json(report)
-        code = 1 if any(m.status == "failed" for m in report.models) else 0
+        code = ExitCode.FAILED if any(m.status == "failed" for m in report.models) else ExitCode.OK
     except (KeyboardInterrupt, Interrupted) as exc:
         signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
         report.interrupted = signal.Signals(signum).name
@@ -5313,7 +5337,7 @@ def run_benchmark(plan: Plan, out: Any, err: Any, *, styled: bool = False,
                 mr.status, mr.error = "interrupted", f"interrupted by {report.interrupted}"
             elif mr.status == "pending":
                 mr.status = "skipped"
-        code = 130 if signum == signal.SIGINT else 143
+        code = interrupted_exit_code(exc)
     finally:
         winners: Sequence[ScenarioWinners] | None = None  # ranked once the run is over
         try:
@@ -5332,7 +5356,7 @@ def run_benchmark(plan: Plan, out: Any, err: Any, *, styled: bool = False,
             # A signal held back while the report was written: the report is
             # complete, so exit as interrupted (a first signal's code stands).
             if not report.interrupted:
-                code = 143 if isinstance(exc, Interrupted) else 130
+                code = interrupted_exit_code(exc)
         finally:
             signals.restore()
     return finish_run(plan, report, code, out=out, stdout=stdout, err=err, styled=styled,
@@ -5356,12 +5380,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except (KeyboardInterrupt, Interrupted) as exc:  # before the run started, or a second signal
         err.write("perftest-models: interrupted\n")
-        return 143 if isinstance(exc, Interrupted) else 130
+        return interrupted_exit_code(exc)
 
 
 def compare_main(argv: Sequence[str], out: Any, err: Any) -> int:
     """compare BASELINE CANDIDATE: a table per scenario on stdout (or the
-    export named '-'); exit 0, or 3 (RegressionFound) past a threshold."""
+    export named '-'); exit OK, or REGRESSION past a threshold."""
     args = build_compare_parser().parse_args(list(argv))
     _, exports = check_output_options(args)
     baseline = load_report(args.baseline_report, "baseline")
@@ -5375,9 +5399,7 @@ def compare_main(argv: Sequence[str], out: Any, err: Any) -> int:
     text_out.flush()
     write_exports(exports, candidate, out, err, comparison=comparison, labels=labels,
                   baseline=baseline, compare_only=True)
-    if comparison.regressions:
-        raise RegressionFound(regression_message(comparison))
-    return 0
+    return regression_gate(comparison, ExitCode.OK, err, f"{TOOL_NAME}: error: ")
 
 
 if __name__ == "__main__":
