@@ -74,7 +74,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -923,8 +923,8 @@ def who_holds_port(port: int, client: Any, project: str,
 
 @dataclass(frozen=True)
 class RunningService:
-    """A model's service while it runs: its container's watch, the monotonic
-    time `up` began (the load time runs from there), image and command."""
+    """A model's service while it runs: its container's watch, the clock's
+    time when `up` began (the load time runs from there), image and command."""
 
     service: str
     watch: DockerWatch
@@ -944,7 +944,7 @@ class ServiceLifecycle:
     def __init__(self, compose: Compose, ours: Sequence[str], port: int,
                  info: Callable[[str], None], *,
                  hold: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
-                 clock: Clock = time.monotonic, sleep: Callable[[float], None] = time.sleep,
+                 clock: Clock = time.perf_counter, sleep: Callable[[float], None] = time.sleep,
                  docker: Any = None):
         self.compose, self.ours, self.port, self.info = compose, list(ours), port, info
         self.hold, self.clock, self.sleep, self.docker = hold, clock, sleep, docker
@@ -1010,6 +1010,7 @@ class ServiceLifecycle:
 Read = tuple[float, bytes]  # (clock time when the bytes arrived, the bytes)
 
 Clock = Callable[[], float]
+Sleep = Callable[[float], Awaitable[Any]]  # asyncio.sleep; tests pass one on virtual time
 
 try:  # optional (the `fast` extra): parses a chunk several times faster
     from orjson import loads as _orjson_loads
@@ -1891,17 +1892,18 @@ class RawStream:
 async def send_chat(client: Any, payload: bytes, target_tokens_out: int | None, *,
                     clock: Clock = time.perf_counter, t_scheduled: float | None = None,
                     max_retries: int = 2, retry_wait_s: float = 1.0,
-                    on_stream: StreamObserver | None = None) -> Sample:
+                    on_stream: StreamObserver | None = None, sleep: Sleep = asyncio.sleep) -> Sample:
     """POST one streaming chat completion and measure it (see stream_chat)."""
     got = await stream_chat(client, payload, target_tokens_out, clock=clock,
                             t_scheduled=t_scheduled, max_retries=max_retries,
-                            retry_wait_s=retry_wait_s)
+                            retry_wait_s=retry_wait_s, sleep=sleep)
     return got if isinstance(got, Sample) else got.measure(on_stream)
 
 
 async def stream_chat(client: Any, payload: bytes, target_tokens_out: int | None, *,
                       clock: Clock = time.perf_counter, t_scheduled: float | None = None,
-                      max_retries: int = 2, retry_wait_s: float = 1.0) -> RawStream | Sample:
+                      max_retries: int = 2, retry_wait_s: float = 1.0,
+                      sleep: Sleep = asyncio.sleep) -> RawStream | Sample:
     """POST one streaming chat completion and record its timed reads; a
     failed request is a Sample already.
 
@@ -1925,7 +1927,7 @@ async def stream_chat(client: Any, payload: bytes, target_tokens_out: int | None
                     body = await response.aread()
                     if response.status_code in RETRYABLE_STATUS and retries < max_retries:
                         retries += 1
-                        await asyncio.sleep(_retry_after_s(response, retry_wait_s))
+                        await sleep(_retry_after_s(response, retry_wait_s))
                         continue
                     return Sample(ok=False, error=_error_message(response.status_code, body),
                                   retries=retries)
@@ -1940,7 +1942,7 @@ async def stream_chat(client: Any, payload: bytes, target_tokens_out: int | None
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:  # nothing was sent: safe
             if retries < max_retries:
                 retries += 1
-                await asyncio.sleep(retry_wait_s)
+                await sleep(retry_wait_s)
                 continue
             return Sample(ok=False, error=f"cannot connect: {str(exc) or type(exc).__name__}",
                           retries=retries)
@@ -2422,7 +2424,8 @@ class Events:
 async def wait_until_ready(client: Any, spec: ModelSpec, timeout_s: float, events: Events, *,
                            check_alive: Callable[[], None] | None = None,
                            last_log: Callable[[], str | None] = lambda: None,
-                           clock: Clock = time.monotonic, poll_s: float = 0.25) -> float:
+                           clock: Clock = time.perf_counter, poll_s: float = 0.25,
+                           sleep: Sleep = asyncio.sleep) -> float:
     """Poll /health and /v1/models until the model is listed; seconds waited.
 
     Polls every `poll_s` so readiness is noticed within a fraction of a
@@ -2451,7 +2454,7 @@ async def wait_until_ready(client: Any, spec: ModelSpec, timeout_s: float, event
             raise ModelFailed(f"{spec.name} health check timeout after {timeout_s:.0f}s "
                               f"(raise --health-timeout for a first download)")
         events.waiting(spec.name, elapsed, last_log)
-        await asyncio.sleep(poll_s)
+        await sleep(poll_s)
 
 
 async def server_info(client: Any, spec: ModelSpec) -> ServerInfo:
@@ -2491,7 +2494,7 @@ class ScenarioAborted(Exception):
 async def run_scenario(client: Any, spec: ModelSpec, scenario: Scenario, cfg: RunConfig,
                        builder: PromptBuilder, events: Events, *, failures_left: int,
                        check_alive: Callable[[], None] | None = None,
-                       clock: Clock = time.perf_counter,
+                       clock: Clock = time.perf_counter, sleep: Sleep = asyncio.sleep,
                        measured: list[Sample] | None = None) -> ScenarioResult:
     """Send a scenario's requests (sequentially, or `concurrency` at a time)
     and summarize them. Every request has a unique prompt head. Each sample
@@ -2519,7 +2522,8 @@ async def run_scenario(client: Any, spec: ModelSpec, scenario: Scenario, cfg: Ru
             except ModelFailed as exc:  # the server broke between requests: keep what we have
                 failure = exc
                 break
-            sample = await send_chat(client, body, scenario.target_tokens_out, clock=clock)
+            sample = await send_chat(client, body, scenario.target_tokens_out, clock=clock,
+                                     sleep=sleep)
             samples.append(sample)
             events.sample(spec.name, scenario, i, sample)
             if not sample.ok:
@@ -2531,7 +2535,7 @@ async def run_scenario(client: Any, spec: ModelSpec, scenario: Scenario, cfg: Ru
         payloads = [await payload() for _ in range(scenario.requests)]
         stop = asyncio.Event()
         peak_task = asyncio.create_task(_peak_metrics(client, stop))
-        done, duration_s = await run_concurrent(client, payloads, scenario, clock=clock,
+        done, duration_s = await run_concurrent(client, payloads, scenario, clock=clock, sleep=sleep,
                                                 measured=samples)
         samples[:] = done  # payload order, not completion order
         stop.set()
@@ -2567,6 +2571,7 @@ async def _after_failure(sample: Sample, check_alive: Callable[[], None] | None,
 
 async def run_concurrent(client: Any, payloads: Sequence[bytes], scenario: Scenario, *,
                          clock: Clock = time.perf_counter, on_stream: StreamObserver | None = None,
+                         sleep: Sleep = asyncio.sleep,
                          measured: list[Sample] | None = None) -> tuple[list[Sample], float]:
     """`scenario.concurrency` streams at once until every payload is sent.
 
@@ -2585,7 +2590,7 @@ async def run_concurrent(client: Any, payloads: Sequence[bytes], scenario: Scena
         for i in todo:
             t_scheduled = clock()
             got[i] = (await stream_chat(client, payloads[i], scenario.target_tokens_out,
-                                        clock=clock, t_scheduled=t_scheduled),
+                                        clock=clock, t_scheduled=t_scheduled, sleep=sleep),
                       t_scheduled - t_start)
 
     try:
@@ -2712,7 +2717,7 @@ async def check_answers(client: Any, result: ModelResult, cfg: RunConfig, events
 
 async def benchmark_model(client: Any, result: ModelResult, cfg: RunConfig, events: Events, *,
                           check_alive: Callable[[], None] | None = None,
-                          clock: Clock = time.perf_counter) -> None:
+                          clock: Clock = time.perf_counter, sleep: Sleep = asyncio.sleep) -> None:
     """Warm up, then run every scenario of the plan, appending each result to
     `result.scenarios` as soon as it is complete."""
     spec = result.spec
@@ -2722,7 +2727,7 @@ async def benchmark_model(client: Any, result: ModelResult, cfg: RunConfig, even
         warm = await send_chat(client, chat_payload(spec.model_id, latency_messages(nonce),
                                                     cfg.warmup_tokens, cfg.temperature,
                                                     spec.chat_template_kwargs, nonce),
-                               cfg.warmup_tokens, clock=clock)
+                               cfg.warmup_tokens, clock=clock, sleep=sleep)
         if warm.ok:
             break
     else:
@@ -2736,7 +2741,7 @@ async def benchmark_model(client: Any, result: ModelResult, cfg: RunConfig, even
         try:
             sr = await run_scenario(client, spec, scenario, cfg, builder, events,
                                     failures_left=failures_left, check_alive=check_alive,
-                                    clock=clock, measured=measured)
+                                    clock=clock, sleep=sleep, measured=measured)
         except ScenarioAborted as exc:
             result.scenarios.append(exc.result)
             events.scenario_done(result, exc.result)
@@ -5251,8 +5256,10 @@ def _last_log_line(watch: DockerWatch) -> Callable[[], str | None]:
 
 
 async def measure_model(plan: Plan, result: ModelResult, events: Events, *,
-                        service: RunningService | None = None) -> None:
-    """Wait for the server (when we started it: `service`), then benchmark the model."""
+                        service: RunningService | None = None, clock: Clock = time.perf_counter,
+                        sleep: Sleep = asyncio.sleep) -> None:
+    """Wait for the server (when we started it: `service`, on the same
+    `clock`), then benchmark the model; every wait goes through `sleep`."""
     cfg = plan.cfg
     streams = max(cfg.concurrency, default=1)
     watch = service.watch if service else None
@@ -5260,13 +5267,15 @@ async def measure_model(plan: Plan, result: ModelResult, events: Events, *,
         check_alive = watch.check_alive if watch else None
         if service is not None and watch is not None:
             await wait_until_ready(client, result.spec, cfg.health_timeout_s, events,
-                                   check_alive=check_alive, last_log=_last_log_line(watch))
-            load_s = time.monotonic() - service.started_s
+                                   check_alive=check_alive, last_log=_last_log_line(watch),
+                                   clock=clock, sleep=sleep)
+            load_s = clock() - service.started_s
             result.lifecycle = dataclasses.replace(result.lifecycle, load_s=round(load_s, 2))
             events.info(f"{result.spec.name}: healthy after {load_s:.1f} s")
         with PowerSampler() as power:
             try:
-                await benchmark_model(client, result, cfg, events, check_alive=check_alive)
+                await benchmark_model(client, result, cfg, events, check_alive=check_alive,
+                                      clock=clock, sleep=sleep)
             finally:
                 tokens = sum(s.tokens_out or 0 for sr in result.scenarios for s in sr.samples if s.ok)
                 if (summary := power.summary(tokens)) is not None:
@@ -5281,15 +5290,17 @@ def inference_services(plan: Plan) -> list[str]:
 
 
 def run_model(plan: Plan, result: ModelResult, events: Events,
-              services: ServiceLifecycle | None) -> None:
-    """One model's whole life: start, measure, and always stop what we started."""
+              services: ServiceLifecycle | None, *, sleep: Sleep = asyncio.sleep) -> None:
+    """One model's whole life: start, measure, and always stop what we started
+    (on the lifecycle's clock; every wait of the measurement through `sleep`)."""
     if services is None:
-        run_async(measure_model(plan, result, events))
+        run_async(measure_model(plan, result, events, sleep=sleep))
         return
     assert result.spec.service is not None
     with services.running(result.spec.name, result.spec.service) as service:
         result.lifecycle = service.lifecycle
-        run_async(measure_model(plan, result, events, service=service))
+        run_async(measure_model(plan, result, events, service=service, clock=services.clock,
+                                sleep=sleep))
 
 
 def run_benchmark(plan: Plan, out: Any, err: Any, *, styled: bool = False,
