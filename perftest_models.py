@@ -32,10 +32,12 @@ exit codes: 0 all models ok, 1 a model failed, 2 usage error,
 # Sections, in the order the data flows (each banner reads "# <name>"):
 #   Model table          ModelSpec, the default models, hardware, fixed workload
 #   Errors               ExitCode, PerftestError and its subclasses (only main() catches)
-#   Records              Metric, Scenario, Sample, Stat, ScenarioResult, ModelResult,
-#                        RunConfig, Report: frozen records that flow one way
+#   Records              Metric, Scenario, Sample (and what a burst is), Stat, Aggregate,
+#                        ServerDelta, ScenarioResult, Failure, ServerInfo, Lifecycle,
+#                        ModelResult, RunConfig, Environment, Report: records, one way
 #   Model files          --models YAML: load and validate into ModelSpec
-#   Services             Compose and Docker: start, watch, stop a model's service
+#   Services             Compose, DockerWatch; ServiceLifecycle.running(): start, watch,
+#                        always stop a model's service
 #   Measurement          pure: reads of one stream -> Sample (TTFT, ITL, tokens)
 #   Transport            lean HTTP/1.1 transport; stamps reads in the socket callback
 #   Client               thin: send a streaming chat request, retries, JSON calls
@@ -43,8 +45,8 @@ exit codes: 0 all models ok, 1 a model failed, 2 usage error,
 #   Server metrics       vLLM's /metrics deltas, GPU power
 #   Statistics           pure: percentiles, Student-t intervals, the roofline
 #   Benchmark            plan scenarios, wait for readiness, warm up, run scenarios
-#   Winners              pure: rank models per scenario and metric
-#   Saved reports        the JSON edge: Report <-> dict, load_report
+#   Winners              pure: rank_scenarios -> a ScenarioWinners per scenario
+#   Saved reports        the JSON edge, the only dicts: Report <-> dict, load_report
 #   Comparison           pure: baseline vs candidate, verdicts, thresholds
 #   History              pure: many reports over time, step changes, hardware groups
 #   Rendering            pure: tables and summaries as text
@@ -326,6 +328,30 @@ def describe_scenario(s: Scenario) -> str:
     return f"{s.name}: {tin}{clamp}, {s.target_tokens_out} out, x{s.requests}"
 
 
+# A burst, defined once: token chunks stamped less than SAME_READ_S apart
+# came in one network read, one arrival (httpx hands over one chunk at a
+# time, microseconds apart; decode steps are milliseconds apart). A stream
+# whose tokens came more than BURST_TOKENS_PER_ARRIVAL to an arrival on
+# average is bursty: its decode rate shows how the server flushed its output,
+# not how fast it decoded, so it stays out of the decode figures. The limit,
+# all tokens in one arrival, leaves no decode time at all: no rate
+# (has_decode_time).
+SAME_READ_S = 1e-4
+BURST_TOKENS_PER_ARRIVAL = 4
+BURST_MIN_TOKENS = 8  # at most this many tokens are too few to call bursty
+
+
+def is_bursty(tokens_out: int | None, arrivals: int | None) -> bool:
+    """The tokens came in bursts (see above)."""
+    return bool(tokens_out and arrivals and tokens_out > BURST_MIN_TOKENS
+                and tokens_out / arrivals > BURST_TOKENS_PER_ARRIVAL)
+
+
+def has_decode_time(arrivals: int) -> bool:
+    """Tokens that came in one arrival leave no decode time to measure."""
+    return arrivals > 1
+
+
 @dataclass(frozen=True)
 class Sample:
     """One request. A failed request is a sample with `ok` False and an error.
@@ -359,10 +385,9 @@ class Sample:
 
     @property
     def bursty(self) -> bool:
-        """Tokens arrived in bursts (more than 4 per network read on average):
-        the decode rate then shows the server's output batching, not its speed."""
-        return bool(self.ok and self.tokens_out and self.token_reads
-                    and self.tokens_out > 8 and self.tokens_out / self.token_reads > 4)
+        """Tokens arrived in bursts (is_bursty): the decode rate then shows
+        the server's output batching, not its speed."""
+        return self.ok and is_bursty(self.tokens_out, self.token_reads)
 
 
 @dataclass(frozen=True)
@@ -1087,12 +1112,6 @@ def _add_event(events: list[tuple[float, bytes]], t: float, block: bytes) -> Non
         events.append((t, data[0] if len(data) == 1 else b"\n".join(data)))
 
 
-def split_sse(reads: Sequence[Read]) -> list[tuple[float, str]]:
-    """SSE `data:` payloads with the time their event was complete (see
-    sse_payloads), decoded as UTF-8 (invalid bytes replaced)."""
-    return [(t, data.decode("utf-8", "replace")) for t, data in sse_payloads(reads)]
-
-
 def _delta_tokens(chunk: Mapping[str, Any]) -> tuple[bool, bool]:
     """(carries a generated token, carries answer text) for a chat chunk.
 
@@ -1176,9 +1195,8 @@ def measure_stream(t_sent: float, reads: Sequence[Read], target_tokens_out: int 
     ttft_s = token_times[0] - t0
     latency_s = token_times[-1] - t0
     arrivals = count_arrivals(token_times)
-    # Tokens that all came in one network read leave no decode time to
-    # measure: no rate is better than one of millions of tokens/s.
-    decode_s = token_times[-1] - token_times[0] if arrivals > 1 else 0.0
+    # no rate is better than one of millions of tokens/s (see SAME_READ_S)
+    decode_s = token_times[-1] - token_times[0] if has_decode_time(arrivals) else 0.0
     itl = spread_gaps(token_times, token_counts, tokens_out)
     return Sample(
         ok=True,
@@ -1200,13 +1218,9 @@ def measure_stream(t_sent: float, reads: Sequence[Read], target_tokens_out: int 
     )
 
 
-SAME_READ_S = 1e-4  # chunks this close together came in one network read
-
-
 def count_arrivals(times: Sequence[float]) -> int:
     """How many separate arrivals the token chunks made: chunks less than
-    0.1 ms apart came in the same network read (httpx hands over one chunk at
-    a time, microseconds apart; decode steps are milliseconds apart)."""
+    SAME_READ_S apart came in the same network read (see SAME_READ_S)."""
     return (1 + sum(b - a > SAME_READ_S for a, b in zip(times, times[1:]))) if times else 0
 
 
@@ -1920,32 +1934,28 @@ async def stream_chat(client: Any, payload: bytes, target_tokens_out: int | None
                                        headers={"Content-Type": "application/json"})
         reads: list[Read] = []
         t_sent = clock()
+        retry_in_s: float | None = None  # refused before anything was generated: resend
         try:
             response = await _send_streaming(client, request)
             try:
                 if response.status_code != 200:
                     body = await response.aread()
-                    if response.status_code in RETRYABLE_STATUS and retries < max_retries:
-                        retries += 1
-                        await sleep(_retry_after_s(response, retry_wait_s))
-                        continue
-                    return Sample(ok=False, error=_error_message(response.status_code, body),
-                                  retries=retries)
-                record = response.extensions.get("perftest.record")
-                if record is not None:  # StreamTransport stamps each read as it returns
-                    await record(reads, clock)
+                    if response.status_code not in RETRYABLE_STATUS or retries >= max_retries:
+                        return Sample(ok=False, error=_error_message(response.status_code, body),
+                                      retries=retries)
+                    retry_in_s = _retry_after_s(response, retry_wait_s)
+                elif (record := response.extensions.get("perftest.record")) is not None:
+                    await record(reads, clock)  # StreamTransport stamps each read as it returns
                 else:
                     async for chunk in response.aiter_raw():
                         reads.append((clock(), chunk))
             finally:
                 await response.aclose()
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:  # nothing was sent: safe
-            if retries < max_retries:
-                retries += 1
-                await sleep(retry_wait_s)
-                continue
-            return Sample(ok=False, error=f"cannot connect: {str(exc) or type(exc).__name__}",
-                          retries=retries)
+            if retries >= max_retries:
+                return Sample(ok=False, error=f"cannot connect: {str(exc) or type(exc).__name__}",
+                              retries=retries)
+            retry_in_s = retry_wait_s
         except httpx.TimeoutException:
             return Sample(ok=False, retries=retries, error=(
                 f"stalled: no bytes for {client.timeout.read:g} s "
@@ -1956,7 +1966,10 @@ async def stream_chat(client: Any, payload: bytes, target_tokens_out: int | None
             why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             return Sample(ok=False, retries=retries,
                           error=f"connection broken after {len(reads)} read(s): {why}")
-        return RawStream(t_sent, reads, target_tokens_out, t_scheduled, retries)
+        if retry_in_s is None:
+            return RawStream(t_sent, reads, target_tokens_out, t_scheduled, retries)
+        retries += 1  # the one retry path: a refusal (429, 503) or no connection
+        await sleep(retry_in_s)
 
 
 async def _send_streaming(client: Any, request: Any) -> Any:
@@ -2004,6 +2017,17 @@ def chat_payload(model_id: str, messages: list[dict[str, str]], tokens_out: int,
     return json.dumps(body).encode()
 
 
+def json_body(response: Any) -> Any | None:
+    """The JSON document of a 200 answer; None for another status or a body
+    that is not JSON."""
+    if response.status_code != 200:
+        return None
+    try:
+        return response.json()
+    except ValueError:
+        return None
+
+
 async def get_json(client: Any, path: str) -> Any | None:
     """GET a JSON document; None when the server does not have it."""
     import httpx  # noqa: PLC0415
@@ -2012,12 +2036,7 @@ async def get_json(client: Any, path: str) -> Any | None:
         r = await client.get(path)
     except httpx.HTTPError:
         return None
-    if r.status_code != 200:
-        return None
-    try:
-        return r.json()
-    except ValueError:
-        return None
+    return json_body(r)
 
 
 def served_models(doc: Any) -> list[dict[str, Any]]:
@@ -2369,6 +2388,12 @@ def summarize_samples(samples: Iterable[Sample]) -> dict[str, Stat]:
     if itl is not None:
         out["itl_ms"] = itl
     return out
+
+
+def intervals_overlap(a: tuple[float, float], b: tuple[float, float]) -> bool:
+    """Two confidence intervals overlap: their difference is not significant
+    (the test of both a ranking's tie and a comparison's noise)."""
+    return a[0] <= b[1] and b[0] <= a[1]
 
 
 def ratio_with_error(a: Stat, b: Stat) -> tuple[float, float | None]:
@@ -2801,7 +2826,7 @@ def rank(models: Sequence[ModelResult], scenario: str, metric: str) -> Ranking |
     entries.sort(key=lambda e: e[1].mean, reverse=m.higher_is_better)
     (best, a), (second, b) = entries[0], entries[1]
     tested = a.ci95 is not None and b.ci95 is not None
-    tie = tested and a.ci95[0] <= b.ci95[1] and b.ci95[0] <= a.ci95[1]  # type: ignore[index]
+    tie = tested and intervals_overlap(a.ci95, b.ci95)  # type: ignore[arg-type]
     if b.mean == 0 or a.mean == 0:
         ratio, err = None, None
     elif m.higher_is_better:
@@ -3218,10 +3243,6 @@ class Comparison:
         return {v: n for v, n in counted.items() if n}
 
 
-def _overlap(a: tuple[float, float], b: tuple[float, float]) -> bool:
-    return a[0] <= b[1] and b[0] <= a[1]
-
-
 def judge_change(metric: str, baseline: Stat, candidate: Stat, threshold_pct: float | None
                  ) -> tuple[str, float | None, bool]:
     """(verdict, change in %, tested) for one metric present on both sides.
@@ -3242,7 +3263,7 @@ def judge_change(metric: str, baseline: Stat, candidate: Stat, threshold_pct: fl
     past = cand != base if change is None else abs(change) - threshold_pct > 1e-9
     if not past:
         return UNCHANGED, change, tested
-    if tested and _overlap(baseline.ci95, candidate.ci95):  # type: ignore[arg-type]
+    if tested and intervals_overlap(baseline.ci95, candidate.ci95):  # type: ignore[arg-type]
         return NOISE, change, tested
     better = (cand > base) == higher_is_better
     return (IMPROVED if better else REGRESSED), change, tested
@@ -3537,14 +3558,10 @@ def format_ranking(r: Ranking) -> str:
     if r.tie:
         return f"{name}: tie between {r.best} and {r.runner_up} (95% intervals overlap)"
     how = "faster" if not m.higher_is_better else "the " + m.label.lower()
-    if r.ratio is None:
-        rel = ""
-    elif m.higher_is_better:
+    rel = ""
+    if r.ratio is not None:
         err = f" ± {r.ratio_err:.2f}" if r.ratio_err is not None else ""
-        rel = f": {r.ratio:.2f}{err}x {how} of {r.runner_up}"
-    else:
-        err = f" ± {r.ratio_err:.2f}" if r.ratio_err is not None else ""
-        rel = f": {r.ratio:.2f}{err}x {how} than {r.runner_up}"
+        rel = f": {r.ratio:.2f}{err}x {how} {'of' if m.higher_is_better else 'than'} {r.runner_up}"
     note = "" if r.tested else " (single run: untested)"
     return f"{name}: {TROPHY} {r.best}{rel}{note}"
 
@@ -3680,18 +3697,25 @@ def render_table(table: TextTable, styled: bool) -> str:
     return "\n".join(line.rstrip() for line in out.getvalue().splitlines()) + "\n"
 
 
+def run_header(report: Report) -> tuple[str, str, str | None]:
+    """The run in words, for every output's header: what ran, the hardware
+    (with its bandwidth), the GPU (None where unknown)."""
+    cfg = report.config
+    return (f"{TOOL_NAME} {__version__}: {len(report.models)} model(s), "
+            f"{cfg.iterations} iteration(s), started {report.started_at}",
+            f"{cfg.hardware} ({cfg.bandwidth_gbs:g} GB/s)", report.environment.gpu)
+
+
 def format_results(report: Report, styled: bool = False,
                    winners: Sequence[ScenarioWinners] | None = None) -> str:
     """The complete results output: header, one table per scenario, summary.
     `winners`: the Winners stage's result (rank_scenarios) when it is at hand."""
     cfg = report.config
     winners = rank_scenarios(report.models) if winners is None else winners
-    lines = [f"{TOOL_NAME} {__version__}: {len(report.models)} model(s), "
-             f"{cfg.iterations} iteration(s), started {report.started_at}",
-             f"hardware: {cfg.hardware} ({cfg.bandwidth_gbs:g} GB/s), host {report.environment.host or '?'}"]
-    env = report.environment
-    if env.gpu:
-        lines.append(f"gpu: {env.gpu}")
+    what, hardware, gpu = run_header(report)
+    lines = [what, f"hardware: {hardware}, host {report.environment.host or '?'}"]
+    if gpu:
+        lines.append(f"gpu: {gpu}")
     parts = ["\n".join(lines), ""]
     for sw in winners:
         parts.append(render_table(scenario_table(report.models, sw, cfg.bandwidth_gbs), styled))
@@ -3777,15 +3801,18 @@ def format_answer_check(check: AnswerCheck) -> str:
     return text
 
 
+def _status_line(mr: ModelResult) -> str:
+    """'name: ok, loaded in 95.0 s' or 'name: failed: why'."""
+    line = f"{mr.spec.name}: {mr.status}"
+    if mr.lifecycle.load_s is not None:
+        line += f", loaded in {mr.lifecycle.load_s:.1f} s"
+    return line + (f": {mr.error}" if mr.error else "")
+
+
 def format_summary(report: Report) -> str:
     lines = ["Summary:"]
     for mr in report.models:
-        line = f"  {mr.spec.name}: {mr.status}"
-        if mr.lifecycle.load_s is not None:
-            line += f", loaded in {mr.lifecycle.load_s:.1f} s"
-        if mr.error:
-            line += f": {mr.error}"
-        lines.append(line)
+        lines.append(f"  {_status_line(mr)}")
         if mr.answer_check is not None:
             lines.append(f"      {format_answer_check(mr.answer_check)}")
         lines.extend(format_model_environment(mr, report.config.bandwidth_gbs))
@@ -4033,18 +4060,8 @@ def _md_notes(notes: Iterable[str]) -> str:
 
 
 def _run_line(report: Report) -> str:
-    cfg = report.config
-    gpu = report.environment.gpu
-    return (f"{TOOL_NAME} {__version__}: {len(report.models)} model(s), {cfg.iterations} "
-            f"iteration(s), started {report.started_at}; hardware {cfg.hardware} "
-            f"({cfg.bandwidth_gbs:g} GB/s)" + (f"; gpu {gpu}" if gpu else ""))
-
-
-def _status_line(mr: ModelResult) -> str:
-    line = f"{mr.spec.name}: {mr.status}"
-    if mr.lifecycle.load_s is not None:
-        line += f", loaded in {mr.lifecycle.load_s:.1f} s"
-    return line + (f": {mr.error}" if mr.error else "")
+    what, hardware, gpu = run_header(report)
+    return f"{what}; hardware {hardware}" + (f"; gpu {gpu}" if gpu else "")
 
 
 def format_comparison_markdown(comparison: Comparison, labels: tuple[str, str]) -> str:
@@ -4962,7 +4979,7 @@ def discover_endpoint_models(base_url: str, table: Sequence[ModelSpec], api_key:
     except httpx.HTTPError as exc:
         raise UsageError(f"cannot reach {base_url} ({type(exc).__name__}): is the server running?"
                          ) from None
-    listed = served_models(_json_or_none(r)) if r.status_code == 200 else []
+    listed = served_models(json_body(r))
     if r.status_code == 401:
         raise UsageError(f"{base_url} wants an API key: pass --api-key or set VLLM_API_KEY")
     if not listed:
@@ -4986,13 +5003,6 @@ def discover_endpoint_models(base_url: str, table: Sequence[ModelSpec], api_key:
             out.append(ModelSpec(name=entry["id"], service=None, model_id=entry["id"],
                                  max_context_tokens=size))
     return out
-
-
-def _json_or_none(r: Any) -> Any:
-    try:
-        return r.json()
-    except ValueError:
-        return None
 
 
 def _thresholds(text: str) -> dict[str, float | None]:
