@@ -1,4 +1,15 @@
 #!/usr/bin/env python3
+# /// script
+# requires-python = ">=3.10"
+# dependencies = [
+#     "httpx>=0.27",
+#     "docker>=7.0",
+#     "pyyaml>=6.0",
+#     "rich>=13.0",
+#     "orjson>=3.9",
+#     "uvloop>=0.19; sys_platform != 'win32'",
+# ]
+# ///
 """Compare vLLM models on one GPU box: which is fastest, and did it get slower?
 
 For every model in the table, perftest-models starts the model's Docker Compose
@@ -1037,7 +1048,7 @@ Read = tuple[float, bytes]  # (clock time when the bytes arrived, the bytes)
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[Any]]  # asyncio.sleep; tests pass one on virtual time
 
-try:  # optional (the `fast` extra): parses a chunk several times faster
+try:  # a dependency, yet optional in the code: parses a chunk several times faster
     from orjson import loads as _orjson_loads
 except ImportError:  # pragma: no cover - depends on the environment
     _orjson_loads = None
@@ -1856,7 +1867,7 @@ def http_client(base_url: str, api_key: str | None, timeout_s: float, streams: i
 
 def _uvloop() -> Any:
     try:
-        import uvloop  # noqa: PLC0415 (optional: the `fast` extra)
+        import uvloop  # noqa: PLC0415 (a dependency, optional in the code)
     except ImportError:
         return None
     return uvloop if hasattr(uvloop, "run") else None
@@ -1868,7 +1879,7 @@ def event_loop_name() -> str:
 
 
 def run_async(main: Any) -> Any:
-    """asyncio.run, on uvloop when it is installed (the `fast` extra): its
+    """asyncio.run, on uvloop when it is installed (a dependency): its
     loop costs less per network read, which is the client's hot path."""
     uvloop = _uvloop()
     return uvloop.run(main) if uvloop else asyncio.run(main)

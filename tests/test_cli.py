@@ -329,3 +329,20 @@ def test_a_tiny_context_still_gets_a_positive_throughput_prompt():
     (level,) = [s for s in pm.plan_scenarios(pm.RunConfig(context_sizes=(), concurrency=(2,)), spec)
                 if s.kind == "throughput"]
     assert level.target_tokens_in == 1
+
+
+def test_the_inline_script_metadata_matches_pyproject():
+    # PEP 723: `uv run perftest_models.py` / `pipx run` read this block from the
+    # copied file; it must ask for what pyproject.toml installs.
+    import re
+    import tomllib
+
+    text = (ROOT / "perftest_models.py").read_text(encoding="utf-8")
+    pep723 = r"(?m)^# /// (?P<type>[a-zA-Z0-9-]+)$\s(?P<content>(^#(| .*)$\s)+)^# ///$"
+    blocks = list(re.finditer(pep723, text))
+    assert [b.group("type") for b in blocks] == ["script"]
+    script = tomllib.loads("".join(line[2:] if line.startswith("# ") else line[1:]
+                                   for line in blocks[0].group("content").splitlines(keepends=True)))
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    assert script == {"requires-python": project["requires-python"],
+                      "dependencies": project["dependencies"]}
