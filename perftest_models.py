@@ -5115,7 +5115,7 @@ def regression_gate(comparison: Comparison, code: int, err: Any, prefix: str) ->
     an earlier code stands (a failed model, an interrupt)."""
     if not comparison.regressions:
         return code
-    err.write(f"{prefix}{regression_message(comparison)}\n")
+    err.write(f"{prefix}{one_line(regression_message(comparison))}\n")  # names from a file
     return code or ExitCode.REGRESSION
 
 
@@ -5240,7 +5240,7 @@ def load_history(paths: Sequence[Path]) -> list[HistoryRun]:
 
 def history_main(argv: Sequence[str], out: Any, err: Any) -> int:
     """history REPORT.json... | DIR: the trends on stdout (or the export named
-    '-'); exit 3 (RegressionFound) with --fail-on-change while one stands."""
+    '-'); exit REGRESSION with --fail-on-change while one stands."""
     args = build_history_parser().parse_args(list(argv))
     _, exports = check_output_options(args)
     runs = load_history(args.reports)
@@ -5263,8 +5263,9 @@ def history_main(argv: Sequence[str], out: Any, err: Any) -> int:
     if args.fail_on_change and history.standing:
         worst = "; ".join(f"{t.model} {t.scenario} {t.metric} {fmt_change(t.standing.change_pct)}"
                           for t in history.standing if t.standing)
-        raise RegressionFound(f"a regression stands: {worst}")
-    return 0
+        err.write(f"{TOOL_NAME}: error: {one_line(f'a regression stands: {worst}')}\n")
+        return ExitCode.REGRESSION
+    return ExitCode.OK
 
 
 def _last_log_line(watch: DockerWatch) -> Callable[[], str | None]:
