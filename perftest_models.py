@@ -7,7 +7,6 @@
 #     "pyyaml>=6.0",
 #     "rich>=13.0",
 #     "orjson>=3.9",
-#     "uvloop>=0.19; sys_platform != 'win32'",
 # ]
 # ///
 """Compare vLLM models on one GPU box: which is fastest, and did it get slower?
@@ -1867,7 +1866,7 @@ def http_client(base_url: str, api_key: str | None, timeout_s: float, streams: i
 
 def _uvloop() -> Any:
     try:
-        import uvloop  # noqa: PLC0415 (a dependency, optional in the code)
+        import uvloop  # noqa: PLC0415 (optional: the `fast` extra; see README)
     except ImportError:
         return None
     return uvloop if hasattr(uvloop, "run") else None
@@ -1879,7 +1878,7 @@ def event_loop_name() -> str:
 
 
 def run_async(main: Any) -> Any:
-    """asyncio.run, on uvloop when it is installed (a dependency): its
+    """asyncio.run, on uvloop when it is installed (the `fast` extra): its
     loop costs less per network read, which is the client's hot path."""
     uvloop = _uvloop()
     return uvloop.run(main) if uvloop else asyncio.run(main)
