@@ -1,4 +1,14 @@
 #!/usr/bin/env python3
+# /// script
+# requires-python = ">=3.10"
+# dependencies = [
+#     "httpx>=0.27",
+#     "docker>=7.0",
+#     "pyyaml>=6.0",
+#     "rich>=13.0",
+#     "orjson>=3.9",
+# ]
+# ///
 """Compare vLLM models on one GPU box: which is fastest, and did it get slower?
 
 For every model in the table, perftest-models starts the model's Docker Compose
@@ -31,11 +41,13 @@ exit codes: 0 all models ok, 1 a model failed, 2 usage error,
 
 # Sections, in the order the data flows (each banner reads "# <name>"):
 #   Model table          ModelSpec, the default models, hardware, fixed workload
-#   Errors               PerftestError and its exit codes (only main() catches)
-#   Records              Metric, Scenario, Sample, Stat, ScenarioResult, ModelResult,
-#                        RunConfig, Report: frozen records that flow one way
+#   Errors               ExitCode, PerftestError and its subclasses (only main() catches)
+#   Records              Metric, Scenario, Sample (and what a burst is), Stat, Aggregate,
+#                        ServerDelta, ScenarioResult, Failure, ServerInfo, Lifecycle,
+#                        ModelResult, RunConfig, Environment, Report: records, one way
 #   Model files          --models YAML: load and validate into ModelSpec
-#   Services             Compose and Docker: start, watch, stop a model's service
+#   Services             Compose, DockerWatch; ServiceLifecycle.running(): start, watch,
+#                        always stop a model's service
 #   Measurement          pure: reads of one stream -> Sample (TTFT, ITL, tokens)
 #   Transport            lean HTTP/1.1 transport; stamps reads in the socket callback
 #   Client               thin: send a streaming chat request, retries, JSON calls
@@ -43,8 +55,8 @@ exit codes: 0 all models ok, 1 a model failed, 2 usage error,
 #   Server metrics       vLLM's /metrics deltas, GPU power
 #   Statistics           pure: percentiles, Student-t intervals, the roofline
 #   Benchmark            plan scenarios, wait for readiness, warm up, run scenarios
-#   Winners              pure: rank models per scenario and metric
-#   Saved reports        the JSON edge: Report <-> dict, load_report
+#   Winners              pure: rank_scenarios -> a ScenarioWinners per scenario
+#   Saved reports        the JSON edge, the only dicts: Report <-> dict, load_report
 #   Comparison           pure: baseline vs candidate, verdicts, thresholds
 #   History              pure: many reports over time, step changes, hardware groups
 #   Rendering            pure: tables and summaries as text
@@ -59,6 +71,7 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime as dt
+import enum
 import json
 import math
 import os
@@ -73,7 +86,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -190,25 +203,36 @@ def one_line(text: str) -> str:
     return text.translate(_CONTROL)
 
 
+class ExitCode(enum.IntEnum):
+    """Every exit status of the tool, in one place (the --help epilog lists them)."""
+
+    OK = 0
+    FAILED = 1  # a model failed, or the environment cannot run a benchmark
+    USAGE = 2  # bad options or input files: nothing was started
+    REGRESSION = 3  # a metric regressed past its threshold (compare, --baseline)
+    INTERRUPTED = 130  # Ctrl-C (SIGINT)
+    TERMINATED = 143  # SIGTERM or SIGHUP
+
+
 class PerftestError(Exception):
     """Base of every error the tool reports; carries the exit code.
 
     Only main() catches these. The message says what went wrong and what to do.
     """
 
-    exit_code = 1
+    exit_code = ExitCode.FAILED
 
 
 class UsageError(PerftestError):
     """Bad options or input files: nothing was started."""
 
-    exit_code = 2
+    exit_code = ExitCode.USAGE
 
 
 class SetupError(PerftestError):
     """The environment cannot run a benchmark (Docker, Compose, port)."""
 
-    exit_code = 1
+    exit_code = ExitCode.FAILED
 
 
 class ModelFailed(PerftestError):
@@ -218,9 +242,6 @@ class ModelFailed(PerftestError):
         super().__init__(message)
         self.details = details
 
-
-class RegressionFound(PerftestError):
-    exit_code = 3
 
 
 class Interrupted(KeyboardInterrupt):
@@ -233,6 +254,11 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
+
+
+def interrupted_exit_code(exc: BaseException) -> ExitCode:
+    """130 for Ctrl-C (a plain KeyboardInterrupt), 143 for SIGTERM or SIGHUP."""
+    return ExitCode.TERMINATED if isinstance(exc, Interrupted) else ExitCode.INTERRUPTED
 
 
 # ============================================================================
@@ -312,6 +338,30 @@ def describe_scenario(s: Scenario) -> str:
     return f"{s.name}: {tin}{clamp}, {s.target_tokens_out} out, x{s.requests}"
 
 
+# A burst, defined once: token chunks stamped less than SAME_READ_S apart
+# came in one network read, one arrival (httpx hands over one chunk at a
+# time, microseconds apart; decode steps are milliseconds apart). A stream
+# whose tokens came more than BURST_TOKENS_PER_ARRIVAL to an arrival on
+# average is bursty: its decode rate shows how the server flushed its output,
+# not how fast it decoded, so it stays out of the decode figures. The limit,
+# all tokens in one arrival, leaves no decode time at all: no rate
+# (has_decode_time).
+SAME_READ_S = 1e-4
+BURST_TOKENS_PER_ARRIVAL = 4
+BURST_MIN_TOKENS = 8  # at most this many tokens are too few to call bursty
+
+
+def is_bursty(tokens_out: int | None, arrivals: int | None) -> bool:
+    """The tokens came in bursts (see above)."""
+    return bool(tokens_out and arrivals and tokens_out > BURST_MIN_TOKENS
+                and tokens_out / arrivals > BURST_TOKENS_PER_ARRIVAL)
+
+
+def has_decode_time(arrivals: int) -> bool:
+    """Tokens that came in one arrival leave no decode time to measure."""
+    return arrivals > 1
+
+
 @dataclass(frozen=True)
 class Sample:
     """One request. A failed request is a sample with `ok` False and an error.
@@ -345,10 +395,9 @@ class Sample:
 
     @property
     def bursty(self) -> bool:
-        """Tokens arrived in bursts (more than 4 per network read on average):
-        the decode rate then shows the server's output batching, not its speed."""
-        return bool(self.ok and self.tokens_out and self.token_reads
-                    and self.tokens_out > 8 and self.tokens_out / self.token_reads > 4)
+        """Tokens arrived in bursts (is_bursty): the decode rate then shows
+        the server's output batching, not its speed."""
+        return self.ok and is_bursty(self.tokens_out, self.token_reads)
 
 
 @dataclass(frozen=True)
@@ -907,6 +956,87 @@ def who_holds_port(port: int, client: Any, project: str,
                       f"`ss -ltnp 'sport = :{port}'`)")
 
 
+@dataclass(frozen=True)
+class RunningService:
+    """A model's service while it runs: its container's watch, the clock's
+    time when `up` began (the load time runs from there), image and command."""
+
+    service: str
+    watch: DockerWatch
+    started_s: float
+    lifecycle: Lifecycle
+
+
+class ServiceLifecycle:
+    """Every start, watch and stop of one compose file's model services.
+
+    `ours` are the file's inference services: the only containers ever
+    stopped. `running(service)` is the one way to run one: it first stops
+    any of ours left running (by an earlier run), frees the port when one of
+    ours holds it, starts the service, and always stops it on the way out,
+    under `hold` (a second signal waits until the stop is done)."""
+
+    def __init__(self, compose: Compose, ours: Sequence[str], port: int,
+                 info: Callable[[str], None], *,
+                 hold: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
+                 clock: Clock = time.perf_counter, sleep: Callable[[float], None] = time.sleep,
+                 docker: Any = None):
+        self.compose, self.ours, self.port, self.info = compose, list(ours), port, info
+        self.hold, self.clock, self.sleep, self.docker = hold, clock, sleep, docker
+        self._leftovers_checked = False
+
+    @contextlib.contextmanager
+    def running(self, name: str, service: str) -> Iterator[RunningService]:
+        self._stop_leftovers()
+        watch = DockerWatch(self.compose.file.project, service, self.docker)
+        self._free_port(watch)
+        self.info(f"{name}: starting {service}")
+        started_s = self.clock()
+        try:
+            self.compose.up(service)  # inside try: an interrupt during `up` still stops it
+            facts = Lifecycle()
+            with contextlib.suppress(Exception):
+                facts = watch.image()
+            yield RunningService(service, watch, started_s,
+                                 dataclasses.replace(facts, service=service))
+        finally:
+            with self.hold():
+                try:
+                    self.compose.stop([service])
+                    self.info(f"{name}: stopped {service}")
+                except PerftestError as exc:
+                    self.info(f"{name}: could not stop {service}: {exc} "
+                              f"(stop it by hand: docker compose stop {service})")
+
+    def _stop_leftovers(self) -> None:
+        if self._leftovers_checked:
+            return
+        self._leftovers_checked = True
+        running = self.compose.running(self.ours)
+        if running:
+            self.info(f"stopping running inference services first: {', '.join(running)}")
+            with self.hold():
+                self.compose.stop(running)
+
+    def _free_port(self, watch: DockerWatch) -> None:
+        """If the port answers, name its holder and stop it only when it is
+        one of ours."""
+        port = self.port
+        if not port_in_use(port):
+            return
+        holder = who_holds_port(port, watch.client, self.compose.file.project, self.ours)
+        if holder.kind != "inference":
+            raise ModelFailed(f"port {port} is already in use by {holder.description}: stop it, "
+                              "or publish the services on another port and pass --port")
+        self.info(f"port {port} is held by {holder.description}: stopping it")
+        self.compose.stop([holder.service])  # type: ignore[list-item]
+        for _ in range(60):
+            if not port_in_use(port):
+                return
+            self.sleep(0.5)
+        raise ModelFailed(f"port {port} still in use after stopping {holder.service}")
+
+
 # ============================================================================
 # Measurement (pure)
 # ============================================================================
@@ -915,8 +1045,9 @@ def who_holds_port(port: int, client: Any, project: str,
 Read = tuple[float, bytes]  # (clock time when the bytes arrived, the bytes)
 
 Clock = Callable[[], float]
+Sleep = Callable[[float], Awaitable[Any]]  # asyncio.sleep; tests pass one on virtual time
 
-try:  # optional (the `fast` extra): parses a chunk several times faster
+try:  # a dependency, yet optional in the code: parses a chunk several times faster
     from orjson import loads as _orjson_loads
 except ImportError:  # pragma: no cover - depends on the environment
     _orjson_loads = None
@@ -989,12 +1120,6 @@ def _add_event(events: list[tuple[float, bytes]], t: float, block: bytes) -> Non
     data = [ln[5:].removeprefix(b" ") for ln in block.split(b"\n") if ln.startswith(b"data:")]
     if data:
         events.append((t, data[0] if len(data) == 1 else b"\n".join(data)))
-
-
-def split_sse(reads: Sequence[Read]) -> list[tuple[float, str]]:
-    """SSE `data:` payloads with the time their event was complete (see
-    sse_payloads), decoded as UTF-8 (invalid bytes replaced)."""
-    return [(t, data.decode("utf-8", "replace")) for t, data in sse_payloads(reads)]
 
 
 def _delta_tokens(chunk: Mapping[str, Any]) -> tuple[bool, bool]:
@@ -1080,9 +1205,8 @@ def measure_stream(t_sent: float, reads: Sequence[Read], target_tokens_out: int 
     ttft_s = token_times[0] - t0
     latency_s = token_times[-1] - t0
     arrivals = count_arrivals(token_times)
-    # Tokens that all came in one network read leave no decode time to
-    # measure: no rate is better than one of millions of tokens/s.
-    decode_s = token_times[-1] - token_times[0] if arrivals > 1 else 0.0
+    # no rate is better than one of millions of tokens/s (see SAME_READ_S)
+    decode_s = token_times[-1] - token_times[0] if has_decode_time(arrivals) else 0.0
     itl = spread_gaps(token_times, token_counts, tokens_out)
     return Sample(
         ok=True,
@@ -1104,13 +1228,9 @@ def measure_stream(t_sent: float, reads: Sequence[Read], target_tokens_out: int 
     )
 
 
-SAME_READ_S = 1e-4  # chunks this close together came in one network read
-
-
 def count_arrivals(times: Sequence[float]) -> int:
     """How many separate arrivals the token chunks made: chunks less than
-    0.1 ms apart came in the same network read (httpx hands over one chunk at
-    a time, microseconds apart; decode steps are milliseconds apart)."""
+    SAME_READ_S apart came in the same network read (see SAME_READ_S)."""
     return (1 + sum(b - a > SAME_READ_S for a, b in zip(times, times[1:]))) if times else 0
 
 
@@ -1746,7 +1866,7 @@ def http_client(base_url: str, api_key: str | None, timeout_s: float, streams: i
 
 def _uvloop() -> Any:
     try:
-        import uvloop  # noqa: PLC0415 (optional: the `fast` extra)
+        import uvloop  # noqa: PLC0415 (optional: the `fast` extra; see README)
     except ImportError:
         return None
     return uvloop if hasattr(uvloop, "run") else None
@@ -1796,17 +1916,18 @@ class RawStream:
 async def send_chat(client: Any, payload: bytes, target_tokens_out: int | None, *,
                     clock: Clock = time.perf_counter, t_scheduled: float | None = None,
                     max_retries: int = 2, retry_wait_s: float = 1.0,
-                    on_stream: StreamObserver | None = None) -> Sample:
+                    on_stream: StreamObserver | None = None, sleep: Sleep = asyncio.sleep) -> Sample:
     """POST one streaming chat completion and measure it (see stream_chat)."""
     got = await stream_chat(client, payload, target_tokens_out, clock=clock,
                             t_scheduled=t_scheduled, max_retries=max_retries,
-                            retry_wait_s=retry_wait_s)
+                            retry_wait_s=retry_wait_s, sleep=sleep)
     return got if isinstance(got, Sample) else got.measure(on_stream)
 
 
 async def stream_chat(client: Any, payload: bytes, target_tokens_out: int | None, *,
                       clock: Clock = time.perf_counter, t_scheduled: float | None = None,
-                      max_retries: int = 2, retry_wait_s: float = 1.0) -> RawStream | Sample:
+                      max_retries: int = 2, retry_wait_s: float = 1.0,
+                      sleep: Sleep = asyncio.sleep) -> RawStream | Sample:
     """POST one streaming chat completion and record its timed reads; a
     failed request is a Sample already.
 
@@ -1823,32 +1944,28 @@ async def stream_chat(client: Any, payload: bytes, target_tokens_out: int | None
                                        headers={"Content-Type": "application/json"})
         reads: list[Read] = []
         t_sent = clock()
+        retry_in_s: float | None = None  # refused before anything was generated: resend
         try:
             response = await _send_streaming(client, request)
             try:
                 if response.status_code != 200:
                     body = await response.aread()
-                    if response.status_code in RETRYABLE_STATUS and retries < max_retries:
-                        retries += 1
-                        await asyncio.sleep(_retry_after_s(response, retry_wait_s))
-                        continue
-                    return Sample(ok=False, error=_error_message(response.status_code, body),
-                                  retries=retries)
-                record = response.extensions.get("perftest.record")
-                if record is not None:  # StreamTransport stamps each read as it returns
-                    await record(reads, clock)
+                    if response.status_code not in RETRYABLE_STATUS or retries >= max_retries:
+                        return Sample(ok=False, error=_error_message(response.status_code, body),
+                                      retries=retries)
+                    retry_in_s = _retry_after_s(response, retry_wait_s)
+                elif (record := response.extensions.get("perftest.record")) is not None:
+                    await record(reads, clock)  # StreamTransport stamps each read as it returns
                 else:
                     async for chunk in response.aiter_raw():
                         reads.append((clock(), chunk))
             finally:
                 await response.aclose()
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:  # nothing was sent: safe
-            if retries < max_retries:
-                retries += 1
-                await asyncio.sleep(retry_wait_s)
-                continue
-            return Sample(ok=False, error=f"cannot connect: {str(exc) or type(exc).__name__}",
-                          retries=retries)
+            if retries >= max_retries:
+                return Sample(ok=False, error=f"cannot connect: {str(exc) or type(exc).__name__}",
+                              retries=retries)
+            retry_in_s = retry_wait_s
         except httpx.TimeoutException:
             return Sample(ok=False, retries=retries, error=(
                 f"stalled: no bytes for {client.timeout.read:g} s "
@@ -1859,7 +1976,10 @@ async def stream_chat(client: Any, payload: bytes, target_tokens_out: int | None
             why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             return Sample(ok=False, retries=retries,
                           error=f"connection broken after {len(reads)} read(s): {why}")
-        return RawStream(t_sent, reads, target_tokens_out, t_scheduled, retries)
+        if retry_in_s is None:
+            return RawStream(t_sent, reads, target_tokens_out, t_scheduled, retries)
+        retries += 1  # the one retry path: a refusal (429, 503) or no connection
+        await sleep(retry_in_s)
 
 
 async def _send_streaming(client: Any, request: Any) -> Any:
@@ -1907,6 +2027,17 @@ def chat_payload(model_id: str, messages: list[dict[str, str]], tokens_out: int,
     return json.dumps(body).encode()
 
 
+def json_body(response: Any) -> Any | None:
+    """The JSON document of a 200 answer; None for another status or a body
+    that is not JSON."""
+    if response.status_code != 200:
+        return None
+    try:
+        return response.json()
+    except ValueError:
+        return None
+
+
 async def get_json(client: Any, path: str) -> Any | None:
     """GET a JSON document; None when the server does not have it."""
     import httpx  # noqa: PLC0415
@@ -1915,12 +2046,7 @@ async def get_json(client: Any, path: str) -> Any | None:
         r = await client.get(path)
     except httpx.HTTPError:
         return None
-    if r.status_code != 200:
-        return None
-    try:
-        return r.json()
-    except ValueError:
-        return None
+    return json_body(r)
 
 
 def served_models(doc: Any) -> list[dict[str, Any]]:
@@ -2274,6 +2400,12 @@ def summarize_samples(samples: Iterable[Sample]) -> dict[str, Stat]:
     return out
 
 
+def intervals_overlap(a: tuple[float, float], b: tuple[float, float]) -> bool:
+    """Two confidence intervals overlap: their difference is not significant
+    (the test of both a ranking's tie and a comparison's noise)."""
+    return a[0] <= b[1] and b[0] <= a[1]
+
+
 def ratio_with_error(a: Stat, b: Stat) -> tuple[float, float | None]:
     """a.mean / b.mean and its standard deviation by error propagation."""
     r = a.mean / b.mean
@@ -2327,7 +2459,8 @@ class Events:
 async def wait_until_ready(client: Any, spec: ModelSpec, timeout_s: float, events: Events, *,
                            check_alive: Callable[[], None] | None = None,
                            last_log: Callable[[], str | None] = lambda: None,
-                           clock: Clock = time.monotonic, poll_s: float = 0.25) -> float:
+                           clock: Clock = time.perf_counter, poll_s: float = 0.25,
+                           sleep: Sleep = asyncio.sleep) -> float:
     """Poll /health and /v1/models until the model is listed; seconds waited.
 
     Polls every `poll_s` so readiness is noticed within a fraction of a
@@ -2356,7 +2489,7 @@ async def wait_until_ready(client: Any, spec: ModelSpec, timeout_s: float, event
             raise ModelFailed(f"{spec.name} health check timeout after {timeout_s:.0f}s "
                               f"(raise --health-timeout for a first download)")
         events.waiting(spec.name, elapsed, last_log)
-        await asyncio.sleep(poll_s)
+        await sleep(poll_s)
 
 
 async def server_info(client: Any, spec: ModelSpec) -> ServerInfo:
@@ -2396,7 +2529,7 @@ class ScenarioAborted(Exception):
 async def run_scenario(client: Any, spec: ModelSpec, scenario: Scenario, cfg: RunConfig,
                        builder: PromptBuilder, events: Events, *, failures_left: int,
                        check_alive: Callable[[], None] | None = None,
-                       clock: Clock = time.perf_counter,
+                       clock: Clock = time.perf_counter, sleep: Sleep = asyncio.sleep,
                        measured: list[Sample] | None = None) -> ScenarioResult:
     """Send a scenario's requests (sequentially, or `concurrency` at a time)
     and summarize them. Every request has a unique prompt head. Each sample
@@ -2424,7 +2557,8 @@ async def run_scenario(client: Any, spec: ModelSpec, scenario: Scenario, cfg: Ru
             except ModelFailed as exc:  # the server broke between requests: keep what we have
                 failure = exc
                 break
-            sample = await send_chat(client, body, scenario.target_tokens_out, clock=clock)
+            sample = await send_chat(client, body, scenario.target_tokens_out, clock=clock,
+                                     sleep=sleep)
             samples.append(sample)
             events.sample(spec.name, scenario, i, sample)
             if not sample.ok:
@@ -2436,7 +2570,7 @@ async def run_scenario(client: Any, spec: ModelSpec, scenario: Scenario, cfg: Ru
         payloads = [await payload() for _ in range(scenario.requests)]
         stop = asyncio.Event()
         peak_task = asyncio.create_task(_peak_metrics(client, stop))
-        done, duration_s = await run_concurrent(client, payloads, scenario, clock=clock,
+        done, duration_s = await run_concurrent(client, payloads, scenario, clock=clock, sleep=sleep,
                                                 measured=samples)
         samples[:] = done  # payload order, not completion order
         stop.set()
@@ -2472,6 +2606,7 @@ async def _after_failure(sample: Sample, check_alive: Callable[[], None] | None,
 
 async def run_concurrent(client: Any, payloads: Sequence[bytes], scenario: Scenario, *,
                          clock: Clock = time.perf_counter, on_stream: StreamObserver | None = None,
+                         sleep: Sleep = asyncio.sleep,
                          measured: list[Sample] | None = None) -> tuple[list[Sample], float]:
     """`scenario.concurrency` streams at once until every payload is sent.
 
@@ -2490,7 +2625,7 @@ async def run_concurrent(client: Any, payloads: Sequence[bytes], scenario: Scena
         for i in todo:
             t_scheduled = clock()
             got[i] = (await stream_chat(client, payloads[i], scenario.target_tokens_out,
-                                        clock=clock, t_scheduled=t_scheduled),
+                                        clock=clock, t_scheduled=t_scheduled, sleep=sleep),
                       t_scheduled - t_start)
 
     try:
@@ -2617,7 +2752,7 @@ async def check_answers(client: Any, result: ModelResult, cfg: RunConfig, events
 
 async def benchmark_model(client: Any, result: ModelResult, cfg: RunConfig, events: Events, *,
                           check_alive: Callable[[], None] | None = None,
-                          clock: Clock = time.perf_counter) -> None:
+                          clock: Clock = time.perf_counter, sleep: Sleep = asyncio.sleep) -> None:
     """Warm up, then run every scenario of the plan, appending each result to
     `result.scenarios` as soon as it is complete."""
     spec = result.spec
@@ -2627,7 +2762,7 @@ async def benchmark_model(client: Any, result: ModelResult, cfg: RunConfig, even
         warm = await send_chat(client, chat_payload(spec.model_id, latency_messages(nonce),
                                                     cfg.warmup_tokens, cfg.temperature,
                                                     spec.chat_template_kwargs, nonce),
-                               cfg.warmup_tokens, clock=clock)
+                               cfg.warmup_tokens, clock=clock, sleep=sleep)
         if warm.ok:
             break
     else:
@@ -2641,7 +2776,7 @@ async def benchmark_model(client: Any, result: ModelResult, cfg: RunConfig, even
         try:
             sr = await run_scenario(client, spec, scenario, cfg, builder, events,
                                     failures_left=failures_left, check_alive=check_alive,
-                                    clock=clock, measured=measured)
+                                    clock=clock, sleep=sleep, measured=measured)
         except ScenarioAborted as exc:
             result.scenarios.append(exc.result)
             events.scenario_done(result, exc.result)
@@ -2701,7 +2836,7 @@ def rank(models: Sequence[ModelResult], scenario: str, metric: str) -> Ranking |
     entries.sort(key=lambda e: e[1].mean, reverse=m.higher_is_better)
     (best, a), (second, b) = entries[0], entries[1]
     tested = a.ci95 is not None and b.ci95 is not None
-    tie = tested and a.ci95[0] <= b.ci95[1] and b.ci95[0] <= a.ci95[1]  # type: ignore[index]
+    tie = tested and intervals_overlap(a.ci95, b.ci95)  # type: ignore[arg-type]
     if b.mean == 0 or a.mean == 0:
         ratio, err = None, None
     elif m.higher_is_better:
@@ -3118,10 +3253,6 @@ class Comparison:
         return {v: n for v, n in counted.items() if n}
 
 
-def _overlap(a: tuple[float, float], b: tuple[float, float]) -> bool:
-    return a[0] <= b[1] and b[0] <= a[1]
-
-
 def judge_change(metric: str, baseline: Stat, candidate: Stat, threshold_pct: float | None
                  ) -> tuple[str, float | None, bool]:
     """(verdict, change in %, tested) for one metric present on both sides.
@@ -3142,7 +3273,7 @@ def judge_change(metric: str, baseline: Stat, candidate: Stat, threshold_pct: fl
     past = cand != base if change is None else abs(change) - threshold_pct > 1e-9
     if not past:
         return UNCHANGED, change, tested
-    if tested and _overlap(baseline.ci95, candidate.ci95):  # type: ignore[arg-type]
+    if tested and intervals_overlap(baseline.ci95, candidate.ci95):  # type: ignore[arg-type]
         return NOISE, change, tested
     better = (cand > base) == higher_is_better
     return (IMPROVED if better else REGRESSED), change, tested
@@ -3437,14 +3568,10 @@ def format_ranking(r: Ranking) -> str:
     if r.tie:
         return f"{name}: tie between {r.best} and {r.runner_up} (95% intervals overlap)"
     how = "faster" if not m.higher_is_better else "the " + m.label.lower()
-    if r.ratio is None:
-        rel = ""
-    elif m.higher_is_better:
+    rel = ""
+    if r.ratio is not None:
         err = f" ± {r.ratio_err:.2f}" if r.ratio_err is not None else ""
-        rel = f": {r.ratio:.2f}{err}x {how} of {r.runner_up}"
-    else:
-        err = f" ± {r.ratio_err:.2f}" if r.ratio_err is not None else ""
-        rel = f": {r.ratio:.2f}{err}x {how} than {r.runner_up}"
+        rel = f": {r.ratio:.2f}{err}x {how} {'of' if m.higher_is_better else 'than'} {r.runner_up}"
     note = "" if r.tested else " (single run: untested)"
     return f"{name}: {TROPHY} {r.best}{rel}{note}"
 
@@ -3580,18 +3707,25 @@ def render_table(table: TextTable, styled: bool) -> str:
     return "\n".join(line.rstrip() for line in out.getvalue().splitlines()) + "\n"
 
 
+def run_header(report: Report) -> tuple[str, str, str | None]:
+    """The run in words, for every output's header: what ran, the hardware
+    (with its bandwidth), the GPU (None where unknown)."""
+    cfg = report.config
+    return (f"{TOOL_NAME} {__version__}: {len(report.models)} model(s), "
+            f"{cfg.iterations} iteration(s), started {report.started_at}",
+            f"{cfg.hardware} ({cfg.bandwidth_gbs:g} GB/s)", report.environment.gpu)
+
+
 def format_results(report: Report, styled: bool = False,
                    winners: Sequence[ScenarioWinners] | None = None) -> str:
     """The complete results output: header, one table per scenario, summary.
     `winners`: the Winners stage's result (rank_scenarios) when it is at hand."""
     cfg = report.config
     winners = rank_scenarios(report.models) if winners is None else winners
-    lines = [f"{TOOL_NAME} {__version__}: {len(report.models)} model(s), "
-             f"{cfg.iterations} iteration(s), started {report.started_at}",
-             f"hardware: {cfg.hardware} ({cfg.bandwidth_gbs:g} GB/s), host {report.environment.host or '?'}"]
-    env = report.environment
-    if env.gpu:
-        lines.append(f"gpu: {env.gpu}")
+    what, hardware, gpu = run_header(report)
+    lines = [what, f"hardware: {hardware}, host {report.environment.host or '?'}"]
+    if gpu:
+        lines.append(f"gpu: {gpu}")
     parts = ["\n".join(lines), ""]
     for sw in winners:
         parts.append(render_table(scenario_table(report.models, sw, cfg.bandwidth_gbs), styled))
@@ -3677,15 +3811,18 @@ def format_answer_check(check: AnswerCheck) -> str:
     return text
 
 
+def _status_line(mr: ModelResult) -> str:
+    """'name: ok, loaded in 95.0 s' or 'name: failed: why'."""
+    line = f"{mr.spec.name}: {mr.status}"
+    if mr.lifecycle.load_s is not None:
+        line += f", loaded in {mr.lifecycle.load_s:.1f} s"
+    return line + (f": {mr.error}" if mr.error else "")
+
+
 def format_summary(report: Report) -> str:
     lines = ["Summary:"]
     for mr in report.models:
-        line = f"  {mr.spec.name}: {mr.status}"
-        if mr.lifecycle.load_s is not None:
-            line += f", loaded in {mr.lifecycle.load_s:.1f} s"
-        if mr.error:
-            line += f": {mr.error}"
-        lines.append(line)
+        lines.append(f"  {_status_line(mr)}")
         if mr.answer_check is not None:
             lines.append(f"      {format_answer_check(mr.answer_check)}")
         lines.extend(format_model_environment(mr, report.config.bandwidth_gbs))
@@ -3933,18 +4070,8 @@ def _md_notes(notes: Iterable[str]) -> str:
 
 
 def _run_line(report: Report) -> str:
-    cfg = report.config
-    gpu = report.environment.gpu
-    return (f"{TOOL_NAME} {__version__}: {len(report.models)} model(s), {cfg.iterations} "
-            f"iteration(s), started {report.started_at}; hardware {cfg.hardware} "
-            f"({cfg.bandwidth_gbs:g} GB/s)" + (f"; gpu {gpu}" if gpu else ""))
-
-
-def _status_line(mr: ModelResult) -> str:
-    line = f"{mr.spec.name}: {mr.status}"
-    if mr.lifecycle.load_s is not None:
-        line += f", loaded in {mr.lifecycle.load_s:.1f} s"
-    return line + (f": {mr.error}" if mr.error else "")
+    what, hardware, gpu = run_header(report)
+    return f"{what}; hardware {hardware}" + (f"; gpu {gpu}" if gpu else "")
 
 
 def format_comparison_markdown(comparison: Comparison, labels: tuple[str, str]) -> str:
@@ -4862,7 +4989,7 @@ def discover_endpoint_models(base_url: str, table: Sequence[ModelSpec], api_key:
     except httpx.HTTPError as exc:
         raise UsageError(f"cannot reach {base_url} ({type(exc).__name__}): is the server running?"
                          ) from None
-    listed = served_models(_json_or_none(r)) if r.status_code == 200 else []
+    listed = served_models(json_body(r))
     if r.status_code == 401:
         raise UsageError(f"{base_url} wants an API key: pass --api-key or set VLLM_API_KEY")
     if not listed:
@@ -4886,13 +5013,6 @@ def discover_endpoint_models(base_url: str, table: Sequence[ModelSpec], api_key:
             out.append(ModelSpec(name=entry["id"], service=None, model_id=entry["id"],
                                  max_context_tokens=size))
     return out
-
-
-def _json_or_none(r: Any) -> Any:
-    try:
-        return r.json()
-    except ValueError:
-        return None
 
 
 def _thresholds(text: str) -> dict[str, float | None]:
@@ -4983,10 +5103,19 @@ def finish_run(plan: Plan, report: Report, code: int, *, out: Any, stdout: Any, 
                       baseline=plan.baseline.report if plan.baseline else None, winners=winners)
     except PerftestError as exc:
         err.write(f"warning: {exc}; the JSON report holds every result\n")
-    if comparison is not None and comparison.regressions:
-        err.write(f"{TOOL_NAME}: {regression_message(comparison)}\n")
-        return code or RegressionFound.exit_code
-    return code
+    if comparison is None:
+        return code
+    return regression_gate(comparison, code, err, f"{TOOL_NAME}: ")
+
+
+def regression_gate(comparison: Comparison, code: int, err: Any, prefix: str) -> int:
+    """The regression exit of both compare and --baseline: past a threshold,
+    one stderr line names each regression and the exit is REGRESSION, unless
+    an earlier code stands (a failed model, an interrupt)."""
+    if not comparison.regressions:
+        return code
+    err.write(f"{prefix}{one_line(regression_message(comparison))}\n")  # names from a file
+    return code or ExitCode.REGRESSION
 
 
 def _compare_epilog() -> str:
@@ -5110,7 +5239,7 @@ def load_history(paths: Sequence[Path]) -> list[HistoryRun]:
 
 def history_main(argv: Sequence[str], out: Any, err: Any) -> int:
     """history REPORT.json... | DIR: the trends on stdout (or the export named
-    '-'); exit 3 (RegressionFound) with --fail-on-change while one stands."""
+    '-'); exit REGRESSION with --fail-on-change while one stands."""
     args = build_history_parser().parse_args(list(argv))
     _, exports = check_output_options(args)
     runs = load_history(args.reports)
@@ -5133,8 +5262,9 @@ def history_main(argv: Sequence[str], out: Any, err: Any) -> int:
     if args.fail_on_change and history.standing:
         worst = "; ".join(f"{t.model} {t.scenario} {t.metric} {fmt_change(t.standing.change_pct)}"
                           for t in history.standing if t.standing)
-        raise RegressionFound(f"a regression stands: {worst}")
-    return 0
+        err.write(f"{TOOL_NAME}: error: {one_line(f'a regression stands: {worst}')}\n")
+        return ExitCode.REGRESSION
+    return ExitCode.OK
 
 
 def _last_log_line(watch: DockerWatch) -> Callable[[], str | None]:
@@ -5147,22 +5277,26 @@ def _last_log_line(watch: DockerWatch) -> Callable[[], str | None]:
 
 
 async def measure_model(plan: Plan, result: ModelResult, events: Events, *,
-                        watch: DockerWatch | None = None, t_up: float | None = None) -> None:
-    """Wait for the server (when we started it, at monotonic time `t_up`),
-    then benchmark the model."""
+                        service: RunningService | None = None, clock: Clock = time.perf_counter,
+                        sleep: Sleep = asyncio.sleep) -> None:
+    """Wait for the server (when we started it: `service`, on the same
+    `clock`), then benchmark the model; every wait goes through `sleep`."""
     cfg = plan.cfg
     streams = max(cfg.concurrency, default=1)
+    watch = service.watch if service else None
     async with http_client(plan.base_url, plan.api_key, cfg.request_timeout_s, streams) as client:
         check_alive = watch.check_alive if watch else None
-        if watch is not None:
+        if service is not None and watch is not None:
             await wait_until_ready(client, result.spec, cfg.health_timeout_s, events,
-                                   check_alive=check_alive, last_log=_last_log_line(watch))
-            load_s = time.monotonic() - (t_up if t_up is not None else time.monotonic())
+                                   check_alive=check_alive, last_log=_last_log_line(watch),
+                                   clock=clock, sleep=sleep)
+            load_s = clock() - service.started_s
             result.lifecycle = dataclasses.replace(result.lifecycle, load_s=round(load_s, 2))
             events.info(f"{result.spec.name}: healthy after {load_s:.1f} s")
         with PowerSampler() as power:
             try:
-                await benchmark_model(client, result, cfg, events, check_alive=check_alive)
+                await benchmark_model(client, result, cfg, events, check_alive=check_alive,
+                                      clock=clock, sleep=sleep)
             finally:
                 tokens = sum(s.tokens_out or 0 for sr in result.scenarios for s in sr.samples if s.ok)
                 if (summary := power.summary(tokens)) is not None:
@@ -5176,57 +5310,24 @@ def inference_services(plan: Plan) -> list[str]:
     return [m.service for m in plan.table if m.service and m.service in services]
 
 
-def free_port(plan: Plan, compose: Compose, watch: DockerWatch, events: Events,
-              sleep: Callable[[float], None] = time.sleep) -> None:
-    """Before starting a model: if the port answers, name its holder and stop
-    it only when it is one of this compose file's inference services."""
-    port = plan.cfg.port
-    if not port_in_use(port):
+def run_model(plan: Plan, result: ModelResult, events: Events,
+              services: ServiceLifecycle | None, *, sleep: Sleep = asyncio.sleep) -> None:
+    """One model's whole life: start, measure, and always stop what we started
+    (on the lifecycle's clock; every wait of the measurement through `sleep`)."""
+    if services is None:
+        run_async(measure_model(plan, result, events, sleep=sleep))
         return
-    holder = who_holds_port(port, watch.client, compose.file.project, inference_services(plan))
-    if holder.kind != "inference":
-        raise ModelFailed(f"port {port} is already in use by {holder.description}: stop it, "
-                          "or publish the services on another port and pass --port")
-    events.info(f"port {port} is held by {holder.description}: stopping it")
-    compose.stop([holder.service])  # type: ignore[list-item]
-    for _ in range(60):
-        if not port_in_use(port):
-            return
-        sleep(0.5)
-    raise ModelFailed(f"port {port} still in use after stopping {holder.service}")
-
-
-def run_model(plan: Plan, result: ModelResult, events: Events, compose: Compose | None,
-              signals: SignalGuard) -> None:
-    """One model's whole life: start, measure, and always stop what we started."""
-    if compose is None:
-        run_async(measure_model(plan, result, events))
-        return
-    service = result.spec.service
-    assert service is not None
-    watch = DockerWatch(compose.file.project, service)
-    free_port(plan, compose, watch, events)
-    events.info(f"{result.spec.name}: starting {service}")
-    t_up = time.monotonic()  # the load time runs from here to healthy
-    try:
-        compose.up(service)  # inside try: an interrupt during `up` still stops it
-        with contextlib.suppress(Exception):
-            result.lifecycle = watch.image()
-        result.lifecycle = dataclasses.replace(result.lifecycle, service=service)
-        run_async(measure_model(plan, result, events, watch=watch, t_up=t_up))
-    finally:
-        with signals.held():
-            try:
-                compose.stop([service])
-                events.info(f"{result.spec.name}: stopped {service}")
-            except PerftestError as exc:
-                events.info(f"{result.spec.name}: could not stop {service}: {exc} "
-                            f"(stop it by hand: docker compose stop {service})")
+    assert result.spec.service is not None
+    with services.running(result.spec.name, result.spec.service) as service:
+        result.lifecycle = service.lifecycle
+        run_async(measure_model(plan, result, events, service=service, clock=services.clock,
+                                sleep=sleep))
 
 
 def run_benchmark(plan: Plan, out: Any, err: Any, *, styled: bool = False,
                   err_tty: bool = False) -> int:
-    """The main job: every selected model in turn; exit 0, 1, 3, 130 or 143."""
+    """The main job: every selected model in turn; exit OK, FAILED, REGRESSION,
+    INTERRUPTED or TERMINATED (ExitCode)."""
     out, stdout = (err, out) if plan.exports.to_stdout else (out, out)  # '-' export owns stdout
     report_dir = prepare_report_dir(plan.report_dir)
     started = _now()
@@ -5235,26 +5336,22 @@ def run_benchmark(plan: Plan, out: Any, err: Any, *, styled: bool = False,
     files = ReportFiles(report_dir, report_stem(started), err)
     events = ConsoleEvents(err, err_tty, on_scenario=lambda: files.save_json(report))
     signals = SignalGuard()
-    compose = None
+    services = None
     if plan.compose is not None:
         compose = Compose(plan.compose, find_compose_command())
         docker_client()  # a clear error now if the daemon is down
         events.info(f"using {compose.version_label} with {plan.compose.path}")
         report.environment = dataclasses.replace(report.environment, compose=compose.version_label)
-    code = 0
+        services = ServiceLifecycle(compose, inference_services(plan), plan.cfg.port, events.info,
+                                    hold=signals.held)
+    code: int = ExitCode.OK
     signals.install()
     try:
-        if compose is not None:
-            running = compose.running(inference_services(plan))
-            if running:
-                events.info(f"stopping running inference services first: {', '.join(running)}")
-                with signals.held():
-                    compose.stop(running)
         for mr in report.models:
             mr.status = "running"
             events.info(f"=== {mr.spec.name} ({mr.spec.model_id})")
             try:
-                run_model(plan, mr, events, compose, signals)
+                run_model(plan, mr, events, services)
                 mr.status = "ok"
             except ModelFailed as exc:
                 mr.status, mr.error, mr.failure = "failed", str(exc), exc.details
@@ -5263,7 +5360,7 @@ def run_benchmark(plan: Plan, out: Any, err: Any, *, styled: bool = False,
                 mr.status, mr.error = "failed", str(exc)
                 events.info(f"{mr.spec.name}: FAILED: {exc}")
             files.save_json(report)
-        code = 1 if any(m.status == "failed" for m in report.models) else 0
+        code = ExitCode.FAILED if any(m.status == "failed" for m in report.models) else ExitCode.OK
     except (KeyboardInterrupt, Interrupted) as exc:
         signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
         report.interrupted = signal.Signals(signum).name
@@ -5272,7 +5369,7 @@ def run_benchmark(plan: Plan, out: Any, err: Any, *, styled: bool = False,
                 mr.status, mr.error = "interrupted", f"interrupted by {report.interrupted}"
             elif mr.status == "pending":
                 mr.status = "skipped"
-        code = 130 if signum == signal.SIGINT else 143
+        code = interrupted_exit_code(exc)
     finally:
         winners: Sequence[ScenarioWinners] | None = None  # ranked once the run is over
         try:
@@ -5291,7 +5388,7 @@ def run_benchmark(plan: Plan, out: Any, err: Any, *, styled: bool = False,
             # A signal held back while the report was written: the report is
             # complete, so exit as interrupted (a first signal's code stands).
             if not report.interrupted:
-                code = 143 if isinstance(exc, Interrupted) else 130
+                code = interrupted_exit_code(exc)
         finally:
             signals.restore()
     return finish_run(plan, report, code, out=out, stdout=stdout, err=err, styled=styled,
@@ -5315,12 +5412,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except (KeyboardInterrupt, Interrupted) as exc:  # before the run started, or a second signal
         err.write("perftest-models: interrupted\n")
-        return 143 if isinstance(exc, Interrupted) else 130
+        return interrupted_exit_code(exc)
 
 
 def compare_main(argv: Sequence[str], out: Any, err: Any) -> int:
     """compare BASELINE CANDIDATE: a table per scenario on stdout (or the
-    export named '-'); exit 0, or 3 (RegressionFound) past a threshold."""
+    export named '-'); exit OK, or REGRESSION past a threshold."""
     args = build_compare_parser().parse_args(list(argv))
     _, exports = check_output_options(args)
     baseline = load_report(args.baseline_report, "baseline")
@@ -5334,9 +5431,7 @@ def compare_main(argv: Sequence[str], out: Any, err: Any) -> int:
     text_out.flush()
     write_exports(exports, candidate, out, err, comparison=comparison, labels=labels,
                   baseline=baseline, compare_only=True)
-    if comparison.regressions:
-        raise RegressionFound(regression_message(comparison))
-    return 0
+    return regression_gate(comparison, ExitCode.OK, err, f"{TOOL_NAME}: error: ")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -242,6 +244,46 @@ def test_compose_commands_are_argv_lists_with_file_and_project(tmp_path):
                             base + ["stop", "vllm-a"]]
 
 
+class NoContainers:
+    """A Docker client that finds no container (the containers are not real here)."""
+
+    class containers:  # noqa: N801 (the SDK's attribute name)
+        @staticmethod
+        def list(**kwargs):
+            return []
+
+
+def test_the_service_lifecycle_stops_leftovers_once_and_always_stops_what_it_started(tmp_path):
+    path = tmp_path / "docker-compose.yml"
+    path.write_text("name: b\nservices:\n  vllm-a: {image: x}\n  vllm-b: {image: x}\n")
+    runner = FakeRunner(stdout="vllm-b\n")  # vllm-b was left running by an earlier run
+    said, held = [], []
+
+    @contextlib.contextmanager
+    def hold():
+        held.append(len(runner.calls))
+        yield
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    services = pm.ServiceLifecycle(pm.Compose(pm.load_compose_file(path), ("docker", "compose"),
+                                              runner), ["vllm-a", "vllm-b"], port, said.append,
+                                   hold=hold, clock=lambda: 7.0, docker=NoContainers())
+    with services.running("a", "vllm-a") as svc:
+        assert (svc.service, svc.started_s, svc.lifecycle) == ("vllm-a", 7.0, pm.Lifecycle(service="vllm-a"))
+    with pytest.raises(KeyboardInterrupt), services.running("a", "vllm-a"):
+        raise KeyboardInterrupt
+    base = ["docker", "compose", "-f", str(path), "-p", "b"]
+    assert runner.calls == [base + ["ps", "--services", "--filter", "status=running"],
+                            base + ["stop", "vllm-b"],
+                            base + ["up", "-d", "vllm-a"], base + ["stop", "vllm-a"],
+                            base + ["up", "-d", "vllm-a"], base + ["stop", "vllm-a"]]
+    assert held == [1, 3, 5]  # every stop under the hold against a second signal
+    assert said == ["stopping running inference services first: vllm-b",
+                    "a: starting vllm-a", "a: stopped vllm-a", "a: starting vllm-a", "a: stopped vllm-a"]
+
+
 def test_a_daemon_that_is_down_becomes_advice(tmp_path):
     path = tmp_path / "c.yml"
     path.write_text("services:\n  a: {image: x}\n")
@@ -287,3 +329,20 @@ def test_a_tiny_context_still_gets_a_positive_throughput_prompt():
     (level,) = [s for s in pm.plan_scenarios(pm.RunConfig(context_sizes=(), concurrency=(2,)), spec)
                 if s.kind == "throughput"]
     assert level.target_tokens_in == 1
+
+
+def test_the_inline_script_metadata_matches_pyproject():
+    # PEP 723: `uv run perftest_models.py` / `pipx run` read this block from the
+    # copied file; it must ask for what pyproject.toml installs.
+    import re
+    import tomllib
+
+    text = (ROOT / "perftest_models.py").read_text(encoding="utf-8")
+    pep723 = r"(?m)^# /// (?P<type>[a-zA-Z0-9-]+)$\s(?P<content>(^#(| .*)$\s)+)^# ///$"
+    blocks = list(re.finditer(pep723, text))
+    assert [b.group("type") for b in blocks] == ["script"]
+    script = tomllib.loads("".join(line[2:] if line.startswith("# ") else line[1:]
+                                   for line in blocks[0].group("content").splitlines(keepends=True)))
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    assert script == {"requires-python": project["requires-python"],
+                      "dependencies": project["dependencies"]}

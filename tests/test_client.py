@@ -14,11 +14,23 @@ def run(coro):
     return asyncio.run(coro)
 
 
-async def one_request(srv, tokens_out=20, kwargs=None, nonce="n1", api_key=None):
+async def one_request(srv, tokens_out=20, kwargs=None, nonce="n1", api_key=None,
+                      sleep=asyncio.sleep):
     async with pm.http_client(srv.base_url, api_key, 30.0) as client:
         payload = pm.chat_payload(srv.config.model, pm.latency_messages(nonce), tokens_out, 0.7,
                                   kwargs, nonce)
-        return await pm.send_chat(client, payload, tokens_out, retry_wait_s=0.05)
+        return await pm.send_chat(client, payload, tokens_out, retry_wait_s=0.05, sleep=sleep)
+
+
+class VirtualSleep:
+    """asyncio.sleep on virtual time: records what was asked, waits for nothing."""
+
+    def __init__(self):
+        self.asked = []
+
+    async def __call__(self, seconds):
+        self.asked.append(seconds)
+        await asyncio.sleep(0)
 
 
 def test_ttft_over_a_real_socket_matches_the_servers_own_first_token(standin):
@@ -69,8 +81,10 @@ def test_the_api_key_is_sent_as_a_bearer_token(standin):
 @pytest.mark.parametrize("fault", ["http_429", "http_503"])
 def test_a_refused_request_is_retried_and_the_retry_is_counted(standin, fault):
     srv = standin(faults=[fault])
-    s = run(one_request(srv))
+    sleep = VirtualSleep()  # the 429's Retry-After: 1 is waited on virtual time
+    s = run(one_request(srv, sleep=sleep))
     assert s.ok and s.retries == 1
+    assert sleep.asked == [1.0 if fault == "http_429" else 0.05]  # Retry-After, else ours
 
 
 def test_a_server_error_is_a_failed_sample_not_a_retry(standin):

@@ -563,3 +563,24 @@ def test_help_imports_neither_matplotlib_nor_the_network_and_docker_libraries():
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                           check=True)
     assert proc.stdout == "[]\n"
+
+
+def test_every_exit_code_has_one_name_and_the_help_lists_each():
+    assert {c.name: int(c) for c in pm.ExitCode} == {
+        "OK": 0, "FAILED": 1, "USAGE": 2, "REGRESSION": 3, "INTERRUPTED": 130, "TERMINATED": 143}
+    listed = pm.__doc__.split("exit codes:")[1]
+    assert all(f"{int(c)} " in listed for c in pm.ExitCode)
+    assert pm.UsageError.exit_code == pm.ExitCode.USAGE and pm.SetupError.exit_code == pm.ExitCode.FAILED
+
+
+def test_the_regression_gate_of_both_paths_keeps_an_earlier_code_and_names_each_regression():
+    comparison = pm.compare_reports(pm.load_report(BASE), pm.load_report(CAND),
+                                    pm.effective_thresholds({}))
+    err = io.StringIO()
+    assert pm.regression_gate(comparison, pm.ExitCode.OK, err, "x: ") == pm.ExitCode.REGRESSION
+    assert err.getvalue() == f"x: {pm.regression_message(comparison)}\n"
+    for code in (pm.ExitCode.FAILED, pm.ExitCode.INTERRUPTED, pm.ExitCode.TERMINATED):
+        assert pm.regression_gate(comparison, code, io.StringIO(), "") == code
+    same = pm.compare_reports(pm.load_report(BASE), pm.load_report(BASE), pm.effective_thresholds({}))
+    err = io.StringIO()
+    assert pm.regression_gate(same, pm.ExitCode.OK, err, "x: ") == pm.ExitCode.OK and err.getvalue() == ""

@@ -10,6 +10,11 @@ import pytest
 import perftest_models as pm
 
 
+def split_sse(reads):
+    """The SSE payloads as text: pm.sse_payloads decoded (these tests compare text)."""
+    return [(t, data.decode("utf-8", "replace")) for t, data in pm.sse_payloads(reads)]
+
+
 def chunk(content=None, *, role=None, reasoning=None, finish=None, usage=None, choices=True):
     delta = {}
     if role is not None:
@@ -120,14 +125,14 @@ def test_ttft_counts_from_the_scheduled_time_when_the_client_was_late():
 def test_sse_events_split_across_reads_take_the_time_of_their_last_byte():
     raw = chunk(" a") + chunk(" b")
     reads = [(0.1, raw[:7]), (0.2, raw[7:30]), (0.3, raw[30:]), (0.4, DONE)]
-    events = pm.split_sse(reads)
+    events = split_sse(reads)
     assert [t for t, _ in events] == [0.3, 0.3, 0.4]
     assert json.loads(events[0][1])["choices"][0]["delta"]["content"] == " a"
 
 
 def test_crlf_framing_and_comments_are_understood():
     reads = [(0.1, b": keep-alive\r\n\r\ndata: {\"a\": 1}\r\n\r\n"), (0.2, b"data: [DONE]\r\n\r\n")]
-    assert pm.split_sse(reads) == [(0.1, '{"a": 1}'), (0.2, "[DONE]")]
+    assert split_sse(reads) == [(0.1, '{"a": 1}'), (0.2, "[DONE]")]
 
 
 def test_a_short_output_is_flagged_not_hidden():
