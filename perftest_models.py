@@ -19,6 +19,8 @@ examples:
   perftest_models.py --only qwen3-30b-a3b-fp8 --context-sizes 1k,8k
   perftest_models.py --endpoint http://127.0.0.1:8000 --concurrency 1,8
   perftest_models.py --iterations 5 --baseline docs/reports/baseline.json
+  perftest_models.py --iterations 5 --dry-run                  # the plan; nothing started
+  perftest_models.py --iterations 5 --resume docs/reports/model-comparison-....json
   perftest_models.py compare BASELINE.json CANDIDATE.json --threshold ttft_ms:10%,tps:5%
   perftest_models.py history docs/reports --fail-on-change   # trends, step changes
 
