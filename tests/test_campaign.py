@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import io
 import json
+import re
 
 import pytest
 
@@ -73,6 +74,39 @@ def test_a_model_kept_by_a_resume_takes_no_time():
     times = {"b": dataclasses.replace(TIMES, load_s=30.0)}
     est = pm.estimate_left(steps, pm.CampaignPosition(1), times, warmup_tokens=9, stop_s=4.0)
     assert est == pm.Estimate(30 + 1.5 + 3 + 17.625 + 4)
+
+
+def test_an_earlier_report_fills_in_what_this_run_has_not_measured_yet():
+    steps = pm.plan_campaign(CFG, SPECS[:2])
+    report = pm.Report(CFG, "t0", [pm.ModelResult(SPECS[0]), pm.ModelResult(SPECS[1])])
+    earlier = {"b": dataclasses.replace(TIMES, load_s=30.0), "a": pm.ModelTimes(load_s=99.0)}
+    progress = pm.CampaignProgress(steps, report, managed=False, history=earlier, clock=Clock())
+    progress.start_model(0)
+    planned = pm.plan_scenarios(CFG, SPECS[0])
+    samples = (ok_sample(), ok_sample())
+    report.models[0].scenarios.append(pm.ScenarioResult(planned[0], samples,
+                                                        pm.summarize_samples(samples)))
+    report.models[0].lifecycle = pm.Lifecycle(load_s=12.0)
+    times = progress.times()
+    assert times["b"] == earlier["b"]
+    assert times["a"] == pm.ModelTimes(12.0, TIMES.points * 2)  # this run's own, not the report's
+    # a: warm-up 1.5, latency 2 x 1.5, context 2 x 8.8125; b the same: nothing unknown
+    assert progress.estimate() == pm.Estimate(2 * (1.5 + 3 + 17.625))
+
+
+def test_estimate_from_takes_only_models_of_the_same_id(standin, report_dir, capsys):
+    srv = standin(itl_s=0.0005)
+    argv = ["--endpoint", srv.base_url, "--iterations", "1", "--context-sizes", "1k",
+            "--report-dir", str(report_dir)]
+    assert pm.main(argv) == 0
+    (path,) = report_dir.glob("*.json")
+    plan = pm.make_plan(pm.build_parser().parse_args([*argv, "--estimate-from", str(path)]))
+    assert set(plan.history) == {"standin"} and len(plan.history["standin"].points) == 2
+    data = json.loads(path.read_text())
+    data["models"][0]["model_id"] = "another-model"
+    path.write_text(json.dumps(data))
+    plan = pm.make_plan(pm.build_parser().parse_args([*argv, "--estimate-from", str(path)]))
+    assert plan.history == {}
 
 
 def test_the_progress_line_gives_position_elapsed_and_time_left():
@@ -313,6 +347,7 @@ def test_an_endpoint_run_resumes_where_it_was_cut_and_updates_its_report(standin
         ["latency", "context-1k"], ["context-2k"]]
     assert all(p["environment"]["host"] for p in done["parts"]) and done["parts"][1]["finished_at"]
     assert "run in 2 parts:" in out
+    assert re.search(r"wall time per model:\n    standin: [\d.]+ s \(measure [\d.]+ s\)", out)
 
 
 def test_a_resume_with_other_iterations_is_refused_before_anything_starts(standin, report_dir,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -306,6 +307,8 @@ def test_a_campaign_cut_in_its_second_model_resumes_without_measuring_anything_t
     assert again.returncode == 0, again.stderr
     assert "model-a (service svc-a): kept as measured (ok, 2 scenario(s)): not started" in again.stderr
     assert "    latency: kept as measured" in again.stderr
+    assert re.search(r"model-b: [\d.]+ s \(load [\d.]+ s, measure [\d.]+ s, stop [\d.]+ s\)",
+                     again.stdout), again.stdout  # the summary's wall time per model
     started = container_events(r.project, since, until)
     assert all(service != "svc-a" for _, service in started), started  # never started again
     assert ("start", "svc-slow") in started and ("start", "svc-b") in started
