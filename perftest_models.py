@@ -4447,7 +4447,8 @@ def format_markdown(report: Report, comparison: Comparison | None = None,
     if comparison is not None:
         parts.append(format_comparison_markdown(comparison, labels or ("baseline", "candidate")))
     for sw in winners:
-        t = scenario_table(report.models, sw, report.config.bandwidth_gbs)
+        t = mark_flagged(scenario_table(report.models, sw, report.config.bandwidth_gbs),
+                         flagged_models(report))  # results of a part run elsewhere
         parts.append(f"### {t.title}\n\n{markdown_table(t.headers, t.rows)}"
                      + (f"\n{_md_notes(t.notes)}" if t.notes else ""))
     parts.append("### Models\n\n" + "".join(f"- {_md_cell(_status_line(mr))}\n"
@@ -4757,7 +4758,8 @@ def format_html(report: Report, charts: Mapping[str, bytes], comparison: Compari
                      f"<figcaption>{escape(title)}</figcaption></figure>")
     parts.append("<h2>Results</h2>")
     for sw in winners:
-        t = scenario_table(report.models, sw, report.config.bandwidth_gbs)
+        t = mark_flagged(scenario_table(report.models, sw, report.config.bandwidth_gbs),
+                         flagged_models(report))  # results of a part run elsewhere
         parts.append(f"<h3>{escape(t.title)}</h3>")
         parts.append(_html_table(t.headers, t.rows) + _html_notes(t.notes))
     parts.append("<h2>Models</h2>")

@@ -292,6 +292,7 @@ def test_results_from_a_part_whose_environment_differs_are_flagged_where_shown()
     assert "| b (p)" in text and "| c (p)" in text and "| a " in text and "| a (p)" not in text
     assert "(p) b: latency, context-1k measured in part 2 of the run" in text
     assert "ENVIRONMENT DIFFERS: gpu GPU-1 -> GPU-2; c vLLM 0.9 -> 0.10" in text
+    assert "| b (p) |" in pm.format_markdown(report)  # every output that shows the tables
     report.parts[1] = dataclasses.replace(report.parts[1], environment=pm.Environment(gpu="GPU-1"), models={
         "b": pm.PartModel(("latency",), "0.9")})
     assert pm.part_differences(report) == {} and "(p)" not in pm.format_results(report)
