@@ -338,6 +338,9 @@ def test_an_endpoint_run_resumes_where_it_was_cut_and_updates_its_report(standin
     cut["finished_at"] = cut["parts"][0]["finished_at"] = None
     path.write_text(json.dumps(cut))
     before = len(streamed(srv))
+    rc, _, err = run_main([*argv, "--resume", str(path), "--dry-run"], capsys)
+    assert rc == 0 and "latency: kept as measured" in err and "nothing started" in err
+    assert len(streamed(srv)) == before and json.loads(path.read_text()) == cut
     rc, out, err = run_main([*argv, "--resume", str(path)], capsys)
     assert rc == 0, err
     assert "latency: kept as measured" in err and "context-2k: 2000 tokens in" in err
