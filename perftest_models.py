@@ -29,6 +29,8 @@ examples:
   perftest_models.py --only qwen3-30b-a3b-fp8 --context-sizes 1k,8k
   perftest_models.py --endpoint http://127.0.0.1:8000 --concurrency 1,8
   perftest_models.py --iterations 5 --baseline docs/reports/baseline.json
+  perftest_models.py --iterations 5 --dry-run                  # the plan; nothing started
+  perftest_models.py --iterations 5 --resume docs/reports/model-comparison-....json
   perftest_models.py compare BASELINE.json CANDIDATE.json --threshold ttft_ms:10%,tps:5%
   perftest_models.py history docs/reports --fail-on-change   # trends, step changes
 
@@ -69,6 +71,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
 import datetime as dt
 import enum
@@ -598,6 +601,32 @@ class Report:
     environment: Environment = field(default_factory=Environment)
     finished_at: str | None = None
     interrupted: str | None = None
+    parts: list[RunPart] = field(default_factory=list)  # one per start (--resume adds one)
+
+
+@dataclass(frozen=True)
+class PartModel:
+    """What one part of a run did with one model: the scenarios it completed,
+    what served them, and the wall time of each phase (None: not in this part)."""
+
+    scenarios: tuple[str, ...] = ()
+    vllm: str | None = None
+    image: str | None = None  # repo digest, else image id
+    load_s: float | None = None
+    measure_s: float | None = None
+    stop_s: float | None = None
+
+
+@dataclass(frozen=True)
+class RunPart:
+    """One start of a run: a first run is one part, each --resume adds one.
+    `environment` is collect_environment()'s (host, GPU, Compose)."""
+
+    started_at: str
+    finished_at: str | None = None
+    interrupted: str | None = None
+    environment: Environment = field(default_factory=Environment)
+    models: Mapping[str, PartModel] = field(default_factory=dict)
 
 
 def parse_token_count(text: str) -> int:
@@ -1840,6 +1869,10 @@ def _body_stream_class() -> type:
 
 
 StreamObserver = Callable[[float, Sequence[Read], Sample], None]
+# Set by watch_live_reads: each stream's reads list is added here, once per
+# request, so that a ticker outside the streams can count them.
+_LIVE_READS: contextvars.ContextVar[list[list[Read]] | None] = contextvars.ContextVar(
+    "perftest_live_reads", default=None)
 RETRYABLE_STATUS = (429, 503)  # refused before any generation: safe to resend
 
 
@@ -1943,6 +1976,8 @@ async def stream_chat(client: Any, payload: bytes, target_tokens_out: int | None
         request = client.build_request("POST", "/v1/chat/completions", content=payload,
                                        headers={"Content-Type": "application/json"})
         reads: list[Read] = []
+        if (live := _LIVE_READS.get()) is not None:
+            live.append(reads)
         t_sent = clock()
         retry_in_s: float | None = None  # refused before anything was generated: resend
         try:
@@ -2446,6 +2481,251 @@ def plan_scenarios(cfg: RunConfig, spec: ModelSpec) -> list[Scenario]:
     return plan
 
 
+# --- A campaign: the plan, a resume, the time left (pure) -------------------
+
+# The options that decide the numbers: a resumed run must have the report's.
+# Options named slo* (service-level objectives) count too, when present.
+DECIDING_CONFIG = ("models", "iterations", "context_sizes", "concurrency", "throughput_requests",
+                   "throughput_tokens_in", "throughput_tokens_out", "latency_tokens_out",
+                   "context_tokens_out", "warmup_tokens", "temperature", "hardware",
+                   "bandwidth_gbs")
+
+
+@dataclass(frozen=True)
+class CampaignStep:
+    """One model of a campaign: the scenarios still to measure, and those a
+    previous part measured completely (kept exactly, never run again).
+    `keep_whole`: nothing left to run, so its service is not even started."""
+
+    spec: ModelSpec
+    to_run: tuple[Scenario, ...]
+    kept: tuple[ScenarioResult, ...] = ()
+    previous: ModelResult | None = None
+
+    @property
+    def keep_whole(self) -> bool:
+        return not self.to_run
+
+
+def plan_campaign(cfg: RunConfig, models: Sequence[ModelSpec]) -> tuple[CampaignStep, ...]:
+    return tuple(CampaignStep(m, tuple(plan_scenarios(cfg, m))) for m in models)
+
+
+def _plain(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))  # tuples as lists, as in the JSON
+
+
+def config_differences(old: Report, cfg: RunConfig, models: Sequence[ModelSpec]) -> list[str]:
+    """What differs between a report's configuration and this run's, among
+    what decides the numbers (DECIDING_CONFIG, SLOs, each model's id and
+    context); empty when a resume may continue it."""
+    was, now = _plain(dataclasses.asdict(old.config)), _plain(dataclasses.asdict(cfg))
+    keys = [*DECIDING_CONFIG, *sorted(k for k in {*was, *now} if k.startswith("slo"))]
+    diffs = [f"{key}: report {was.get(key)!r}, now {now.get(key)!r}"
+             for key in keys if was.get(key) != now.get(key)]
+    before = {mr.spec.name: mr.spec for mr in old.models}
+    for m in models:
+        b = before.get(m.name)
+        for key in ("model_id", "max_context_tokens"):
+            if b is not None and getattr(b, key) != getattr(m, key):
+                diffs.append(f"{m.name} {key}: report {getattr(b, key)!r}, now {getattr(m, key)!r}")
+    return diffs
+
+
+def completed_in_parts(report: Report) -> dict[str, set[str]]:
+    """model -> the scenarios some part of the run recorded as complete."""
+    done: dict[str, set[str]] = {}
+    for part in report.parts:
+        for name, pm in part.models.items():
+            done.setdefault(name, set()).update(pm.scenarios)
+    return done
+
+
+def scenario_complete(sr: ScenarioResult, planned: Scenario, mr: ModelResult,
+                      completed: set[str] | None) -> bool:
+    """A scenario is kept only when it is the planned one, holds all its
+    requests, and its part recorded it as complete (a report without parts:
+    an interrupted model's last scenario may have been cut short)."""
+    if sr.scenario != planned or len(sr.samples) != planned.requests:
+        return False
+    if completed is not None:
+        return planned.name in completed
+    return not (mr.status in ("interrupted", "running") and sr is mr.scenarios[-1])
+
+
+def plan_resume(old: Report, cfg: RunConfig, models: Sequence[ModelSpec],
+                rerun_failed: bool = False) -> tuple[CampaignStep, ...]:
+    """Old report + this plan -> what to keep and what to run, per model.
+
+    A model that finished (ok, or failed without --rerun-failed) is kept
+    whole; otherwise its complete scenarios are kept and the rest (a scenario
+    cut short included, whole) run again."""
+    by_name = {mr.spec.name: mr for mr in old.models}
+    completed = completed_in_parts(old) if old.parts else None
+    steps = []
+    for spec in models:
+        planned = plan_scenarios(cfg, spec)
+        mr = by_name.get(spec.name)
+        if mr is None:
+            steps.append(CampaignStep(spec, tuple(planned)))
+            continue
+        if mr.status == "failed" and not rerun_failed:
+            steps.append(CampaignStep(spec, (), tuple(mr.scenarios), mr))
+            continue
+        have = {sr.scenario.name: sr for sr in mr.scenarios}
+        done = None if completed is None else completed.get(spec.name, set())
+        kept = tuple(have[s.name] for s in planned
+                     if s.name in have and scenario_complete(have[s.name], s, mr, done))
+        kept_names = {sr.scenario.name for sr in kept}
+        to_run = tuple(s for s in planned if s.name not in kept_names)
+        steps.append(CampaignStep(spec, to_run, kept, mr))
+    return tuple(steps)
+
+
+def resumed_result(step: CampaignStep) -> ModelResult:
+    """The ModelResult a resumed run starts a model from: a model kept whole
+    exactly as it was (an interrupted one with nothing left is ok now); else
+    its kept scenarios, and what the previous part learnt of the server
+    (replaced as soon as the service starts again)."""
+    prev = step.previous
+    if prev is None:
+        return ModelResult(step.spec)
+    if step.keep_whole:
+        if prev.status == "failed":
+            return prev
+        return dataclasses.replace(prev, status="ok", error=None, failure=None)
+    return ModelResult(step.spec, server=prev.server, lifecycle=prev.lifecycle,
+                       scenarios=list(step.kept))
+
+
+@dataclass(frozen=True)
+class ModelTimes:
+    """What was measured of one model, for estimates (seconds).
+    `points`: (tokens in, tokens out, TTFT, total) of each ok request;
+    `levels`: (concurrency, output tokens/s) of each throughput level."""
+
+    load_s: float | None = None
+    points: tuple[tuple[int, int, float, float], ...] = ()
+    levels: tuple[tuple[int, float], ...] = ()
+
+
+def model_times(mr: ModelResult) -> ModelTimes:
+    points, levels = [], []
+    for sr in mr.scenarios:
+        if sr.scenario.kind == "throughput":
+            tps = sr.aggregate.output_tps if sr.aggregate else None
+            if isinstance(tps, (int, float)) and tps > 0:
+                levels.append((sr.scenario.concurrency, float(tps)))
+            continue
+        points.extend((s.tokens_in, s.tokens_out, s.ttft_ms / 1000, s.total_s)
+                      for s in sr.samples if s.ok and s.tokens_in and s.tokens_out
+                      and s.ttft_ms is not None and s.total_s is not None)
+    load = mr.lifecycle.load_s
+    return ModelTimes(float(load) if isinstance(load, (int, float)) else None,
+                      tuple(points), tuple(levels))
+
+
+LATENCY_PROMPT_TOKENS = 60  # about what the latency prompt is, with its chat template
+
+
+def request_estimate_s(t: ModelTimes, tokens_in: int | None, tokens_out: int) -> float | None:
+    """One request's time from this model's measured requests: the TTFT of
+    the nearest measured input size plus the extra input at the best measured
+    prefill rate, then the median time per output token; None before any."""
+    decode = [(total - ttft) / (tout - 1) for _, tout, ttft, total in t.points if tout > 1]
+    if not decode:
+        return None
+    tin = tokens_in or LATENCY_PROMPT_TOKENS
+    near = min(t.points, key=lambda p: abs(p[0] - tin))
+    rate = max(p[0] / p[2] for p in t.points if p[2] > 0) if any(p[2] > 0 for p in t.points) else None
+    extra = (tin - near[0]) / rate if rate and tin > near[0] else 0.0
+    return near[2] + extra + max(0, tokens_out - 1) * statistics.median(decode)
+
+
+def scenario_estimate_s(t: ModelTimes, s: Scenario) -> float | None:
+    """A scenario's time; a throughput level only from a measured level of at
+    most as many streams (its rate: more streams go no slower in sum)."""
+    if s.kind != "throughput" or s.concurrency == 1:
+        one = request_estimate_s(t, s.target_tokens_in, s.target_tokens_out)
+        return None if one is None else one * s.requests
+    rates = [tps for c, tps in t.levels if c <= s.concurrency]
+    if not rates:
+        return None
+    return s.requests * s.target_tokens_out / max(rates)
+
+
+@dataclass(frozen=True)
+class CampaignPosition:
+    """Where a campaign is: the model (index into the steps), its phase
+    ("load" | "measure" | "stop"), the scenario (index into the step's
+    to_run; -1 in the warm-up), requests done in it, and how long the phase,
+    the scenario and the current request have run (seconds)."""
+
+    model: int
+    phase: str = "load"
+    scenario: int = -1
+    requests_done: int = 0
+    phase_s: float = 0.0
+    scenario_s: float = 0.0
+    request_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class Estimate:
+    known_s: float
+    unknown: tuple[tuple[str, str], ...] = ()  # (model, what) not estimated yet
+
+
+def estimate_left(steps: Sequence[CampaignStep], pos: CampaignPosition,
+                  times: Mapping[str, ModelTimes], *, warmup_tokens: int = WARMUP_TOKENS,
+                  stop_s: float | None = None, managed: bool = True) -> Estimate:
+    """The time left from `pos` to the end (pure): what is measured of each
+    model (`times`, from this run and --estimate-from) and the mean stop time
+    measured so far (`stop_s`); what has no measurement is named in
+    `unknown`, never guessed. `managed`: the tool starts and stops services."""
+    known, unknown = 0.0, []
+
+    def add(value: float | None, what: str, ran_s: float = 0.0) -> None:
+        nonlocal known
+        if value is None:
+            unknown.append((name, what))
+        else:
+            known += max(0.0, value - ran_s)
+
+    for i in range(pos.model, len(steps)):
+        step, now = steps[i], i == pos.model
+        if step.keep_whole:
+            continue
+        t = times.get(step.spec.name, ModelTimes())
+        name, phase = step.spec.name, pos.phase if now else "load"
+        if managed and phase == "load":
+            add(t.load_s, "load", pos.phase_s if now else 0.0)
+        if phase in ("load", "measure"):
+            if not now or pos.scenario < 0:
+                add(request_estimate_s(t, None, warmup_tokens), "warm-up")
+            first = pos.scenario if now and phase == "measure" and pos.scenario >= 0 else 0
+            for j in range(first, len(step.to_run)):
+                s = step.to_run[j]
+                if now and j == pos.scenario and phase == "measure":
+                    add(_scenario_left_s(t, s, pos), s.name)
+                else:
+                    add(scenario_estimate_s(t, s), s.name)
+        if managed:
+            add(stop_s, "stop", pos.phase_s if now and phase == "stop" else 0.0)
+    return Estimate(known, tuple(unknown))
+
+
+def _scenario_left_s(t: ModelTimes, s: Scenario, pos: CampaignPosition) -> float | None:
+    if s.kind == "throughput" and s.concurrency > 1:
+        whole = scenario_estimate_s(t, s)
+        return None if whole is None else max(0.0, whole - pos.scenario_s)
+    one = request_estimate_s(t, s.target_tokens_in, s.target_tokens_out)
+    if one is None:
+        return None
+    left = s.requests - pos.requests_done
+    return max(0.0, left * one - pos.request_s) if left > 0 else 0.0
+
+
 class Events:
     """What the benchmark tells the command layer as it goes. The command
     layer decides what to print; this base class prints nothing (tests)."""
@@ -2454,6 +2734,12 @@ class Events:
     def waiting(self, model: str, elapsed_s: float, last_log: Callable[[], str | None]) -> None: ...
     def sample(self, model: str, scenario: Scenario, index: int, sample: Sample) -> None: ...
     def scenario_done(self, model: ModelResult, result: ScenarioResult) -> None: ...
+    # The campaign's position (progress and time left):
+    wants_live = False  # whether live() is wanted (watch_live_reads)
+    def model_started(self, index: int, spec: ModelSpec) -> None: ...
+    def phase(self, model: str, phase: str) -> None: ...  # load | measure | stop | done
+    def scenario_started(self, model: str, scenario: Scenario) -> None: ...
+    def live(self, tokens: int, rate_tps: float | None) -> None: ...
 
 
 async def wait_until_ready(client: Any, spec: ModelSpec, timeout_s: float, events: Events, *,
@@ -2770,8 +3056,12 @@ async def benchmark_model(client: Any, result: ModelResult, cfg: RunConfig, even
     await check_answers(client, result, cfg, events)
     builder = PromptBuilder(client, spec.model_id, spec.chat_template_kwargs)
     failures_left = cfg.max_failed_samples + 1
+    kept = {sr.scenario.name for sr in result.scenarios}  # by --resume: never measured twice
     for scenario in plan_scenarios(cfg, spec):
+        if scenario.name in kept:
+            continue
         events.info(f"{spec.name}: {describe_scenario(scenario)}")
+        events.scenario_started(spec.name, scenario)
         measured: list[Sample] = []
         try:
             sr = await run_scenario(client, spec, scenario, cfg, builder, events,
@@ -3019,7 +3309,27 @@ def report_to_dict(report: Report) -> dict[str, Any]:
         "config": dataclasses.asdict(report.config),
         "environment": record_to_dict(report.environment, ABSENT_IF_NONE[Environment]),
         "models": [model_to_dict(mr, report.config.bandwidth_gbs) for mr in report.models],
+        # each start of the run (--resume adds one); absent in a report from before parts
+        **({"parts": [part_to_dict(part) for part in report.parts]} if report.parts else {}),
     }
+
+
+def part_to_dict(part: RunPart) -> dict[str, Any]:
+    return {"started_at": part.started_at, "finished_at": part.finished_at,
+            "interrupted": part.interrupted,
+            "environment": record_to_dict(part.environment, ABSENT_IF_NONE[Environment]),
+            "models": {name: {**dataclasses.asdict(pm), "scenarios": list(pm.scenarios)}
+                       for name, pm in part.models.items()}}
+
+
+def part_from_dict(data: Mapping[str, Any]) -> RunPart:
+    models = {str(name): PartModel(**{**_known_fields(PartModel, pm),
+                                      "scenarios": tuple(map(str, pm.get("scenarios") or ()))})
+              for name, pm in (data.get("models") or {}).items()}
+    for name, pm in models.items():
+        _check_numbers(dataclasses.asdict(pm), ("load_s", "measure_s", "stop_s"), f"parts/{name}")
+    return RunPart(str(data["started_at"]), data.get("finished_at"), data.get("interrupted"),
+                   record_from_dict(Environment, data.get("environment") or {}), models)
 
 
 def _known_fields(cls: type, data: Mapping[str, Any]) -> dict[str, Any]:
@@ -3113,7 +3423,8 @@ def report_from_dict(data: Mapping[str, Any]) -> Report:
     return Report(RunConfig(**config), data["started_at"],
                   [model_from_dict(m) for m in data["models"]],
                   environment=record_from_dict(Environment, data.get("environment") or {}),
-                  finished_at=data.get("finished_at"), interrupted=data.get("interrupted"))
+                  finished_at=data.get("finished_at"), interrupted=data.get("interrupted"),
+                  parts=[part_from_dict(p) for p in data.get("parts") or ()])
 
 
 def load_report(path: Path, what: str = "report") -> Report:
@@ -3727,8 +4038,10 @@ def format_results(report: Report, styled: bool = False,
     if gpu:
         lines.append(f"gpu: {gpu}")
     parts = ["\n".join(lines), ""]
+    flags = flagged_models(report)
     for sw in winners:
-        parts.append(render_table(scenario_table(report.models, sw, cfg.bandwidth_gbs), styled))
+        table = scenario_table(report.models, sw, cfg.bandwidth_gbs)
+        parts.append(render_table(mark_flagged(table, flags), styled))
     for extra in (decode_detail_table(report.models), prefill_curve_table(report.models)):
         if extra is not None:
             parts.append(render_table(extra, styled))
@@ -3819,6 +4132,157 @@ def _status_line(mr: ModelResult) -> str:
     return line + (f": {mr.error}" if mr.error else "")
 
 
+def fmt_duration(seconds: float) -> str:
+    """35 s, 41 m, 1 h 5 m: a time left or elapsed, at a glance."""
+    if seconds < 59.5:
+        return f"{max(0.0, seconds):.0f} s"
+    minutes = round(seconds / 60)
+    if minutes < 60:
+        return f"{minutes} m"
+    return f"{minutes // 60} h {minutes % 60} m" if minutes % 60 else f"{minutes // 60} h"
+
+
+def format_estimate(est: Estimate) -> str:
+    """"about 1 h 5 m left", or what is not known yet, said as such."""
+    if not est.unknown:
+        return f"about {fmt_duration(est.known_s)} left"
+    by_model: dict[str, list[str]] = {}
+    for model, what in est.unknown:
+        by_model.setdefault(model, []).append(what)
+    named = [f"{m} {' and '.join(w)}" if set(w) <= {"load", "stop"} else m
+             for m, w in by_model.items()]
+    unknown = ", ".join(named)
+    if est.known_s <= 0:
+        return f"time left unknown (nothing measured yet for {unknown})"
+    return f"at least {fmt_duration(est.known_s)} left (unknown yet: {unknown})"
+
+
+def format_progress(steps: Sequence[CampaignStep], pos: CampaignPosition, elapsed_s: float,
+                    est: Estimate) -> str:
+    """model 2/3, scenario 4/6, elapsed 41 m, about 1 h 5 m left"""
+    step = steps[pos.model]
+    where = {"load": "loading", "stop": "stopping"}.get(pos.phase)
+    if where is None:
+        total = len(step.kept) + len(step.to_run)
+        where = ("warm-up" if pos.scenario < 0
+                 else f"scenario {len(step.kept) + pos.scenario + 1}/{total}")
+    return (f"model {pos.model + 1}/{len(steps)}, {where}, elapsed {fmt_duration(elapsed_s)}, "
+            f"{format_estimate(est)}")
+
+
+def format_live_request(tokens: int, rate_tps: float | None) -> str:
+    """The request in flight: tokens so far (counted events, never parsed) and their rate."""
+    return f"{tokens} tokens" + (f", {rate_tps:.1f} tok/s" if rate_tps else "")
+
+
+def format_plan(steps: Sequence[CampaignStep], cfg: RunConfig, *, managed: bool,
+                resumed_from: str | None = None) -> str:
+    """What a run will do, before it starts: models and services, scenarios
+    with their sizes, iterations, requests; a resume says what it keeps."""
+    to_run = [s for step in steps for s in step.to_run]
+    requests = sum(s.requests for s in to_run)
+    starting = sum(not step.keep_whole for step in steps)
+    head = (f"plan: {len(steps)} model(s), {cfg.iterations} iteration(s), {len(to_run)} "
+            f"scenario(s) and {requests} request(s) to measure"
+            + (f" (+ a warm-up per model, {starting} service start(s))" if managed
+               else " (+ a warm-up per model)"))
+    lines = [head + (f"; resuming {resumed_from}" if resumed_from else "")]
+    for step in steps:
+        service = f" (service {step.spec.service})" if managed and step.spec.service else ""
+        if step.keep_whole:
+            prev = step.previous.status if step.previous else "ok"
+            lines.append(f"  {step.spec.name}{service}: kept as measured ({prev}, "
+                         f"{len(step.kept)} scenario(s)): not started")
+            continue
+        lines.append(f"  {step.spec.name}{service}:")
+        lines.extend(f"    {sr.scenario.name}: kept as measured" for sr in step.kept)
+        lines.extend(f"    {describe_scenario(s)}" for s in step.to_run)
+    return "\n".join(lines) + "\n"
+
+
+PART_FACTS = ("host", "gpu")  # of a part's environment; vLLM and image are per model
+
+
+def part_differences(report: Report) -> dict[int, list[str]]:
+    """Parts (index from 1) whose environment differs from the first part's:
+    host, GPU, or a model's vLLM version or image (compared with the same
+    model's in the first part, else with every version the first part saw)."""
+    if len(report.parts) < 2:
+        return {}
+    first = report.parts[0]
+    out: dict[int, list[str]] = {}
+    for i, part in enumerate(report.parts[1:], start=2):
+        was, now = first.environment, part.environment
+        diffs = [f"{k} {getattr(was, k)} -> {getattr(now, k)}"
+                 for k in PART_FACTS if getattr(was, k) != getattr(now, k)]
+        for key, label in (("vllm", "vLLM"), ("image", "image")):
+            seen = {getattr(pm, key) for pm in first.models.values()} - {None}
+            for name, pm in part.models.items():
+                value = getattr(pm, key)
+                was = getattr(first.models[name], key) if name in first.models else None
+                if value is not None and (value != was if was is not None
+                                          else (seen and value not in seen)):
+                    diffs.append(f"{name} {label} {was or '/'.join(sorted(seen))} -> {value}")
+        if diffs:
+            out[i] = diffs
+    return out
+
+
+def flagged_models(report: Report) -> dict[str, str]:
+    """model -> why its results are flagged: some of its scenarios were
+    measured in a part whose environment differs from the first part's."""
+    differing = part_differences(report)
+    flags: dict[str, str] = {}
+    for i, diffs in differing.items():
+        for name, pm in report.parts[i - 1].models.items():
+            if pm.scenarios and name not in flags:
+                flags[name] = (f"{', '.join(pm.scenarios)} measured in part {i} of the run, whose "
+                               f"environment differs from part 1's: {'; '.join(diffs)}")
+    return flags
+
+
+def mark_flagged(table: TextTable, flags: Mapping[str, str]) -> TextTable:
+    """Mark the rows of flagged models with (p) and say why under the table."""
+    if not flags:
+        return table
+    names = {row[0] for row in table.rows} & set(flags)
+    if not names:
+        return table
+    rows = tuple((f"{row[0]} (p)", *row[1:]) if row[0] in names else row for row in table.rows)
+    notes = tuple(f"(p) {name}: {flags[name]}" for name in sorted(names))
+    return dataclasses.replace(table, rows=rows, notes=(*table.notes, *notes))
+
+
+def format_run_parts(report: Report) -> list[str]:
+    """The summary's account of the run's parts and of each model's wall
+    time (load, measure, stop), over all parts."""
+    lines = []
+    differing = part_differences(report)
+    if len(report.parts) > 1:
+        lines.append(f"  run in {len(report.parts)} parts:")
+        for i, part in enumerate(report.parts, start=1):
+            end = part.finished_at or "killed (no end recorded)"
+            how = f", interrupted by {part.interrupted}" if part.interrupted else ""
+            measured = [n for n, pm in part.models.items() if pm.scenarios]
+            flag = f"; ENVIRONMENT DIFFERS: {'; '.join(differing[i])}" if i in differing else ""
+            lines.append(f"    {i}. {part.started_at} to {end}{how}: measured "
+                         f"{', '.join(measured) or 'nothing'}{flag}")
+    walls = []
+    for mr in report.models:
+        got = [pm for part in report.parts if (pm := part.models.get(mr.spec.name))]
+        phases = [(label, sum(v for pm in got if (v := getattr(pm, key)) is not None))
+                  for key, label in (("load_s", "load"), ("measure_s", "measure"), ("stop_s", "stop"))
+                  if any(getattr(pm, key) is not None for pm in got)]
+        if phases:
+            total = sum(v for _, v in phases)
+            walls.append(f"    {mr.spec.name}: {total:.1f} s ("
+                         + ", ".join(f"{label} {v:.1f} s" for label, v in phases) + ")")
+    if walls:
+        lines.append("  wall time per model:")
+        lines.extend(walls)
+    return lines
+
+
 def format_summary(report: Report) -> str:
     lines = ["Summary:"]
     for mr in report.models:
@@ -3828,6 +4292,7 @@ def format_summary(report: Report) -> str:
         lines.extend(format_model_environment(mr, report.config.bandwidth_gbs))
         if mr.failure and mr.failure.log_tail:
             lines.extend(f"      | {ln}" for ln in mr.failure.log_tail[-5:])
+    lines.extend(format_run_parts(report))
     if report.interrupted:
         lines.append(f"  interrupted by {report.interrupted}: the results above are partial")
     return "\n".join(lines) + "\n"
@@ -4109,7 +4574,8 @@ def format_markdown(report: Report, comparison: Comparison | None = None,
     if comparison is not None:
         parts.append(format_comparison_markdown(comparison, labels or ("baseline", "candidate")))
     for sw in winners:
-        t = scenario_table(report.models, sw, report.config.bandwidth_gbs)
+        t = mark_flagged(scenario_table(report.models, sw, report.config.bandwidth_gbs),
+                         flagged_models(report))  # results of a part run elsewhere
         parts.append(f"### {t.title}\n\n{markdown_table(t.headers, t.rows)}"
                      + (f"\n{_md_notes(t.notes)}" if t.notes else ""))
     parts.append("### Models\n\n" + "".join(f"- {_md_cell(_status_line(mr))}\n"
@@ -4419,7 +4885,8 @@ def format_html(report: Report, charts: Mapping[str, bytes], comparison: Compari
                      f"<figcaption>{escape(title)}</figcaption></figure>")
     parts.append("<h2>Results</h2>")
     for sw in winners:
-        t = scenario_table(report.models, sw, report.config.bandwidth_gbs)
+        t = mark_flagged(scenario_table(report.models, sw, report.config.bandwidth_gbs),
+                         flagged_models(report))  # results of a part run elsewhere
         parts.append(f"<h3>{escape(t.title)}</h3>")
         parts.append(_html_table(t.headers, t.rows) + _html_notes(t.notes))
     parts.append("<h2>Models</h2>")
@@ -4684,17 +5151,179 @@ class SignalGuard:
             self._raise(signum)
 
 
+def served_by(mr: ModelResult) -> tuple[str | None, str | None]:
+    """The vLLM version and the image (repo digest, else id) a model ran on."""
+    digests = mr.lifecycle.repo_digests or (mr.lifecycle.image_id,)
+    return (mr.server.version if mr.server else None), digests[0]
+
+
+class CampaignProgress:
+    """Where the campaign is and what each phase took, from the run's events
+    (on `clock`'s time); the arithmetic is estimate_left's, the text
+    format_progress's. `history`: what --estimate-from measured."""
+
+    def __init__(self, steps: Sequence[CampaignStep], report: Report, *, managed: bool,
+                 history: Mapping[str, ModelTimes] | None = None, clock: Clock = time.monotonic):
+        self.steps, self.report, self.managed = tuple(steps), report, managed
+        self.history = dict(history or {})
+        self.clock = clock
+        self.t0 = clock()
+        self.model = 0
+        self.phase_name, self.phase_t0 = "done", self.t0  # until the first model starts
+        self.scenario, self.scenario_t0, self.request_t0, self.requests_done = -1, self.t0, self.t0, 0
+        self.walls: dict[str, dict[str, float]] = {}  # model -> {"load_s": ...} in this part
+        self.completed: dict[str, list[str]] = {}  # model -> scenarios completed in this part
+
+    def start_model(self, index: int) -> None:
+        self.model, self.scenario, self.requests_done = index, -1, 0
+        self.phase_name, self.phase_t0 = ("load" if self.managed else "measure"), self.clock()
+
+    def phase(self, model: str, phase: str) -> None:
+        """`phase` began ("load", "measure", "stop", or "done"); the one before ended."""
+        now = self.clock()
+        if self.phase_name in ("load", "measure", "stop") and phase != self.phase_name:
+            self.walls.setdefault(model, {})[f"{self.phase_name}_s"] = round(now - self.phase_t0, 2)
+        self.phase_name, self.phase_t0 = phase, now
+
+    def scenario_started(self, model: str, scenario: Scenario) -> None:
+        names = [s.name for s in self.steps[self.model].to_run]
+        self.scenario = names.index(scenario.name) if scenario.name in names else self.scenario
+        self.scenario_t0 = self.request_t0 = self.clock()
+        self.requests_done = 0
+
+    def sample(self) -> None:
+        self.requests_done += 1
+        self.request_t0 = self.clock()
+
+    def scenario_done(self, model: str, result: ScenarioResult) -> None:
+        if len(result.samples) == result.scenario.requests:
+            self.completed.setdefault(model, []).append(result.scenario.name)
+
+    def times(self) -> dict[str, ModelTimes]:
+        """This run's measurements of each model (kept scenarios included),
+        else --estimate-from's."""
+        out = dict(self.history)
+        for mr in self.report.models:
+            t, h = model_times(mr), self.history.get(mr.spec.name, ModelTimes())
+            out[mr.spec.name] = ModelTimes(t.load_s if t.load_s is not None else h.load_s,
+                                           t.points or h.points, t.levels or h.levels)
+        return out
+
+    def mean_stop_s(self) -> float | None:
+        stops = [w["stop_s"] for w in self.walls.values() if "stop_s" in w]
+        stops += [pm.stop_s for part in self.report.parts[:-1] for pm in part.models.values()
+                  if pm.stop_s is not None]
+        return statistics.fmean(stops) if stops else None
+
+    def position(self) -> CampaignPosition:
+        now = self.clock()
+        phase = "measure" if self.phase_name == "done" else self.phase_name
+        return CampaignPosition(self.model, phase, self.scenario, self.requests_done,
+                                now - self.phase_t0, now - self.scenario_t0, now - self.request_t0)
+
+    def estimate(self) -> Estimate:
+        return estimate_left(self.steps, self.position(), self.times(),
+                             warmup_tokens=self.report.config.warmup_tokens,
+                             stop_s=self.mean_stop_s(), managed=self.managed)
+
+    def status(self) -> str:
+        return format_progress(self.steps, self.position(), self.clock() - self.t0, self.estimate())
+
+    def close(self) -> None:
+        """End the phase of the model in hand (the run ends, or was cut short)."""
+        if self.steps and self.phase_name != "done":
+            self.phase(self.steps[self.model].spec.name, "done")
+
+    def part_models(self) -> dict[str, PartModel]:
+        """This part's record of each model it touched."""
+        out = {}
+        for mr in self.report.models:
+            name = mr.spec.name
+            walls = self.walls.get(name)
+            if walls is None and name not in self.completed:
+                continue
+            out[name] = PartModel(tuple(self.completed.get(name, ())), *served_by(mr), *(
+                                      (walls or {}).get(k) for k in ("load_s", "measure_s", "stop_s")))
+        return out
+
+
+async def watch_live_reads(events: Events, coro: Any, interval_s: float = 0.25) -> Any:
+    """Await `coro` while, a few times a second, a task outside the streams
+    counts the events of the request in flight (bytes.count over the reads
+    the transport stamped: counted, never parsed) and tells `events.live`.
+    The streams' own path gains one list append per request, none per read."""
+    if not events.wants_live:
+        return await coro
+    streams: list[list[Read]] = []
+    token = _LIVE_READS.set(streams)
+
+    async def tick() -> None:
+        watched: list[Read] | None = None
+        counted = events_seen = 0
+        while True:
+            await asyncio.sleep(interval_s)
+            if not streams:
+                continue
+            reads = streams[-1]
+            del streams[:-1]  # only the latest request is shown
+            if reads is not watched:
+                watched, counted, events_seen = reads, 0, 0
+            n = len(reads)
+            events_seen += sum(payload.count(b"data:") for _, payload in reads[counted:n])
+            counted = n
+            tokens = max(0, events_seen - 1)  # the first event is the role chunk
+            span = reads[n - 1][0] - reads[0][0] if n > 1 else 0.0
+            events.live(tokens, (tokens - 1) / span if tokens > 1 and span > 0 else None)
+
+    ticker = asyncio.create_task(tick())
+    try:
+        return await coro
+    finally:
+        ticker.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await ticker
+        _LIVE_READS.reset(token)
+
+
 class ConsoleEvents(Events):
     """Progress to stderr: a live line on a terminal; in a log, one line
     every `quiet_s` seconds while waiting, so a long load is visible but
     does not flood."""
 
     def __init__(self, err: Any, tty: bool, on_scenario: Callable[[], None] = lambda: None,
-                 quiet_s: float = 30.0, clock: Clock = time.monotonic):
+                 quiet_s: float = 30.0, clock: Clock = time.monotonic,
+                 progress: CampaignProgress | None = None):
         self.err, self.tty, self.on_scenario = err, tty, on_scenario
         self.quiet_s, self.clock = quiet_s, clock
+        self.progress = progress
         self._last_wait = -math.inf
         self._live = False
+
+    @property
+    def wants_live(self) -> bool:  # type: ignore[override]
+        return self.tty and self.progress is not None
+
+    def _live_line(self, text: str) -> None:
+        self.err.write("\r\x1b[2K" + text)
+        self.err.flush()
+        self._live = True
+
+    def model_started(self, index: int, spec: ModelSpec) -> None:
+        if self.progress is not None:
+            self.progress.start_model(index)
+
+    def phase(self, model: str, phase: str) -> None:
+        if self.progress is not None:
+            self.progress.phase(model, phase)
+
+    def scenario_started(self, model: str, scenario: Scenario) -> None:
+        if self.progress is not None:
+            self.progress.scenario_started(model, scenario)
+
+    def live(self, tokens: int, rate_tps: float | None) -> None:
+        if self.wants_live:
+            self._live_line(f"  {self.progress.status()} | request: "  # type: ignore[union-attr]
+                            f"{format_live_request(tokens, rate_tps)}")
 
     def _line(self, text: str) -> None:
         if self._live:
@@ -4714,14 +5343,17 @@ class ConsoleEvents(Events):
         self._last_wait = now
         log = last_log()
         text = f"  {model}: waiting for health, {elapsed_s:.0f} s" + (f" | {log[:100]}" if log else "")
+        status = self.progress.status() if self.progress is not None else None
         if self.tty:
-            self.err.write("\r\x1b[2K" + text)
-            self.err.flush()
-            self._live = True
+            self._live_line(f"  {status} | {text.strip()}" if status else text)
         else:
             self._line(text)
+            if status:
+                self._line(f"  {status}")
 
     def sample(self, model: str, scenario: Scenario, index: int, sample: Sample) -> None:
+        if self.progress is not None:
+            self.progress.sample()
         if scenario.kind == "throughput" and index + 1 != scenario.requests:
             return
         head = f"  [{index + 1}/{scenario.requests}] {scenario.name}"
@@ -4735,6 +5367,9 @@ class ConsoleEvents(Events):
             self._line(f"{head}: FAILED: {sample.error}")
 
     def scenario_done(self, model: ModelResult, result: ScenarioResult) -> None:
+        if self.progress is not None:
+            self.progress.scenario_done(model.spec.name, result)
+            self._line(f"  {self.progress.status()}")
         self.on_scenario()
 
 
@@ -4889,6 +5524,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="failed requests a model may have before it is marked failed (default 3)")
     env.add_argument("--report-dir", type=Path, default=Path("docs/reports"), metavar="DIR",
                      help="where the .txt and .json reports go (default docs/reports)")
+    add_campaign_options(p)
     add_output_options(p, run=True)
     return p
 
@@ -4906,10 +5542,16 @@ class Plan:
     api_key: str | None = field(default=None, repr=False)
     baseline: Baseline | None = None
     exports: ExportTargets = ExportTargets()
+    steps: tuple[CampaignStep, ...] = ()  # per model: what to run, what a resume keeps
+    resume: Path | None = None  # --resume: the report continued (updated in place)
+    resumed: Report | None = None
+    history: Mapping[str, ModelTimes] = field(default_factory=dict)  # --estimate-from
+    dry_run: bool = False
 
 
 def make_plan(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> Plan:
     """Validate the options and files into a Plan; UsageError on anything wrong."""
+    check_campaign_options(args)
     baseline, exports = check_output_options(args)  # first: a wrong --baseline costs nothing
     table = load_models_file(args.models, MODELS) if args.models else MODELS
     api_key = args.api_key or environ.get("VLLM_API_KEY") or environ.get("OPENAI_API_KEY") or None
@@ -4941,8 +5583,85 @@ def make_plan(args: argparse.Namespace, environ: Mapping[str, str] = os.environ)
         compose_file=str(args.compose_file) if compose else None,
         endpoint=base_url if args.endpoint is not None else None,
         models=tuple(m.name for m in models))
-    return Plan(cfg, tuple(models), tuple(table), compose, base_url, args.report_dir, api_key,
+    plan = Plan(cfg, tuple(models), tuple(table), compose, base_url, args.report_dir, api_key,
                 baseline=baseline, exports=exports)
+    return campaign_plan(plan, args)
+
+
+def add_campaign_options(p: argparse.ArgumentParser) -> None:
+    """The options of a long campaign: the plan, a resume, the estimate."""
+    g = p.add_argument_group("long campaigns")
+    g.add_argument("--dry-run", action="store_true",
+                   help="check the compose file, the services, Docker, the port, the report folder "
+                        "and the baseline, print the plan, and start nothing")
+    g.add_argument("--resume", type=Path, metavar="REPORT.json",
+                   help="continue the interrupted (or killed) run of this report: what it measured "
+                        "completely is kept and not run again, the rest runs, and its files are "
+                        "updated in place; the options that decide the numbers must be the same")
+    g.add_argument("--rerun-failed", action="store_true",
+                   help="with --resume: also run again the models that failed")
+    g.add_argument("--estimate-from", type=Path, metavar="REPORT.json",
+                   help="estimate the time left also from this earlier report of the same models")
+
+
+def check_campaign_options(args: argparse.Namespace) -> None:
+    if getattr(args, "rerun_failed", False) and getattr(args, "resume", None) is None:
+        raise UsageError("--rerun-failed reruns the failed models of a report: add --resume REPORT.json")
+
+
+def campaign_plan(plan: Plan, args: argparse.Namespace) -> Plan:
+    """The campaign's steps; with --resume, what the report keeps, after
+    checking that its configuration is this run's (UsageError listing the
+    differences otherwise: nothing has started yet)."""
+    get = lambda name, default=None: getattr(args, name, default)  # noqa: E731
+    history: dict[str, ModelTimes] = {}
+    if get("estimate_from") is not None:
+        earlier = load_report(get("estimate_from"), "--estimate-from file")
+        ids = {m.name: m.model_id for m in plan.models}
+        history = {mr.spec.name: model_times(mr) for mr in earlier.models
+                   if ids.get(mr.spec.name) == mr.spec.model_id}
+    steps, resumed = plan_campaign(plan.cfg, plan.models), None
+    if get("resume") is not None:
+        resumed = load_report(get("resume"), "--resume file")
+        diffs = config_differences(resumed, plan.cfg, plan.models)
+        if diffs:
+            raise UsageError(f"--resume {get('resume')}: this run's configuration differs from the "
+                             f"report's, so its numbers could not be merged: {'; '.join(diffs)}. "
+                             "Run with the report's options (see its \"config\")")
+        steps = plan_resume(resumed, plan.cfg, plan.models, rerun_failed=bool(get("rerun_failed")))
+    return dataclasses.replace(plan, steps=steps, resume=get("resume"), resumed=resumed,
+                               history=history, dry_run=bool(get("dry_run")))
+
+
+def dry_run(plan: Plan, err: Any) -> int:
+    """--dry-run: every check a run makes before its first model, then the
+    plan; nothing is started and no request is sent."""
+    checked = ["options"]
+    if plan.compose is not None:
+        compose = Compose(plan.compose, find_compose_command())
+        client = docker_client()
+        checked += [f"compose file {plan.compose.path} ({compose.version_label})",
+                    f"services {', '.join(m.service or '-' for m in plan.models)}", "Docker"]
+        port = plan.cfg.port
+        if port_in_use(port):
+            holder = who_holds_port(port, client, plan.compose.project, inference_services(plan))
+            if holder.kind != "inference":
+                raise SetupError(f"port {port} is already in use by {holder.description}: stop it, "
+                                 "or publish the services on another port and pass --port")
+            checked.append(f"port {port} (held by {holder.description}: a run stops it)")
+        else:
+            checked.append(f"port {port} (free)")
+    else:
+        checked.append(f"endpoint {plan.base_url}")
+    folder = plan.resume.parent if plan.resume is not None else plan.report_dir
+    prepare_report_dir(folder)
+    checked.append(f"report folder {folder}")
+    if plan.baseline is not None:
+        checked.append(f"baseline {plan.baseline.path}")
+    err.write(format_plan(plan.steps, plan.cfg, managed=plan.compose is not None,
+                          resumed_from=str(plan.resume) if plan.resume else None))
+    err.write(f"dry run: checked {', '.join(checked)}; nothing started\n")
+    return 0
 
 
 def select_models(models: Sequence[ModelSpec], skip: Sequence[str], only: Sequence[str],
@@ -5293,10 +6012,12 @@ async def measure_model(plan: Plan, result: ModelResult, events: Events, *,
             load_s = clock() - service.started_s
             result.lifecycle = dataclasses.replace(result.lifecycle, load_s=round(load_s, 2))
             events.info(f"{result.spec.name}: healthy after {load_s:.1f} s")
+        events.phase(result.spec.name, "measure")
         with PowerSampler() as power:
             try:
-                await benchmark_model(client, result, cfg, events, check_alive=check_alive,
-                                      clock=clock, sleep=sleep)
+                await watch_live_reads(events, benchmark_model(client, result, cfg, events,
+                                                               check_alive=check_alive,
+                                                               clock=clock, sleep=sleep))
             finally:
                 tokens = sum(s.tokens_out or 0 for sr in result.scenarios for s in sr.samples if s.ok)
                 if (summary := power.summary(tokens)) is not None:
@@ -5318,10 +6039,53 @@ def run_model(plan: Plan, result: ModelResult, events: Events,
         run_async(measure_model(plan, result, events, sleep=sleep))
         return
     assert result.spec.service is not None
+    events.phase(result.spec.name, "load")
     with services.running(result.spec.name, result.spec.service) as service:
         result.lifecycle = service.lifecycle
-        run_async(measure_model(plan, result, events, service=service, clock=services.clock,
-                                sleep=sleep))
+        try:
+            run_async(measure_model(plan, result, events, service=service, clock=services.clock,
+                                    sleep=sleep))
+        finally:
+            events.phase(result.spec.name, "stop")  # the lifecycle stops it on the way out
+
+
+def start_report(plan: Plan, err: Any) -> tuple[Report, ReportFiles]:
+    """The report a run fills in, and its files: a new one, or with --resume
+    the report continued, its kept models as measured, under its own names."""
+    started = _now()
+    environment = collect_environment()
+    part = RunPart(started.isoformat(), environment=environment)
+    if plan.resumed is None or plan.resume is None:
+        report_dir = prepare_report_dir(plan.report_dir)
+        report = Report(plan.cfg, started.isoformat(), [ModelResult(m) for m in plan.models],
+                        environment=environment, parts=[part])
+        return report, ReportFiles(report_dir, report_stem(started), err)
+    old = plan.resumed
+    parts = list(old.parts) or [RunPart(old.started_at, old.finished_at, old.interrupted,
+                                        old.environment, first_part_models(old))]
+    report = Report(old.config, old.started_at, [resumed_result(step) for step in plan.steps],
+                    environment=old.environment, parts=[*parts, part])
+    folder = prepare_report_dir(plan.resume.parent)
+    return report, ReportFiles(folder, plan.resume.name.removesuffix(".json"), err)
+
+
+def first_part_models(old: Report) -> dict[str, PartModel]:
+    """A report written before parts were recorded: its one part ran every
+    model it holds (the scenarios plan_resume keeps are the complete ones)."""
+    out = {}
+    for mr in old.models:
+        out[mr.spec.name] = PartModel(tuple(sr.scenario.name for sr in mr.scenarios),
+                                      *served_by(mr), mr.lifecycle.load_s)
+    return out
+
+
+def record_part(report: Report, progress: CampaignProgress,
+                finished_at: str | None = None) -> Report:
+    """Bring the report's last part (this run's) up to date; returns the report."""
+    part = report.parts[-1]
+    report.parts[-1] = dataclasses.replace(part, models=progress.part_models(),
+                                           finished_at=finished_at, interrupted=report.interrupted)
+    return report
 
 
 def run_benchmark(plan: Plan, out: Any, err: Any, *, styled: bool = False,
@@ -5329,25 +6093,33 @@ def run_benchmark(plan: Plan, out: Any, err: Any, *, styled: bool = False,
     """The main job: every selected model in turn; exit OK, FAILED, REGRESSION,
     INTERRUPTED or TERMINATED (ExitCode)."""
     out, stdout = (err, out) if plan.exports.to_stdout else (out, out)  # '-' export owns stdout
-    report_dir = prepare_report_dir(plan.report_dir)
-    started = _now()
-    report = Report(plan.cfg, started.isoformat(), [ModelResult(m) for m in plan.models],
-                    environment=collect_environment())
-    files = ReportFiles(report_dir, report_stem(started), err)
-    events = ConsoleEvents(err, err_tty, on_scenario=lambda: files.save_json(report))
+    report, files = start_report(plan, err)
+    progress = CampaignProgress(plan.steps or plan_campaign(plan.cfg, plan.models), report,
+                                managed=plan.compose is not None, history=plan.history)
+    save = lambda: files.save_json(record_part(report, progress))  # noqa: E731
+    events = ConsoleEvents(err, err_tty, on_scenario=save, progress=progress)
     signals = SignalGuard()
     services = None
     if plan.compose is not None:
         compose = Compose(plan.compose, find_compose_command())
         docker_client()  # a clear error now if the daemon is down
         events.info(f"using {compose.version_label} with {plan.compose.path}")
-        report.environment = dataclasses.replace(report.environment, compose=compose.version_label)
+        if report.environment.compose is None:  # a resumed report keeps its first part's
+            report.environment = dataclasses.replace(report.environment,
+                                                     compose=compose.version_label)
+        report.parts[-1] = dataclasses.replace(report.parts[-1], environment=dataclasses.replace(
+            report.parts[-1].environment, compose=compose.version_label))
         services = ServiceLifecycle(compose, inference_services(plan), plan.cfg.port, events.info,
                                     hold=signals.held)
+    err.write(format_plan(progress.steps, plan.cfg, managed=plan.compose is not None,
+                          resumed_from=str(plan.resume) if plan.resume else None))
     code: int = ExitCode.OK
     signals.install()
     try:
-        for mr in report.models:
+        for i, mr in enumerate(report.models):
+            if progress.steps[i].keep_whole:  # a resume keeps it as measured: not started
+                continue
+            events.model_started(i, mr.spec)
             mr.status = "running"
             events.info(f"=== {mr.spec.name} ({mr.spec.model_id})")
             try:
@@ -5359,7 +6131,8 @@ def run_benchmark(plan: Plan, out: Any, err: Any, *, styled: bool = False,
             except SetupError as exc:
                 mr.status, mr.error = "failed", str(exc)
                 events.info(f"{mr.spec.name}: FAILED: {exc}")
-            files.save_json(report)
+            events.phase(mr.spec.name, "done")
+            save()
         code = ExitCode.FAILED if any(m.status == "failed" for m in report.models) else ExitCode.OK
     except (KeyboardInterrupt, Interrupted) as exc:
         signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
@@ -5376,6 +6149,8 @@ def run_benchmark(plan: Plan, out: Any, err: Any, *, styled: bool = False,
             with signals.held():
                 report.finished_at = _now().isoformat()
                 winners = rank_scenarios(report.models)  # once, for every output
+                progress.close()
+                record_part(report, progress, finished_at=report.finished_at)
                 plain = format_results(report, styled=False, winners=winners)
                 saved = files.save_json(report) & files.save_text(plain)
                 out.write(format_results(report, styled=True, winners=winners) if styled else plain)
@@ -5405,6 +6180,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args_list[:1] == ["history"]:
             return history_main(args_list[1:], out, err)
         plan = make_plan(build_parser().parse_args(args_list))
+        if plan.dry_run:
+            return dry_run(plan, err)
         styled = out.isatty() and not os.environ.get("NO_COLOR")
         return run_benchmark(plan, out, err, styled=styled, err_tty=err.isatty())
     except PerftestError as exc:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -239,3 +240,119 @@ def test_a_running_inference_service_of_the_project_is_stopped_first(run):
     assert proc.returncode == 0, proc.stderr
     assert "stopping running inference services first: svc-b" in proc.stderr
     assert project_containers(r.project) == []
+
+
+# --- long campaigns: --resume, --dry-run (issue 18) ---------------------------
+
+def container_events(project, since, until):
+    """(action, service) of each container created or started in the project between
+    two Unix times, as the Docker engine recorded them."""
+    proc = subprocess.run(
+        ["docker", "events", "--since", f"{since:.3f}", "--until", f"{until:.3f}",
+         "--filter", f"label=com.docker.compose.project={project}", "--filter", "type=container",
+         "--filter", "event=create", "--filter", "event=start",
+         "--format", '{{.Action}} {{index .Actor.Attributes "com.docker.compose.service"}}'],
+        capture_output=True, text=True, timeout=60, check=True)
+    return [tuple(line.split()) for line in proc.stdout.splitlines() if line.strip()]
+
+
+def three_models_file(tmp_path):
+    """model-a, then model-slow (long enough to be cut), then model-b, in that order."""
+    path = tmp_path / "three.yml"
+    path.write_text("replace: true\nmodels:\n"
+                    "  - {name: model-a, service: svc-a, model_id: model-a, max_context_tokens: 40960}\n"
+                    "  - {name: model-slow, service: svc-slow, model_id: model-slow, "
+                    "max_context_tokens: 40960}\n"
+                    "  - {name: model-b, service: svc-b, model_id: model-b, max_context_tokens: 40960}\n")
+    return path
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL])
+def test_a_campaign_cut_in_its_second_model_resumes_without_measuring_anything_twice(
+        run, tmp_path, signum):
+    r = run()
+    models = ("--models", str(three_models_file(tmp_path)), "--iterations", "2")
+    proc = subprocess.Popen(r.argv(extra=models), env=r.env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    lines, cut = [], threading.Event()
+
+    def read():
+        for line in proc.stderr:
+            lines.append(line)
+            if "[1/2] context-1k" in line and any("=== model-slow" in ln for ln in lines):
+                cut.set()  # model-slow: latency done and saved, context-1k half done
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    assert cut.wait(150), "".join(lines)
+    proc.send_signal(signum)
+    proc.wait(60)
+    reader.join(10)
+    assert proc.returncode == (143 if signum == signal.SIGTERM else -signal.SIGKILL)
+    (path,) = r.report_dir.glob("*.json")
+    cut_report = json.loads(path.read_text())  # written atomically: whole even after kill -9
+    by_name = {m["name"]: m for m in cut_report["models"]}
+    assert by_name["model-a"]["status"] == "ok"
+    cut_scenarios = by_name["model-slow"]["scenarios"]
+    assert [s["name"] for s in cut_scenarios][:1] == ["latency"]
+    if signum == signal.SIGTERM:  # the cut scenario's one sample is in the report, marked partial
+        assert [len(s["samples"]) for s in cut_scenarios] == [2, 1]
+    else:
+        assert by_name["model-slow"]["status"] == "running"  # as the last scenario left it
+        assert project_containers(r.project) != []  # nobody stopped svc-slow
+
+    since = time.time()
+    again = r(extra=(*models, "--resume", str(path)))
+    until = time.time() + 1
+    assert again.returncode == 0, again.stderr
+    assert "model-a (service svc-a): kept as measured (ok, 2 scenario(s)): not started" in again.stderr
+    assert "    latency: kept as measured" in again.stderr
+    assert re.search(r"model-b: [\d.]+ s \(load [\d.]+ s, measure [\d.]+ s, stop [\d.]+ s\)",
+                     again.stdout), again.stdout  # the summary's wall time per model
+    started = container_events(r.project, since, until)
+    assert all(service != "svc-a" for _, service in started), started  # never started again
+    assert ("start", "svc-slow") in started and ("start", "svc-b") in started
+    assert list(r.report_dir.glob("*.json")) == [path]  # one report, updated in place
+    done = r.report()
+    final = {m["name"]: m for m in done["models"]}
+    assert [m["name"] for m in done["models"]] == ["model-a", "model-slow", "model-b"]
+    assert all(m["status"] == "ok" for m in done["models"]), done["models"]
+    assert final["model-a"]["scenarios"] == by_name["model-a"]["scenarios"]  # samples unchanged
+    assert final["model-slow"]["scenarios"][0] == by_name["model-slow"]["scenarios"][0]
+    slow_context = final["model-slow"]["scenarios"][1]
+    assert slow_context["name"] == "context-1k" and len(slow_context["samples"]) == 2  # run whole
+    if signum == signal.SIGTERM:  # from the second start only: never mixed with the cut one
+        assert cut_scenarios[1]["samples"][0] not in slow_context["samples"]
+    assert [s["name"] for s in final["model-b"]["scenarios"]] == ["latency", "context-1k"]
+    assert len(done["parts"]) == 2 and done["parts"][1]["finished_at"] and done["interrupted"] is None
+    assert done["parts"][0]["interrupted"] == ("SIGTERM" if signum == signal.SIGTERM else None)
+    assert done["parts"][1]["models"]["model-slow"]["scenarios"] == ["context-1k"]
+    assert "model-a" not in done["parts"][1]["models"]
+    assert project_containers(r.project) == []
+
+
+def test_a_resume_with_other_iterations_is_refused_and_starts_nothing(run):
+    r = run()
+    assert r("model-a").returncode == 0
+    (path,) = r.report_dir.glob("*.json")
+    text = path.read_text()
+    since = time.time()
+    proc = r("model-a", extra=("--iterations", "2", "--resume", str(path)))
+    until = time.time() + 1
+    assert proc.returncode == 2
+    assert "iterations: report 1, now 2" in proc.stderr
+    assert container_events(r.project, since, until) == []
+    assert path.read_text() == text
+
+
+def test_a_dry_run_checks_everything_and_starts_nothing(run):
+    r = run()
+    since = time.time()
+    proc = r("model-a", "model-b", extra=("--dry-run",))
+    until = time.time() + 1
+    assert proc.returncode == 0, proc.stderr
+    assert "model-a (service svc-a):" in proc.stderr and "model-b (service svc-b):" in proc.stderr
+    assert f"port {r.port} (free)" in proc.stderr and "nothing started" in proc.stderr
+    assert container_events(r.project, since, until) == []
+    assert project_containers(r.project, running_only=False) == []
+    assert list(r.report_dir.glob("*.json")) == []
