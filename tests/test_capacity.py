@@ -401,3 +401,11 @@ def test_a_search_cut_short_keeps_its_probes_and_says_the_capacity_is_at_least_w
     assert (cap.streams, cap.limited_by) == (4, "interrupted")
     assert "capacity at least 4 streams" in pm.capacity_line("m", cap)
     assert "the search was interrupted while the SLOs held" in cap.detail
+
+
+def test_a_model_whose_answers_were_wrong_is_left_out_of_the_capacity_ranking():
+    wrong = _model("fast-but-wrong", 64)
+    wrong.answer_check = pm.AnswerCheck("wrong", asked=4, right=0)
+    r = pm.rank_capacity([wrong, _model("a", 8), _model("b", 16)])
+    assert (r.best, r.runner_up) == ("b", "a")
+    assert pm.rank_capacity([wrong, _model("a", 8)]) is None
