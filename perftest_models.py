@@ -78,6 +78,7 @@ import enum
 import json
 import math
 import os
+import random
 import re
 import shutil
 import signal
@@ -326,6 +327,7 @@ class Scenario:
     requests: int
     concurrency: int = 1
     requested_tokens_in: int | None = None
+    request_rate: float | None = None  # open loop: arrivals per second (concurrency unbounded)
 
     @property
     def clamped(self) -> bool:
@@ -335,6 +337,9 @@ class Scenario:
 def describe_scenario(s: Scenario) -> str:
     tin = "~50-token prompt" if s.target_tokens_in is None else f"{s.target_tokens_in} tokens in"
     clamp = f" (clamped from {s.requested_tokens_in} to fit the context)" if s.clamped else ""
+    if s.kind == "throughput" and s.request_rate is not None:
+        return (f"{s.name}: {s.requests} requests arriving at {s.request_rate:g}/s (open loop), "
+                f"{tin}, {s.target_tokens_out} out")
     if s.kind == "throughput":
         return (f"{s.name}: {s.requests} requests, {s.concurrency} at a time, {tin}, "
                 f"{s.target_tokens_out} out")
@@ -430,6 +435,15 @@ class Aggregate:
     requests_per_s: float | None = None
     peak_kv_cache_usage_perc: float | None = None
     peak_requests_waiting: float | None = None
+    # With --slo: requests that met every rule, and per second (goodput).
+    good_requests: int | None = None
+    goodput_rps: float | None = None
+    # Open loop (--request-rate): the rate asked for, how well the client kept it.
+    request_rate: float | None = None
+    late_sends: int | None = None
+    send_lag_max_ms: float | None = None
+    achieved_rate_rps: float | None = None
+    client_late: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -536,6 +550,54 @@ class AnswerCheck:
         return {"right": True, "wrong": False}.get(self.status)
 
 
+@dataclass(frozen=True)
+class Probe:
+    """One level of a capacity search: `concurrency` streams, closed loop.
+
+    `values` holds each SLO rule's figure at the level (in the rule's unit;
+    inf when too many requests failed to have one); `failed` the rules it
+    broke; `too_few` the rules whose percentile needs more requests than the
+    probe had. `decode_tps` is the mean per-request decode rate (per user)."""
+
+    concurrency: int
+    requests: int
+    errors: int
+    duration_s: float
+    good: int
+    goodput_rps: float | None
+    output_tps: float | None
+    decode_tps: float | None
+    values: Mapping[str, float]
+    failed: tuple[str, ...] = ()
+    too_few: tuple[str, ...] = ()
+
+    @property
+    def holds(self) -> bool:
+        return not self.failed
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """The answer of a capacity search: the most concurrent streams at which
+    every SLO held. `limited_by` names what stopped it: the rule that broke at
+    `broke_at` streams, "max-concurrency" (it held at the bound), or "budget"
+    (time ran out first; `broke_at` is then the lowest level seen to break, if
+    any). `step` is the gap between the level that held and the one that broke
+    (1 once bisected down): capacities closer than a step are not told apart."""
+
+    slo: str
+    streams: int
+    goodput_rps: float | None
+    output_tps: float | None
+    limited_by: str
+    broke_at: int | None
+    step: int
+    probes: tuple[Probe, ...]
+    detail: str = ""  # what broke, e.g. "tpot_p99_ms 61.2 > 50"
+    budget_s: float | None = None
+    elapsed_s: float = 0.0
+
+
 @dataclass
 class ModelResult:
     """Everything known about one model's run; filled in as the run goes."""
@@ -548,6 +610,7 @@ class ModelResult:
     lifecycle: Lifecycle = field(default_factory=Lifecycle)
     scenarios: list[ScenarioResult] = field(default_factory=list)
     answer_check: AnswerCheck | None = None
+    capacity: Capacity | None = None  # with --slo: the capacity search's answer
 
     @property
     def ranked(self) -> bool:
@@ -580,6 +643,13 @@ class RunConfig:
     compose_file: str | None = "docker-compose.yml"
     endpoint: str | None = None
     models: tuple[str, ...] = ()
+    # --slo, --request-rate (None in a report from before they existed: CONFIG_ADDED)
+    slo: str | None = None  # --slo rules as given; None: no goodput, no capacity search
+    max_concurrency: int | None = 256
+    capacity_budget_s: float | None = 900.0  # per model
+    request_rates: tuple[float, ...] | None = ()  # open-loop levels, requests/s
+    burstiness: float | None = 1.0  # gamma shape of the arrival gaps (1: Poisson)
+    arrival_seed: int | None = 0  # the arrivals' RNG seed: the same schedule on every run
 
 
 @dataclass(frozen=True)
@@ -641,6 +711,85 @@ def parse_token_count(text: str) -> int:
 
 def format_token_count(n: int) -> str:
     return f"{n // 1000}k" if n % 1000 == 0 else str(n)
+
+
+# Service levels (--slo): which figure, in which unit, better low or high.
+# A rule's name is METRIC[_pNN][_UNIT]: ttft_p99_ms, tpot_p99_ms, itl_p99_ms,
+# e2e_p99_s, decode_tps (tokens/s, no unit suffix).
+SLO_METRICS: dict[str, tuple[str, ...]] = {  # metric -> the units it may be given in
+    "ttft": ("ms", "s"), "tpot": ("ms", "s"), "itl": ("ms", "s"), "e2e": ("s", "ms"),
+    "decode_tps": ("",),
+}
+_SLO_RE = re.compile(r"^(ttft|tpot|itl|e2e|decode_tps)(?:_p(\d+(?:\.\d+)?))?(?:_(ms|s))?"
+                     r"\s*(<=|>=)\s*([0-9.eE+-]+)$")
+SLO_EXAMPLE = "ttft_p99_ms<=2000,tpot_p99_ms<=50"
+
+
+@dataclass(frozen=True)
+class SloRule:
+    """One service level, e.g. tpot_p99_ms<=50: `percentile` of the requests
+    (None: every request) must have `metric` at most (`<=`) or at least
+    (`>=`) `limit`, in `unit`. For a `>=` rule the percentile counts from the
+    slow end: decode_tps_p99>=20 means 99% of requests decode at 20 tok/s or more."""
+
+    key: str  # the rule's name as written, e.g. "tpot_p99_ms"
+    metric: str  # ttft | tpot | itl | e2e | decode_tps
+    percentile: float | None
+    unit: str  # "ms" | "s" | "" (tok/s)
+    op: str  # "<=" | ">="
+    limit: float
+
+    @property
+    def text(self) -> str:
+        return f"{self.key}{self.op}{self.limit:g}"
+
+    def passes(self, value: float) -> bool:
+        return value <= self.limit if self.op == "<=" else value >= self.limit
+
+    @property
+    def min_requests(self) -> int:
+        """Requests a level needs for its percentile to be more than its worst
+        request: p99 needs 100, p90 10, p50 2; every request (no percentile) 1."""
+        if self.percentile is None:
+            return 1
+        return max(1, math.ceil(100 / (100 - self.percentile) - 1e-9))
+
+
+def parse_slo(text: str) -> tuple[SloRule, ...]:
+    """'ttft_p99_ms<=2000,tpot_p99_ms<=50' -> rules (pure); ValueError with a
+    message that says what is wrong and what a rule looks like."""
+    rules: list[SloRule] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        m = _SLO_RE.match(part)
+        if m is None:
+            raise ValueError(f"{part!r} is not a rule like {SLO_EXAMPLE} (metrics: "
+                             f"{', '.join(SLO_METRICS)}; optional _pNN percentile; unit _ms or _s)")
+        metric, pct, unit, op, number = m.groups()
+        unit = unit or ""
+        if unit not in SLO_METRICS[metric]:
+            want = " or ".join(f"_{u}" for u in SLO_METRICS[metric] if u) or "no unit (tok/s)"
+            raise ValueError(f"{part!r}: {metric} takes {want}")
+        if (op == ">=") != (metric == "decode_tps"):
+            raise ValueError(f"{part!r}: {metric} is " + (
+                "a rate: write >=" if metric == "decode_tps" else "a time: write <="))
+        try:
+            limit = float(number)
+        except ValueError:
+            raise ValueError(f"{part!r}: {number!r} is not a number") from None
+        percentile = float(pct) if pct is not None else None
+        if not (math.isfinite(limit) and limit > 0):
+            raise ValueError(f"{part!r}: the limit must be a number > 0")
+        if percentile is not None and not 0 < percentile < 100:
+            raise ValueError(f"{part!r}: the percentile must be between 0 and 100, like p99")
+        key = part[:m.start(4)].strip()
+        if any(r.key == key for r in rules):
+            raise ValueError(f"{key} is given twice")
+        rules.append(SloRule(key, metric, percentile, unit, op, limit))
+    if not rules:
+        raise ValueError(f"expected rules like {SLO_EXAMPLE}")
+    return tuple(rules)
 
 
 # ============================================================================
@@ -2449,6 +2598,135 @@ def ratio_with_error(a: Stat, b: Stat) -> tuple[float, float | None]:
     return r, r * math.hypot(a.stddev / a.mean, b.stddev / b.mean)
 
 
+# ---- Service levels: goodness of a request, the figures of a level (pure) ----
+
+
+def slo_value(sample: Sample, rule: SloRule) -> float | None:
+    """A request's own figure for `rule`, in the rule's unit (None: it has
+    none). ITL is the request's own percentile of its token gaps."""
+    if rule.metric == "decode_tps":
+        return sample.tps
+    if rule.metric == "ttft":
+        ms = sample.ttft_ms
+    elif rule.metric == "tpot":
+        ms = sample.tpot_ms
+    elif rule.metric == "itl":
+        ms = (percentile(sample.itl_ms, rule.percentile or 100.0) if sample.itl_ms else None)
+    else:
+        ms = sample.total_s * 1000 if sample.total_s is not None else None
+    if ms is None:
+        return None
+    return ms / 1000 if rule.unit == "s" else ms
+
+
+def request_meets(sample: Sample, rule: SloRule) -> bool:
+    """A failed request meets no rule; a one-token answer has no decode to
+    judge, so the decode rules (tpot, itl, decode_tps) do not apply to it.
+    Any other request without the figure cannot show it met the rule."""
+    if not sample.ok:
+        return False
+    value = slo_value(sample, rule)
+    if value is None:
+        return rule.metric in ("tpot", "itl", "decode_tps") and (sample.tokens_out or 0) <= 1
+    return rule.passes(value)
+
+
+def is_good(sample: Sample, rules: Sequence[SloRule]) -> bool:
+    """Good: the request met every rule (vLLM's goodput definition)."""
+    return all(request_meets(sample, r) for r in rules)
+
+
+def slo_aggregate(samples: Sequence[Sample], duration_s: float,
+                  rules: Sequence[SloRule]) -> dict[str, Any]:
+    """Goodput of a level: good requests, and good requests per second of wall time."""
+    good = sum(is_good(s, rules) for s in samples)
+    return {"good_requests": good, "goodput_rps": good / duration_s if duration_s > 0 else None}
+
+
+def _tail(values: Sequence[float], q: float) -> float:
+    """percentile(values, q) where a value may be inf (a failed request)."""
+    ordered = sorted(values)
+    if not math.isinf(ordered[-1]):
+        return percentile(ordered, q)
+    pos = (len(ordered) - 1) * q / 100.0
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    if math.isinf(ordered[lo]) or (math.isinf(ordered[hi]) and pos > lo):
+        return math.inf
+    return ordered[lo]
+
+
+def level_value(samples: Sequence[Sample], rule: SloRule) -> float | None:
+    """The level's figure for `rule`: the named percentile over its requests
+    (every request: the worst), a failed request counting as the worst
+    possible value; ITL pools the token gaps of every request. None: no request
+    had the figure."""
+    lower = rule.op == "<="
+    worst = math.inf if lower else 0.0
+    failed = [worst] * sum(not s.ok for s in samples)
+    ok = [s for s in samples if s.ok]
+    if rule.metric == "itl":
+        gaps = [g / 1000 if rule.unit == "s" else g for s in ok for g in s.itl_ms]
+        values = gaps + failed * max(1, len(gaps) // max(1, len(ok)))  # a failure weighs a request
+    else:
+        values = [v for s in ok if (v := slo_value(s, rule)) is not None] + failed
+    if not values:
+        return None
+    if rule.percentile is None:
+        return max(values) if lower else min(values)
+    return _tail(values, rule.percentile if lower else 100.0 - rule.percentile)
+
+
+def level_check(samples: Sequence[Sample], rules: Sequence[SloRule]
+                ) -> tuple[dict[str, float], tuple[str, ...], tuple[str, ...]]:
+    """(each rule's figure, the rules the level broke, the rules whose
+    percentile needs more requests than the level had). A rule without any
+    figure is broken: nothing shows that it held."""
+    values: dict[str, float] = {}
+    failed, too_few = [], []
+    for rule in rules:
+        value = level_value(samples, rule)
+        if value is None or not rule.passes(value):
+            failed.append(rule.key)
+        if value is not None:
+            values[rule.key] = value
+        if len(samples) < rule.min_requests:
+            too_few.append(rule.key)
+    return values, tuple(failed), tuple(too_few)
+
+
+LATE_SEND_MS = 10.0  # an open-loop request sent later than this after its arrival: client-bound
+
+
+def scheduled_arrivals(n: int, rate_per_s: float, burstiness: float, rng: Any) -> tuple[float, ...]:
+    """Open-loop arrival times in seconds from the start, as vLLM's `bench
+    serve` draws them: the first at 0, then gaps from a gamma distribution of
+    shape `burstiness` and mean 1 / rate (shape 1: a Poisson process; below 1
+    burstier, above 1 more regular). `rng` is a seeded random.Random."""
+    times, t = [], 0.0
+    scale = 1.0 / (rate_per_s * burstiness)
+    for i in range(n):
+        if i:
+            t += rng.gammavariate(burstiness, scale)
+        times.append(t)
+    return tuple(times)
+
+
+def open_loop_aggregate(samples: Sequence[Sample], rate_per_s: float) -> dict[str, Any]:
+    """How well the client kept an open-loop rate: requests sent more than
+    LATE_SEND_MS after their scheduled arrival, the worst lag, the rate it
+    actually sent at. `client_late` marks a level whose TTFT holds the
+    client's own delay (over 1% of its requests late)."""
+    lags = [s.queued_ms for s in samples]
+    late = sum(lag > LATE_SEND_MS for lag in lags)
+    sent = sorted(s.start_s + s.queued_ms / 1000 for s in samples)
+    span = sent[-1] - sent[0] if len(sent) > 1 else 0.0
+    return {"request_rate": rate_per_s, "late_sends": late,
+            "send_lag_max_ms": max(lags, default=0.0),
+            "achieved_rate_rps": (len(sent) - 1) / span if span > 0 else None,
+            "client_late": late > len(samples) // 100}
+
+
 def roofline_tps(spec: ModelSpec, bandwidth_gbs: float) -> float | None:
     """Decode tokens/s ceiling: bandwidth / bytes of active weights (the KV
     cache read is left out, so the true ceiling is a little lower)."""
@@ -2472,13 +2750,13 @@ def plan_scenarios(cfg: RunConfig, spec: ModelSpec) -> list[Scenario]:
         plan.append(Scenario(f"context-{format_token_count(size)}", "context", target,
                              cfg.context_tokens_out, cfg.iterations,
                              requested_tokens_in=size if target != size else None))
+    tin = max(1, min(cfg.throughput_tokens_in,
+                     spec.max_context_tokens - cfg.throughput_tokens_out))
     for c in cfg.concurrency:
-        n = cfg.throughput_requests or max(4 * c, 8)
-        tin = max(1, min(cfg.throughput_tokens_in,
-                         spec.max_context_tokens - cfg.throughput_tokens_out))
+        n = level_requests(cfg, c)
         plan.append(Scenario(f"throughput-c{c}", "throughput", tin, cfg.throughput_tokens_out,
                              n, concurrency=c))
-    return plan
+    return plan + rate_scenarios(cfg, tin)
 
 
 # --- A campaign: the plan, a resume, the time left (pure) -------------------
@@ -2521,6 +2799,10 @@ def config_differences(old: Report, cfg: RunConfig, models: Sequence[ModelSpec])
     context); empty when a resume may continue it."""
     was, now = _plain(dataclasses.asdict(old.config)), _plain(dataclasses.asdict(cfg))
     keys = [*DECIDING_CONFIG, *sorted(k for k in {*was, *now} if k.startswith("slo"))]
+    if was.get("slo") or now.get("slo"):  # what bounds the capacity search
+        keys += ["max_concurrency", "capacity_budget_s"]
+    if was.get("request_rates") or now.get("request_rates"):  # the open-loop schedule
+        keys += ["request_rates", "burstiness", "arrival_seed"]
     diffs = [f"{key}: report {was.get(key)!r}, now {now.get(key)!r}"
              for key in keys if was.get(key) != now.get(key)]
     before = {mr.spec.name: mr.spec for mr in old.models}
@@ -2856,14 +3138,14 @@ async def run_scenario(client: Any, spec: ModelSpec, scenario: Scenario, cfg: Ru
         payloads = [await payload() for _ in range(scenario.requests)]
         stop = asyncio.Event()
         peak_task = asyncio.create_task(_peak_metrics(client, stop))
-        done, duration_s = await run_concurrent(client, payloads, scenario, clock=clock, sleep=sleep,
-                                                measured=samples)
+        done, duration_s = await run_level(client, payloads, scenario, cfg, clock=clock,
+                                           sleep=sleep, measured=samples)
         samples[:] = done  # payload order, not completion order
         stop.set()
         peak = await peak_task
         for i, s in enumerate(samples):
             events.sample(spec.name, scenario, i, s)
-        aggregate = dataclasses.replace(throughput_aggregate(samples, duration_s), **peak)
+        aggregate = level_aggregate(samples, duration_s, scenario, cfg, peak)
         if all(not s.ok for s in samples) and check_alive is not None:
             try:
                 await asyncio.to_thread(check_alive)
@@ -3036,6 +3318,234 @@ async def check_answers(client: Any, result: ModelResult, cfg: RunConfig, events
                           + " and --require-correct-answers is set")
 
 
+def probe_from_samples(concurrency: int, samples: Sequence[Sample], duration_s: float,
+                       rules: Sequence[SloRule]) -> Probe:
+    """One capacity-search level's record, from its requests (pure)."""
+    agg = throughput_aggregate(samples, duration_s)
+    values, failed, too_few = level_check(samples, rules)
+    good = slo_aggregate(samples, duration_s, rules)
+    rates = [s.tps for s in samples if s.ok and s.tps is not None and not s.bursty]
+    return Probe(concurrency=concurrency, requests=len(samples), errors=agg.errors or 0,
+                 duration_s=duration_s, good=good["good_requests"],
+                 goodput_rps=good["goodput_rps"], output_tps=agg.output_tps,
+                 decode_tps=statistics.fmean(rates) if rates else None,
+                 values=values, failed=failed, too_few=too_few)
+
+
+# ---- Capacity under service levels: the search is pure, the probe does I/O ----
+
+
+def next_concurrency(probes: Sequence[Probe], max_concurrency: int) -> int | None:
+    """The next level to probe (pure): 1 first, then doubling while the SLOs
+    hold (up to `max_concurrency`), then bisecting between the highest level
+    that held and the lowest that broke; None when they are adjacent, when 1
+    already broke, or when the bound held."""
+    if not probes:
+        return 1
+    broke = [p.concurrency for p in probes if not p.holds]
+    hi = min(broke) if broke else None
+    lo = max((p.concurrency for p in probes if p.holds and (hi is None or p.concurrency < hi)),
+             default=0)
+    if hi is None:
+        return None if lo >= max_concurrency else min(2 * lo, max_concurrency)
+    return None if hi - lo <= 1 else (lo + hi) // 2
+
+
+def _broken_rule_text(probe: Probe, rules: Sequence[SloRule]) -> str:
+    parts = []
+    for rule in rules:
+        if rule.key in probe.failed:
+            value = probe.values.get(rule.key)
+            shown = ("no value" if value is None else "failed requests" if math.isinf(value)
+                     else f"{value:.3g}")
+            parts.append(f"{rule.key} {shown} (limit {rule.op} {rule.limit:g})")
+    return ", ".join(parts)
+
+
+def capacity_from_probes(probes: Sequence[Probe], slo: str, max_concurrency: int, *,
+                         stopped: str | None = None, budget_s: float | None = None,
+                         elapsed_s: float = 0.0) -> Capacity:
+    """The capacity record of a search (pure): finished, or `stopped` early by
+    "budget" (the next probe would not fit) or "interrupted" (a signal, or the
+    model failed mid-search), when its capacity is at least the level that held."""
+    rules = parse_slo(slo)
+    broke = sorted((p for p in probes if not p.holds), key=lambda p: p.concurrency)
+    first_broke = broke[0] if broke else None
+    hi = first_broke.concurrency if first_broke else None
+    held = [p for p in probes if p.holds and (hi is None or p.concurrency < hi)]
+    best = max(held, key=lambda p: p.concurrency, default=None)
+    lo = best.concurrency if best else 0
+    if first_broke is not None:
+        limited_by = next(r.key for r in rules if r.key in first_broke.failed)
+        detail = f"{hi} streams broke {_broken_rule_text(first_broke, rules)}"
+        step = hi - lo  # type: ignore[operator]
+    elif stopped is not None:
+        why = "the time budget ran out" if stopped == "budget" else "the search was interrupted"
+        limited_by, detail, step = stopped, f"{why} while the SLOs held", lo
+    else:
+        limited_by, step = "max-concurrency", 0
+        detail = f"the SLOs held at --max-concurrency {max_concurrency}"
+    if stopped is not None and first_broke is not None and step > 1:
+        detail += f"; the search stopped ({stopped}) before it closed in (below {hi})"
+    return Capacity(slo=slo, streams=lo, goodput_rps=best.goodput_rps if best else None,
+                    output_tps=best.output_tps if best else None, limited_by=limited_by,
+                    broke_at=hi, step=step, probes=tuple(probes), detail=detail,
+                    budget_s=budget_s, elapsed_s=elapsed_s)
+
+
+async def search_capacity(probe: Callable[[int], Any], slo: str, *, max_concurrency: int,
+                          budget_s: float, clock: Clock = time.monotonic,
+                          probes: list[Probe] | None = None) -> Capacity:
+    """Probe levels chosen by next_concurrency until it says stop, or until the
+    next probe would not fit the time budget (estimated by the last one).
+    `probe(concurrency)` is awaited and returns a Probe: it does the I/O. Each
+    probe is also appended to `probes`, so a caller that is interrupted keeps them."""
+    probes = [] if probes is None else probes
+    t0 = clock()
+    last_s, stopped = 0.0, None
+    while (c := next_concurrency(probes, max_concurrency)) is not None:
+        if probes and clock() - t0 + last_s > budget_s:
+            stopped = "budget"
+            break
+        t = clock()
+        probes.append(await probe(c))
+        last_s = clock() - t
+    return capacity_from_probes(probes, slo, max_concurrency, stopped=stopped,
+                                budget_s=budget_s, elapsed_s=clock() - t0)
+
+
+def level_requests(cfg: RunConfig, streams: int) -> int:
+    """Requests of a throughput level or probe: --throughput-requests, else
+    4 per stream (at least 8), and with --slo at least what the strictest
+    percentile needs (p99: 100), so that it is more than the worst request."""
+    if cfg.throughput_requests:
+        return cfg.throughput_requests
+    need = max((r.min_requests for r in parse_slo(cfg.slo)), default=1) if cfg.slo else 1
+    return max(4 * streams, 8, need)
+
+
+async def run_level(client: Any, payloads: Sequence[bytes], scenario: Scenario, cfg: RunConfig, *,
+                    clock: Clock = time.perf_counter, sleep: Sleep = asyncio.sleep,
+                    measured: list[Sample] | None = None) -> tuple[list[Sample], float]:
+    """A throughput level: `concurrency` streams (closed loop), or arrivals at
+    `request_rate` from the seeded schedule (open loop)."""
+    if scenario.request_rate is None:
+        return await run_concurrent(client, payloads, scenario, clock=clock, sleep=sleep,
+                                    measured=measured)
+    arrivals = scheduled_arrivals(len(payloads), scenario.request_rate, cfg.burstiness,
+                                  random.Random(f"{cfg.arrival_seed}:{scenario.name}"))
+    return await run_open_loop(client, payloads, scenario, arrivals, clock=clock, sleep=sleep,
+                               measured=measured)
+
+
+def level_aggregate(samples: Sequence[Sample], duration_s: float, scenario: Scenario,
+                    cfg: RunConfig, peak: Mapping[str, float]) -> Aggregate:
+    """A level's whole figures, the /metrics peaks, and with --slo its goodput;
+    an open-loop level also says how well the client kept its rate."""
+    aggregate = dataclasses.replace(throughput_aggregate(samples, duration_s), **peak)
+    if scenario.request_rate is not None:
+        aggregate = dataclasses.replace(aggregate,
+                                        **open_loop_aggregate(samples, scenario.request_rate))
+    if cfg.slo:
+        aggregate = dataclasses.replace(aggregate,
+                                        **slo_aggregate(samples, duration_s, parse_slo(cfg.slo)))
+    return aggregate
+
+
+def client_streams(cfg: RunConfig) -> int:
+    """Connections the client must be able to hold at once: the largest
+    throughput level, capacity probe, or open-loop level (whose requests may
+    all be in flight), so that no request waits for a connection."""
+    rates = [sc.requests for sc in rate_scenarios(cfg, 1)]
+    return max(1, *cfg.concurrency, *rates, cfg.max_concurrency if cfg.slo else 1)
+
+
+def rate_scenarios(cfg: RunConfig, tokens_in: int) -> list[Scenario]:
+    """Open-loop levels: about 20 s of arrivals each (at least 16 requests)."""
+    out = []
+    for rate in cfg.request_rates or ():
+        n = cfg.throughput_requests or max(level_requests(cfg, 1), 16, math.ceil(20 * rate))
+        out.append(Scenario(f"rate-{rate:g}", "throughput", tokens_in, cfg.throughput_tokens_out,
+                            n, concurrency=n, request_rate=rate))
+    return out
+
+
+async def run_open_loop(client: Any, payloads: Sequence[bytes], scenario: Scenario,
+                        arrivals_s: Sequence[float], *, clock: Clock = time.perf_counter,
+                        sleep: Sleep = asyncio.sleep,
+                        measured: list[Sample] | None = None) -> tuple[list[Sample], float]:
+    """Send payload i at `arrivals_s[i]` after the start, whatever the server
+    is doing (open loop). TTFT counts from the scheduled arrival, so a server
+    that falls behind shows it; a request the client itself sent late has the
+    lag in its `queued_ms`. Returns the samples in payload order and the wall time."""
+    got: list[tuple[RawStream | Sample, float] | None] = [None] * len(payloads)
+    t_start = clock()
+
+    async def one(i: int) -> None:
+        t_scheduled = t_start + arrivals_s[i]
+        if (wait := t_scheduled - clock()) > 0:
+            await sleep(wait)
+        got[i] = (await stream_chat(client, payloads[i], scenario.target_tokens_out, clock=clock,
+                                    t_scheduled=t_scheduled, sleep=sleep), arrivals_s[i])
+
+    try:
+        await asyncio.gather(*(one(i) for i in range(len(payloads))))
+    finally:
+        done = [dataclasses.replace(r if isinstance(r, Sample) else r.measure(),
+                                    start_s=start_s) for r, start_s in filter(None, got)]
+        if measured is not None:
+            measured.extend(done)
+    ends = [s.start_s + (s.total_s or 0.0) for s in done if s.ok]
+    return done, (max(ends) if ends else clock() - t_start)
+
+
+async def capacity_probe(client: Any, spec: ModelSpec, cfg: RunConfig, builder: PromptBuilder,
+                         concurrency: int, *, clock: Clock = time.perf_counter,
+                         sleep: Sleep = asyncio.sleep,
+                         check_alive: Callable[[], None] | None = None) -> Probe:
+    """One closed-loop level of the capacity search (the I/O side)."""
+    rules = parse_slo(cfg.slo or "")
+    tin = max(1, min(cfg.throughput_tokens_in, spec.max_context_tokens - cfg.throughput_tokens_out))
+    n = level_requests(cfg, concurrency)
+    scenario = Scenario(f"capacity-c{concurrency}", "throughput", tin, cfg.throughput_tokens_out,
+                        n, concurrency=concurrency)
+    payloads = []
+    for _ in range(n):
+        nonce = new_nonce()
+        messages, _ = await builder.build(tin, nonce)
+        payloads.append(chat_payload(spec.model_id, messages, scenario.target_tokens_out,
+                                     cfg.temperature, spec.chat_template_kwargs, nonce))
+    samples, duration_s = await run_concurrent(client, payloads, scenario, clock=clock,
+                                               sleep=sleep)
+    if all(not s.ok for s in samples) and check_alive is not None:
+        await asyncio.to_thread(check_alive)  # a dead container ends the model, not the level
+    return probe_from_samples(concurrency, samples, duration_s, rules)
+
+
+async def find_capacity(client: Any, spec: ModelSpec, cfg: RunConfig, builder: PromptBuilder,
+                        events: Events, *, clock: Clock = time.perf_counter,
+                        sleep: Sleep = asyncio.sleep,
+                        check_alive: Callable[[], None] | None = None,
+                        probes: list[Probe] | None = None) -> Capacity:
+    """The capacity search of one model, telling `events` about each probe
+    (each also appended to `probes`, see search_capacity)."""
+    assert cfg.slo is not None
+    rules = parse_slo(cfg.slo)
+
+    async def probe(c: int) -> Probe:
+        p = await capacity_probe(client, spec, cfg, builder, c, clock=clock, sleep=sleep,
+                                 check_alive=check_alive)
+        verdict = "held" if p.holds else f"broke {_broken_rule_text(p, rules)}"
+        few = f" (too few requests for {', '.join(p.too_few)})" if p.too_few else ""
+        events.info(f"  capacity probe {c} streams, {p.requests} requests: {verdict}{few}")
+        return p
+
+    events.info(f"{spec.name}: capacity search under {cfg.slo} (up to {cfg.max_concurrency} "
+                f"streams, {cfg.capacity_budget_s:g} s)")
+    return await search_capacity(probe, cfg.slo, max_concurrency=cfg.max_concurrency,
+                                 budget_s=cfg.capacity_budget_s, clock=clock, probes=probes)
+
+
 async def benchmark_model(client: Any, result: ModelResult, cfg: RunConfig, events: Events, *,
                           check_alive: Callable[[], None] | None = None,
                           clock: Clock = time.perf_counter, sleep: Sleep = asyncio.sleep) -> None:
@@ -3080,6 +3590,17 @@ async def benchmark_model(client: Any, result: ModelResult, cfg: RunConfig, even
             failures_left -= sr.failed
         result.scenarios.append(sr)
         events.scenario_done(result, sr)
+    if cfg.slo:
+        probes: list[Probe] = []
+        try:
+            result.capacity = await find_capacity(client, spec, cfg, builder, events, clock=clock,
+                                                  sleep=sleep, check_alive=check_alive,
+                                                  probes=probes)
+        except BaseException:  # interrupted or failed mid-search: keep what the probes showed
+            if probes:
+                result.capacity = capacity_from_probes(probes, cfg.slo, cfg.max_concurrency,
+                                                       stopped="interrupted")
+            raise
 
 
 # ============================================================================
@@ -3142,6 +3663,38 @@ def ranked_metrics(kind: str) -> tuple[str, ...]:
     if kind == "context":
         return ("ttft_ms", "prefill_tps", "total_s")
     return ("ttft_ms", "tps")
+
+
+@dataclass(frozen=True)
+class CapacityRanking:
+    """The model that serves the most streams under the SLOs, or a tie.
+
+    `close`: the two capacities lie within one probe step of each other (the
+    larger step of the two searches, at least 1), so the search cannot tell
+    them apart; `bounded`: both held at --max-concurrency, so both are at
+    least that and neither is known to be better."""
+
+    best: str
+    runner_up: str
+    best_streams: int
+    runner_up_streams: int
+    close: bool
+    bounded: bool = False
+
+
+def rank_capacity(models: Sequence[ModelResult]) -> CapacityRanking | None:
+    """Rank the models' capacities (None: fewer than two have one); a model
+    whose known-answer check was wrong is left out, as rank() leaves it out."""
+    entries = [mr for mr in models if mr.capacity is not None and mr.ranked]
+    if len(entries) < 2:
+        return None
+    entries.sort(key=lambda mr: mr.capacity.streams, reverse=True)  # type: ignore[union-attr]
+    a, b = entries[0].capacity, entries[1].capacity
+    assert a is not None and b is not None
+    bounded = a.limited_by == b.limited_by == "max-concurrency"
+    close = bounded or a.streams - b.streams <= max(a.step, b.step, 1)
+    return CapacityRanking(entries[0].spec.name, entries[1].spec.name, a.streams, b.streams,
+                           close, bounded)
 
 
 def scenario_names(models: Sequence[ModelResult]) -> list[tuple[str, str]]:
@@ -3237,7 +3790,9 @@ def record_from_dict(cls: type, data: Mapping[str, Any], tuples: Iterable[str] =
 
 
 ABSENT_IF_NONE = {  # fields whose key a report leaves out while unknown
-    Aggregate: ("peak_kv_cache_usage_perc", "peak_requests_waiting"),
+    Aggregate: ("peak_kv_cache_usage_perc", "peak_requests_waiting", "good_requests",
+                "goodput_rps", "request_rate", "late_sends", "send_lag_max_ms",
+                "achieved_rate_rps", "client_late"),
     ServerDelta: ("kv_cache_usage_perc",),
     Lifecycle: tuple(f.name for f in dataclasses.fields(Lifecycle)),
     Environment: tuple(f.name for f in dataclasses.fields(Environment)),
@@ -3265,6 +3820,7 @@ def scenario_to_dict(sr: ScenarioResult) -> dict[str, Any]:
         "target_tokens_in": sc.target_tokens_in, "requested_tokens_in": sc.requested_tokens_in,
         "clamped": sc.clamped, "target_tokens_out": sc.target_tokens_out,
         "requests": sc.requests, "concurrency": sc.concurrency,
+        "request_rate": sc.request_rate,
         "samples": [sample_to_dict(s) for s in sr.samples],
         "summary": {k: stat_to_dict(v) for k, v in sr.summary.items()},
         "aggregate": (record_to_dict(sr.aggregate, ABSENT_IF_NONE[Aggregate], 3)
@@ -3290,6 +3846,7 @@ def model_to_dict(mr: ModelResult, bandwidth_gbs: float) -> dict[str, Any]:
                      "achieved_pct": _round(100 * tps.mean / ceiling, 1) if ceiling and tps else None},
         "answer_check": answer_check_to_dict(mr.answer_check),
         "scenarios": [scenario_to_dict(sr) for sr in mr.scenarios],
+        "capacity": capacity_to_dict(mr.capacity) if mr.capacity else None,
     }
 
 
@@ -3297,6 +3854,38 @@ def answer_check_to_dict(check: AnswerCheck | None) -> dict[str, Any] | None:
     if check is None:
         return None
     return {"ok": check.ok, **dataclasses.asdict(check)}
+
+
+def capacity_to_dict(cap: Capacity) -> dict[str, Any]:
+    """The `capacity` of a model record: streams, goodput_rps, output_tps,
+    limited_by (docs/metrics.md), then how the search got there."""
+    probes = [{"concurrency": p.concurrency, "requests": p.requests, "errors": p.errors,
+               "duration_s": _round(p.duration_s), "good_requests": p.good,
+               "goodput_rps": _round(p.goodput_rps), "output_tps": _round(p.output_tps),
+               "decode_tps": _round(p.decode_tps), "holds": p.holds,
+               "values": {k: None if math.isinf(v) else _round(v) for k, v in p.values.items()},
+               "failed": list(p.failed), "too_few": list(p.too_few)} for p in cap.probes]
+    return {"streams": cap.streams, "goodput_rps": _round(cap.goodput_rps),
+            "output_tps": _round(cap.output_tps), "limited_by": cap.limited_by,
+            "broke_at": cap.broke_at, "step": cap.step, "detail": cap.detail, "slo": cap.slo,
+            "budget_s": cap.budget_s, "elapsed_s": _round(cap.elapsed_s), "probes": probes}
+
+
+def capacity_from_dict(data: Mapping[str, Any]) -> Capacity:
+    _check_numbers(data, ("streams", "goodput_rps", "output_tps", "step"), "capacity")
+    probes = tuple(Probe(
+        concurrency=p["concurrency"], requests=p["requests"], errors=p.get("errors", 0),
+        duration_s=p.get("duration_s", 0.0), good=p.get("good_requests", 0),
+        goodput_rps=p.get("goodput_rps"), output_tps=p.get("output_tps"),
+        decode_tps=p.get("decode_tps"),
+        values={k: math.inf if v is None else v for k, v in (p.get("values") or {}).items()},
+        failed=tuple(p.get("failed") or ()), too_few=tuple(p.get("too_few") or ()))
+        for p in data.get("probes") or ())
+    return Capacity(slo=data["slo"], streams=data["streams"], goodput_rps=data.get("goodput_rps"),
+                    output_tps=data.get("output_tps"), limited_by=data["limited_by"],
+                    broke_at=data.get("broke_at"), step=data.get("step", 0), probes=probes,
+                    detail=data.get("detail", ""), budget_s=data.get("budget_s"),
+                    elapsed_s=data.get("elapsed_s", 0.0))
 
 
 def report_to_dict(report: Report) -> dict[str, Any]:
@@ -3360,7 +3949,8 @@ def scenario_from_dict(data: Mapping[str, Any], where: str) -> ScenarioResult:
     scenario = Scenario(
         name=data["name"], kind=data["kind"], target_tokens_in=data.get("target_tokens_in"),
         target_tokens_out=data["target_tokens_out"], requests=data["requests"],
-        concurrency=data.get("concurrency", 1), requested_tokens_in=data.get("requested_tokens_in"))
+        concurrency=data.get("concurrency", 1), requested_tokens_in=data.get("requested_tokens_in"),
+        request_rate=data.get("request_rate"))
     where = f"{where}/{scenario.name}"
     aggregate, server = data.get("aggregate"), data.get("server_metrics")
     if aggregate is not None:  # only what compare reads: a newer text field is no damage
@@ -3395,7 +3985,8 @@ def model_from_dict(data: Mapping[str, Any]) -> ModelResult:
                        server=record_from_dict(ServerInfo, server) if server else None,
                        lifecycle=lifecycle_from_dict(data.get("lifecycle") or {}),
                        scenarios=[scenario_from_dict(s, spec.name) for s in data["scenarios"]],
-                       answer_check=answer_check_from_dict(data.get("answer_check")))
+                       answer_check=answer_check_from_dict(data.get("answer_check")),
+                       capacity=capacity_from_dict(data["capacity"]) if data.get("capacity") else None)
 
 
 def answer_check_from_dict(data: Any) -> AnswerCheck | None:
@@ -3409,7 +4000,8 @@ def answer_check_from_dict(data: Any) -> AnswerCheck | None:
 
 # RunConfig fields added after schema_version 1 was first written: None
 # (unknown) when an older report is read back.
-CONFIG_ADDED = ("answer_check", "require_correct_answers")
+CONFIG_ADDED = ("answer_check", "require_correct_answers", "slo", "max_concurrency",
+                "capacity_budget_s", "request_rates", "burstiness", "arrival_seed")
 
 
 def report_from_dict(data: Mapping[str, Any]) -> Report:
@@ -3920,8 +4512,11 @@ def scenario_table(models: Sequence[ModelResult], winners: ScenarioWinners,
     results = {mr.spec.name: sr for mr in models for sr in mr.scenarios if sr.scenario.name == name}
     thinking = any(_answers_late(scenario_stat(mr, name, "ttft_ms"), scenario_stat(mr, name, "ttfo_ms"))
                    for mr in models)
+    goodput = any(sr.aggregate is not None and sr.aggregate.good_requests is not None
+                  for sr in results.values())
     if kind == "throughput":
-        headers = ("Model", "Streams", "Output (tok/s)", "Req/s", "Decode/stream (tok/s)",
+        headers = ("Model", "Streams", "Output (tok/s)", "Req/s",
+                   *(("Goodput (req/s)",) if goodput else ()), "Decode/stream (tok/s)",
                    "TTFT p50 (ms)", "p90", "p99", "Server queue (ms)", "Peak KV", "Errors")
     elif kind == "context":
         headers = ("Model", "Tokens in", "TTFT (ms)", "Server TTFT (ms)", "Prefill (tok/s)",
@@ -3960,9 +4555,16 @@ def scenario_table(models: Sequence[ModelResult], winners: ScenarioWinners,
         if kind == "throughput":
             agg = sr.aggregate or Aggregate()
             ttft = sr.summary.get("ttft_ms")
-            rows.append((label, str(sr.scenario.concurrency), fmt_num(agg.output_tps, 1),
-                         fmt_num(agg.requests_per_s, 2), decode,
-                         fmt_num(ttft.median if ttft else None), fmt_num(ttft.p90 if ttft else None),
+            late = _late_note(mr.spec.name, sr)
+            if late:
+                notes.append(late)
+            streams = (f"open, {sr.scenario.request_rate:g}/s" if sr.scenario.request_rate
+                       else str(sr.scenario.concurrency))
+            rows.append((label, streams, fmt_num(agg.output_tps, 1),
+                         fmt_num(agg.requests_per_s, 2),
+                         *((fmt_num(agg.goodput_rps, 2),) if goodput else ()), decode,
+                         fmt_num(ttft.median if ttft else None) + (" (late)" if late else ""),
+                         fmt_num(ttft.p90 if ttft else None),
                          fmt_num(ttft.p99 if ttft else None), fmt_num(server.queue_mean_ms),
                          fmt_pct(agg.peak_kv_cache_usage_perc), str(agg.errors or 0)))
         elif kind == "context":
@@ -3992,6 +4594,66 @@ def scenario_table(models: Sequence[ModelResult], winners: ScenarioWinners,
     sc = next(sr.scenario for sr in results.values()) if results else None
     title = f"{describe_scenario(sc)}" if sc else name
     return TextTable(title, headers, tuple(rows), tuple(dict.fromkeys(notes)))
+
+
+def _late_note(model: str, sr: ScenarioResult) -> str | None:
+    """An open-loop level the client could not keep: its TTFT holds the
+    client's own delay in sending, which is not the server's latency."""
+    agg = sr.aggregate or Aggregate()
+    if not agg.client_late:
+        return None
+    return (f"(late) {model}: the client sent {agg.late_sends} of {len(sr.samples)} requests "
+            f"more than {LATE_SEND_MS:g} ms after their scheduled arrival (worst "
+            f"{fmt_num(agg.send_lag_max_ms)} ms): it could not keep "
+            f"{sr.scenario.request_rate:g} req/s, so this TTFT holds the client's delay too")
+
+
+def capacity_line(name: str, cap: Capacity) -> str:
+    """'m: capacity 12 streams (goodput 3.1 req/s, output 610 tok/s); 16 streams broke ...'."""
+    if cap.streams == 0:
+        return f"{name}: capacity 0 streams: even 1 stream is too many; {cap.detail}"
+    more = "at least " if cap.limited_by in ("max-concurrency", "budget", "interrupted") else ""
+    return (f"{name}: capacity {more}{cap.streams} streams (goodput {fmt_num(cap.goodput_rps, 2)} "
+            f"req/s, output {fmt_num(cap.output_tps)} tok/s); {cap.detail}")
+
+
+def format_capacity_ranking(r: CapacityRanking) -> str:
+    if r.bounded:
+        return (f"Capacity: {r.best} and {r.runner_up} both held at --max-concurrency "
+                f"{r.best_streams}: raise it to tell them apart")
+    if r.close:
+        return (f"Capacity: {r.best} ({r.best_streams} streams) and {r.runner_up} "
+                f"({r.runner_up_streams}) are within one probe step of each other: no clear winner")
+    ratio = f": {r.best_streams / r.runner_up_streams:.2f}x" if r.runner_up_streams else ""
+    return (f"Capacity: {TROPHY} {r.best} {r.best_streams} streams{ratio} the streams of "
+            f"{r.runner_up} ({r.runner_up_streams})")
+
+
+def capacity_table(models: Sequence[ModelResult]) -> TextTable | None:
+    """Capacity under the SLOs: a row per model that was searched, the answer
+    as a sentence per model, probes with too few requests, the ranking."""
+    searched = [mr for mr in models if mr.capacity is not None]
+    if not searched:
+        return None
+    rows, notes = [], []
+    for mr in searched:
+        cap = mr.capacity
+        assert cap is not None
+        rows.append((mr.spec.name, str(cap.streams), fmt_num(cap.goodput_rps, 2),
+                     fmt_num(cap.output_tps, 1), "-" if cap.broke_at is None else str(cap.broke_at),
+                     cap.limited_by, " ".join(str(p.concurrency) for p in cap.probes)))
+        notes.append(capacity_line(mr.spec.name, cap))
+        few = sorted({k for p in cap.probes for k in p.too_few})
+        if few:
+            small = min(p.requests for p in cap.probes if p.too_few)
+            notes.append(f"(few) {mr.spec.name}: some probes had too few requests for "
+                         f"{', '.join(few)} (as few as {small}): there the percentile is close "
+                         "to the worst request (raise --throughput-requests)")
+    if (r := rank_capacity(models)) is not None:
+        notes.append(format_capacity_ranking(r))
+    return TextTable(f"Capacity under {searched[0].capacity.slo}",  # type: ignore[union-attr]
+                     ("Model", "Capacity (streams)", "Goodput (req/s)", "Output (tok/s)",
+                      "Broke at", "Limited by", "Probes"), tuple(rows), tuple(notes))
 
 
 def render_table(table: TextTable, styled: bool) -> str:
@@ -4042,7 +4704,8 @@ def format_results(report: Report, styled: bool = False,
     for sw in winners:
         table = scenario_table(report.models, sw, cfg.bandwidth_gbs)
         parts.append(render_table(mark_flagged(table, flags), styled))
-    for extra in (decode_detail_table(report.models), prefill_curve_table(report.models)):
+    for extra in (decode_detail_table(report.models), prefill_curve_table(report.models),
+                  capacity_table(report.models)):
         if extra is not None:
             parts.append(render_table(extra, styled))
     parts.append(format_summary(report))
@@ -4578,6 +5241,9 @@ def format_markdown(report: Report, comparison: Comparison | None = None,
                          flagged_models(report))  # results of a part run elsewhere
         parts.append(f"### {t.title}\n\n{markdown_table(t.headers, t.rows)}"
                      + (f"\n{_md_notes(t.notes)}" if t.notes else ""))
+    if (cap := capacity_table(report.models)) is not None:
+        parts.append(f"### {cap.title}\n\n{markdown_table(cap.headers, cap.rows)}\n"
+                     f"{_md_notes(cap.notes)}")
     parts.append("### Models\n\n" + "".join(f"- {_md_cell(_status_line(mr))}\n"
                                             for mr in report.models))
     if report.interrupted:
@@ -4639,6 +5305,7 @@ class Chart:
     series: tuple[Series, ...]
     categories: tuple[str, ...] = ()  # bars: the x tick labels
     x_format: str = "plain"  # "plain" | "kilo" (1000 -> 1k) | "log2" (concurrency levels)
+    hlines: tuple[tuple[float, str], ...] = ()  # (y, label): a reference line, e.g. an SLO
 
 
 CHART_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
@@ -4681,6 +5348,7 @@ def chart_data(report: Report, baseline: Report | None = None) -> tuple[Chart, .
                                   tuple(_stat_err(p[1]) for p in points), color[mr.spec.name], is_base))
         levels = sorted((sr.scenario.concurrency, sr.aggregate.output_tps) for sr in mr.scenarios
                         if sr.scenario.kind == "throughput" and sr.aggregate
+                        and sr.scenario.request_rate is None
                         and isinstance(sr.aggregate.output_tps, (int, float)))
         if levels:
             throughput.append(Series(label(mr, is_base), tuple(float(c) for c, _ in levels),
@@ -4705,7 +5373,60 @@ def chart_data(report: Report, baseline: Report | None = None) -> tuple[Chart, .
         charts.append(Chart("throughput", "line", "Throughput against concurrency",
                             "Concurrent streams",
                             "Output (tok/s, all streams)", tuple(throughput), x_format="log2"))
+    if (pareto := pareto_chart(report)) is not None:
+        charts.append(pareto)
     return tuple(charts)
+
+
+def slo_decode_floor(slo: str | None) -> tuple[float, str] | None:
+    """The per-user decode rate the SLOs ask for, as a line on the Pareto
+    chart: decode_tps>=X directly, or 1000 / X for tpot..._ms<=X (the
+    strictest of them); None without such a rule."""
+    if not slo:
+        return None
+    floors = []
+    for r in parse_slo(slo):
+        if r.metric == "decode_tps":
+            floors.append((r.limit, r.text))
+        elif r.metric == "tpot":
+            floors.append(((1000.0 if r.unit == "ms" else 1.0) / r.limit, r.text))
+    if not floors:
+        return None
+    y, rule = max(floors)
+    return y, f"SLO {rule} ({y:,.1f} tok/s per user)"
+
+
+def pareto_chart(report: Report) -> Chart | None:
+    """The throughput-latency (Pareto) view: per model, each concurrency
+    level's mean per-user decode tokens/s against its aggregate output
+    tokens/s, from the throughput levels (and the capacity probes at levels
+    they lack), joined in order of concurrency, with the SLO's decode floor
+    drawn in. The best trade-offs lie up and to the right. Drawn for a run
+    with --slo, whose capacity probes give every model its curve."""
+    if not report.config.slo:
+        return None
+    series = []
+    for i, mr in enumerate(report.models):
+        points: dict[int, tuple[float, float]] = {}
+        for p in mr.capacity.probes if mr.capacity else ():
+            if p.output_tps is not None and p.decode_tps is not None:
+                points[p.concurrency] = (p.output_tps, p.decode_tps)
+        for sr in mr.scenarios:
+            tps = sr.summary.get("tps")
+            out = sr.aggregate.output_tps if sr.aggregate else None
+            if (sr.scenario.kind == "throughput" and sr.scenario.request_rate is None and tps
+                    and isinstance(out, (int, float))):
+                points[sr.scenario.concurrency] = (float(out), tps.mean)
+        if points:
+            xy = [points[c] for c in sorted(points)]
+            series.append(Series(mr.spec.name, tuple(x for x, _ in xy), tuple(y for _, y in xy),
+                                 None, i % len(CHART_COLORS)))
+    if not series:
+        return None
+    floor = slo_decode_floor(report.config.slo)
+    return Chart("pareto", "line", "Throughput against per-user speed (Pareto)",
+                 "Output (tok/s, all streams)", "Decode per user (tok/s, mean)", tuple(series),
+                 hlines=(floor,) if floor else ())
 
 
 def draw_chart(chart: Chart) -> Any:
@@ -4737,6 +5458,8 @@ def draw_chart(chart: Chart) -> Any:
                         marker="s" if s.baseline else "o", linestyle="--" if s.baseline else "-",
                         alpha=0.6 if s.baseline else 1.0, capsize=4, linewidth=2, markersize=6)
         ax.grid(True, alpha=0.3)
+    for y, text in chart.hlines:
+        ax.axhline(y, color="#57606a", linestyle=":", linewidth=1.5, label=text)
     if chart.x_format == "kilo":
         ax.set_xlim(left=0)
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1000:g}k" if v else "0"))
@@ -4889,6 +5612,9 @@ def format_html(report: Report, charts: Mapping[str, bytes], comparison: Compari
                          flagged_models(report))  # results of a part run elsewhere
         parts.append(f"<h3>{escape(t.title)}</h3>")
         parts.append(_html_table(t.headers, t.rows) + _html_notes(t.notes))
+    if (cap := capacity_table(report.models)) is not None:
+        parts.append(f"<h3>{escape(cap.title)}</h3>")
+        parts.append(_html_table(cap.headers, cap.rows) + _html_notes(cap.notes))
     parts.append("<h2>Models</h2>")
     parts.append(_html_notes(_status_line(mr) for mr in report.models).replace(' class="notes"', ""))
     if report.interrupted:
@@ -5464,10 +6190,43 @@ def _int_list(text: str) -> tuple[int, ...]:
     return values
 
 
+def _rate_list(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(_positive_float(t) for t in text.split(",") if t.strip())
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected rates in requests/s like 0.5,1,2, got {text!r}"
+                                         ) from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one rate")
+    return values
+
+
+def _slo_rules(text: str) -> str:
+    """--slo: checked here, kept as text (the report's config records it as given)."""
+    try:
+        parse_slo(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return ",".join(p.strip() for p in text.split(",") if p.strip())
+
+
 def _model_help(models: Sequence[ModelSpec]) -> str:
     rows = [f"  {m.name:<20} {m.service or '-':<26} {m.model_id} ({m.max_context_tokens} ctx)"
             for m in models]
     return "models (name for --skip/--only, service, model id):\n" + "\n".join(rows)
+
+
+def add_slo_options(p: argparse.ArgumentParser) -> None:
+    """--slo and the bounds of the capacity search."""
+    slo = p.add_argument_group("service levels and capacity")
+    slo.add_argument("--slo", type=_slo_rules, metavar="RULES",
+                     help=f"service levels, e.g. {SLO_EXAMPLE} (also itl_p99_ms, e2e_p99_s, "
+                          "decode_tps>=N; no _pNN: every request): goodput in the throughput "
+                          "tables, and a capacity search per model (docs/metrics.md)")
+    slo.add_argument("--max-concurrency", type=_positive_int, metavar="N",
+                     help="the capacity search's upper bound in streams (default 256)")
+    slo.add_argument("--capacity-budget", type=_positive_float, metavar="SECONDS",
+                     help="time the capacity search may take per model (default 900)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -5501,7 +6260,14 @@ def build_parser() -> argparse.ArgumentParser:
                       help="also run a throughput test at these numbers of parallel streams, "
                            "e.g. 1,4,16,64 (default: off)")
     what.add_argument("--throughput-requests", type=_positive_int, metavar="N",
-                      help="requests per concurrency level (default: 4 x level, at least 8)")
+                      help="requests per concurrency level (default: 4 x level, at least 8, and "
+                           "with --slo at least what its percentiles need: 100 for p99)")
+    what.add_argument("--request-rate", type=_rate_list, default=(), metavar="LIST",
+                      help="also run open-loop levels at these arrival rates (requests/s), "
+                           "e.g. 0.5,1,2: Poisson arrivals, TTFT from the scheduled arrival")
+    what.add_argument("--burstiness", type=_positive_float, default=1.0, metavar="SHAPE",
+                      help="gamma shape of the open-loop arrival gaps, as vLLM's bench serve "
+                           "(default 1: Poisson; below 1 burstier, above 1 more regular)")
     what.add_argument("--hardware", choices=sorted(HARDWARE_BANDWIDTH_GBS), default="dgx-spark",
                       help="memory bandwidth profile for the decode roofline (default dgx-spark)")
     what.add_argument("--bandwidth-gbs", type=_positive_float, metavar="GBS",
@@ -5512,6 +6278,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "(exit 1), instead of showing its figures unranked")
     check.add_argument("--no-answer-check", action="store_true",
                        help="skip the known-answer check at warm-up (recorded in the report)")
+    add_slo_options(p)
     env = p.add_argument_group("where and how long")
     env.add_argument("--compose-file", type=Path, default=Path("docker-compose.yml"), metavar="PATH",
                      help="compose file with the model services (default docker-compose.yml)")
@@ -5557,6 +6324,11 @@ def make_plan(args: argparse.Namespace, environ: Mapping[str, str] = os.environ)
     api_key = args.api_key or environ.get("VLLM_API_KEY") or environ.get("OPENAI_API_KEY") or None
     if args.max_failures < 0:
         raise UsageError(f"--max-failures must be >= 0, got {args.max_failures} (see --help)")
+    for flag, value in (("--max-concurrency", args.max_concurrency),
+                        ("--capacity-budget", args.capacity_budget)):
+        if value is not None and args.slo is None:
+            raise UsageError(f"{flag} bounds the capacity search, which needs service levels: "
+                             f"add --slo, e.g. --slo {SLO_EXAMPLE}")
     compose = None
     if args.endpoint is not None:  # an empty --endpoint "$URL" must not start containers
         base_url = check_endpoint_url(args.endpoint)
@@ -5582,7 +6354,10 @@ def make_plan(args: argparse.Namespace, environ: Mapping[str, str] = os.environ)
         hardware="custom" if args.bandwidth_gbs else args.hardware, bandwidth_gbs=hardware_bw,
         compose_file=str(args.compose_file) if compose else None,
         endpoint=base_url if args.endpoint is not None else None,
-        models=tuple(m.name for m in models))
+        models=tuple(m.name for m in models), slo=args.slo,
+        max_concurrency=args.max_concurrency or RunConfig.max_concurrency,
+        capacity_budget_s=args.capacity_budget or RunConfig.capacity_budget_s,
+        request_rates=tuple(args.request_rate), burstiness=args.burstiness)
     plan = Plan(cfg, tuple(models), tuple(table), compose, base_url, args.report_dir, api_key,
                 baseline=baseline, exports=exports)
     return campaign_plan(plan, args)
@@ -6001,7 +6776,7 @@ async def measure_model(plan: Plan, result: ModelResult, events: Events, *,
     """Wait for the server (when we started it: `service`, on the same
     `clock`), then benchmark the model; every wait goes through `sleep`."""
     cfg = plan.cfg
-    streams = max(cfg.concurrency, default=1)
+    streams = client_streams(cfg)
     watch = service.watch if service else None
     async with http_client(plan.base_url, plan.api_key, cfg.request_timeout_s, streams) as client:
         check_alive = watch.check_alive if watch else None

@@ -61,7 +61,9 @@ Output length and timing
 As with uvicorn, the ``200`` head is sent at once.  The first SSE event (the
 role chunk) and the first token chunk are sent together when the prefill is
 over, at ``arrival + queueing + ttft_s + prefill_s_per_token * uncached``;
-later chunks follow every ``itl_s`` on a fixed schedule (no drift).  The
+later chunks follow every ``itl_s`` on a fixed schedule (no drift), plus
+``itl_s_per_running`` for each request running at the time (an engine whose
+step grows with its batch: a known law, so a known capacity under a TPOT limit).  The
 server-side TTFT in ``/metrics`` runs from arrival to the first token's
 generation (its write, unless ``burst_events`` holds writes back).
 
@@ -308,6 +310,10 @@ class StandinConfig:
     ttft_s: float = 0.0  # fixed delay before the first generated token
     prefill_s_per_token: float = 0.0  # extra delay per prompt token not cached
     itl_s: float = 0.0  # delay between token chunks
+    # A batching engine's step grows with its batch: each gap between token
+    # chunks is itl_s + itl_s_per_running * (requests running at the time), so
+    # under a TPOT limit the number of streams that fit follows from the law.
+    itl_s_per_running: float = 0.0
     tokens_per_chunk: int = 1  # tokens carried by one chunk's delta
     # Token events per socket write, each still its own HTTP chunk (as uvicorn
     # frames them): 1 sends each when it is generated; N > 1 holds N and
@@ -681,6 +687,10 @@ class _State:
         with self.cond:
             if request_id in self.running:
                 self.running[request_id] = tokens
+
+    def running_count(self) -> int:
+        with self.cond:
+            return len(self.running)
 
     def release(self, request_id: str) -> None:
         with self.cond:
@@ -1249,6 +1259,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _wait_next_chunk(self, job: _Job) -> None:
         """Sleep once per chunk, on a fixed schedule that absorbs small delays."""
         itl = job.cfg.itl_s
+        if job.cfg.itl_s_per_running:
+            itl += job.cfg.itl_s_per_running * self.state.running_count()
         late = job.last_sent - job.next_target
         base = job.next_target if late < max(itl, 0.001) else job.last_sent
         job.next_target = base + itl
@@ -1604,6 +1616,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ttft-s", type=float, default=0.0)
     p.add_argument("--prefill-s-per-token", type=float, default=0.0)
     p.add_argument("--itl-s", type=float, default=0.0)
+    p.add_argument("--itl-s-per-running", type=float, default=0.0)
     p.add_argument("--tokens-per-chunk", type=int, default=1)
     p.add_argument("--burst-events", type=int, default=1,
                    help="token events per write; 0: the whole answer at the end")
@@ -1655,7 +1668,8 @@ def main(argv: list[str] | None = None) -> int:
     config = StandinConfig(
         model=args.model, max_model_len=args.max_model_len, version=args.version_string,
         load_s=args.load_s, ttft_s=args.ttft_s, prefill_s_per_token=args.prefill_s_per_token,
-        itl_s=args.itl_s, tokens_per_chunk=args.tokens_per_chunk,
+        itl_s=args.itl_s, itl_s_per_running=args.itl_s_per_running,
+        tokens_per_chunk=args.tokens_per_chunk,
         burst_events=args.burst_events,
         reasoning_tokens=args.reasoning_tokens, reasoning_field=args.reasoning_field,
         eos_after_tokens=args.eos_after_tokens, prefix_caching=not args.no_prefix_caching,

@@ -414,7 +414,7 @@ def test_the_caching_service_would_flatter_a_repeated_prompt_but_not_a_new_head_
 class BareVllm:
     """`vllm serve` in its own process group, its output in a log file."""
 
-    def __init__(self, log_path: Path):
+    def __init__(self, log_path: Path, extra_args: tuple[str, ...] = ()):
         self.port = free_port()
         self.log_path = log_path
         argv = [str(VENV / "bin" / "vllm"), "serve", str(TINY_MODEL), "--served-model-name", "tiny",
@@ -422,7 +422,7 @@ class BareVllm:
                 "--host", "127.0.0.1", "--port", str(self.port),
                 # The tiny model's template plus Qwen3's enable_thinking switch
                 # (for test_chat_template_kwargs_reach_the_template_and_the_report).
-                "--chat-template", str(THINKING_TEMPLATE)]
+                "--chat-template", str(THINKING_TEMPLATE), *extra_args]
         with open(log_path, "wb") as log:
             self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, start_new_session=True,
