@@ -6793,6 +6793,10 @@ async def measure_model(plan: Plan, result: ModelResult, events: Events, *,
                 await watch_live_reads(events, benchmark_model(client, result, cfg, events,
                                                                check_alive=check_alive,
                                                                clock=clock, sleep=sleep))
+            except ModelFailed:
+                if check_alive is not None:  # a dead container is the real reason: say it
+                    await asyncio.to_thread(check_alive)
+                raise
             finally:
                 tokens = sum(s.tokens_out or 0 for sr in result.scenarios for s in sr.samples if s.ok)
                 if (summary := power.summary(tokens)) is not None:
