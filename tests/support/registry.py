@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import shutil
 import socket
@@ -35,6 +36,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 REGISTRY_BIN = os.environ.get("PERFTEST_REGISTRY_BIN", "/usr/bin/docker-registry")
@@ -235,6 +237,22 @@ def push_test_image(registry_port: int, repo: str, size_mb: int = 240, layers: i
 def remove_local_image(ref: str) -> None:
     """Remove `ref` (and, as it is its only tag, its layers) if present."""
     _docker("image", "rm", "-f", ref, check=False)
+
+
+@contextlib.contextmanager
+def slow_image(root: Path, repo: str, size_mb: int, rate_bps: float
+               ) -> Iterator[tuple[LocalRegistry, SlowProxy, str]]:
+    """A registry under `root` holding `repo` (pushed as push_test_image
+    builds it), behind a proxy of `rate_bps`: yields the registry, the proxy
+    and the image's name through the proxy (127.0.0.1:<proxy>/<repo>:1).
+    The image is removed locally at the end, and the registry stopped."""
+    with LocalRegistry(root) as reg, SlowProxy(reg.port, rate_bps) as proxy:
+        name = push_test_image(reg.port, repo, size_mb=size_mb)
+        slow = f"127.0.0.1:{proxy.port}/{name}"
+        try:
+            yield reg, proxy, slow
+        finally:
+            remove_local_image(slow)
 
 
 def main(argv: list[str] | None = None) -> int:
