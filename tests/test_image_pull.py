@@ -169,3 +169,20 @@ def test_ctrl_c_mid_pull_stops_the_pull_and_leaves_nothing_running(pull_run, slo
     m = r.model("model-pulled")
     assert m["status"] == "interrupted", m
     assert "interrupted by SIGINT" in out
+
+
+def test_a_pull_past_its_timeout_fails_the_model_and_the_download_stops(pull_run, slow_registry):
+    r = pull_run
+    _, proxy, _ = slow_registry
+    before = proxy.bytes_down
+    proc = subprocess.run(r.argv("model-pulled", extra=["--pull-timeout", "5"]), env=r.env,
+                          capture_output=True, text=True, timeout=200)
+    assert proc.returncode == 1, proc.stderr
+    m = r.model("model-pulled")
+    assert m["status"] == "failed", m
+    assert f"pulling image {r.image} did not finish in 5 s (raise --pull-timeout)" == m["error"]
+    pull = m["lifecycle"]["pull"]  # how far it got
+    assert pull["skipped"] is False and 5 <= pull["pull_s"] < 30 and 0 < pull["bytes"] < LAYER_BYTES
+    assert proxy.wait_idle(20), f"{proxy.active} connections still pulling"
+    assert proxy.bytes_down - before < LAYER_BYTES * 0.9
+    assert project_containers(r.project, running_only=False) == []
