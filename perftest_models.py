@@ -189,6 +189,9 @@ WARMUP_TRIES = 3
 LATENCY_TOKENS_OUT = 500
 CONTEXT_TOKENS_OUT = 100
 TEMPERATURE = 0.7
+# A first pull of a vLLM image is 10-20 GB: 3 hours is 20 GB at 2 MB/s. The
+# pull has its own budget: the load (--health-timeout) starts after it.
+PULL_TIMEOUT_S = 10800.0
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -334,6 +337,15 @@ class Scenario:
         return self.requested_tokens_in is not None
 
 
+def with_gpu_summary(sr: ScenarioResult, gpu: GpuSampler | None, t0: float) -> ScenarioResult:
+    """The scenario with what NVML saw from `t0` to now (unchanged without NVML)."""
+    if gpu is None:
+        return sr
+    tokens = sum(s.tokens_out or 0 for s in sr.samples if s.ok)
+    summary = gpu_summary(gpu.window(t0, gpu.clock()), tokens)
+    return dataclasses.replace(sr, gpu=summary) if summary else sr
+
+
 def describe_scenario(s: Scenario) -> str:
     tin = "~50-token prompt" if s.target_tokens_in is None else f"{s.target_tokens_in} tokens in"
     clamp = f" (clamped from {s.requested_tokens_in} to fit the context)" if s.clamped else ""
@@ -473,6 +485,7 @@ class ScenarioResult:
     summary: Mapping[str, Stat]
     aggregate: Aggregate | None = None  # throughput: whole-level figures
     server: ServerDelta | None = None  # vLLM /metrics deltas
+    gpu: PowerSummary | None = None  # NVML over the scenario (gpu_summary)
 
     @property
     def failed(self) -> int:
@@ -501,13 +514,73 @@ class ServerInfo:
 
 @dataclass(frozen=True)
 class PowerSummary:
-    """GPU power over a model's run: watts, joules, output tokens per joule."""
+    """GPU power over a model's run or one scenario (NVML): watts, joules,
+    output tokens per joule, and the SM clock range, peak temperature and
+    throttle reasons that say whether the GPU ran at full speed."""
 
     mean_w: float
     max_w: float
     energy_j: float
     samples: int
     tokens_per_j: float | None
+    duration_s: float | None = None
+    j_per_token: float | None = None
+    sm_clock_min_mhz: float | None = None
+    sm_clock_max_mhz: float | None = None
+    peak_temp_c: float | None = None
+    throttled: bool | None = None  # power cap, hardware slowdown, thermal, power brake
+    throttle_reasons: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class LoadFacts:
+    """What vLLM reported in its log while it loaded; None where it did not
+    say (an older or newer vLLM, the CPU build, --enforce-eager). Seconds and
+    GiB as vLLM printed them; `kv_cache_tokens` is the KV cache's capacity
+    and `max_concurrency` how many requests of `max_concurrency_tokens`
+    tokens fit in it at once."""
+
+    weights_download_s: float | None = None
+    weights_load_s: float | None = None
+    model_load_s: float | None = None
+    model_memory_gib: float | None = None
+    torch_compile_s: float | None = None
+    cuda_graph_s: float | None = None
+    cuda_graph_gib: float | None = None
+    engine_init_s: float | None = None
+    kv_cache_memory_gib: float | None = None
+    kv_cache_device: str | None = None  # "GPU", "CPU", ...: where vLLM keeps the cache
+    kv_cache_tokens: int | None = None
+    max_concurrency: float | None = None
+    max_concurrency_tokens: int | None = None
+
+
+@dataclass(frozen=True)
+class MemoryRecord:
+    """Memory a model could use, before its start, at its peak, after its
+    stop (bytes): "host" (unified memory) or "gpu" (NVML). `given_back` is
+    False when what is missing after the stop is past the slack."""
+
+    kind: str
+    total_bytes: int
+    available_before_bytes: int
+    available_peak_bytes: int
+    available_after_bytes: int
+    peak_used_bytes: int
+    not_given_back_bytes: int
+    given_back: bool
+
+
+@dataclass(frozen=True)
+class PullRecord:
+    """A model's image step: pulled (seconds, downloaded bytes) or skipped."""
+
+    image: str
+    policy: str
+    skipped: bool
+    pull_s: float | None = None
+    bytes: int | None = None
+    layers: int | None = None
 
 
 @dataclass(frozen=True)
@@ -522,6 +595,9 @@ class Lifecycle:
     service: str | None = None
     load_s: float | None = None
     power: PowerSummary | None = None
+    pull: PullRecord | None = None  # the image step before `up`, apart from the load
+    vllm_load: LoadFacts | None = None  # what vLLM's log said while it loaded
+    memory: MemoryRecord | None = None  # memory before the start, at the peak, after the stop
 
 
 @dataclass(frozen=True)
@@ -634,6 +710,8 @@ class RunConfig:
     temperature: float = TEMPERATURE
     port: int = 8000
     health_timeout_s: float = 1800.0
+    pull: str | None = "missing"  # --pull (PULL_POLICIES); None: an older report
+    pull_timeout_s: float | None = PULL_TIMEOUT_S  # --pull-timeout; None: an older report
     request_timeout_s: float = 300.0
     max_failed_samples: int = 3
     answer_check: bool | None = True  # --no-answer-check turns it off (None: an older report)
@@ -1005,6 +1083,10 @@ class Compose:
         if services:
             self._compose("stop", *services)
 
+    def config(self) -> str:
+        """The compose file as Compose reads it, variables filled in (YAML)."""
+        return self._compose("config", timeout_s=60).stdout
+
     def running(self, services: Sequence[str]) -> list[str]:
         """Which of `services` have a running container in this project."""
         proc = self._compose("ps", "--services", "--filter", "status=running")
@@ -1060,6 +1142,13 @@ class DockerWatch:
             return []
         raw = c.logs(tail=lines).decode("utf-8", "replace")
         return [ln for ln in raw.splitlines() if ln.strip()][-lines:]
+
+    def log_lines(self, lines: int) -> list[str]:
+        """The container's last `lines` log lines (stdout and stderr)."""
+        c = self.container()
+        if c is None:
+            return []
+        return c.logs(tail=lines).decode("utf-8", "replace").splitlines()
 
     def image(self) -> Lifecycle:
         """The container's image and command (an empty record without one)."""
@@ -1213,6 +1302,135 @@ class ServiceLifecycle:
                 return
             self.sleep(0.5)
         raise ModelFailed(f"port {port} still in use after stopping {holder.service}")
+
+
+# The image step, before `up`: Compose would pull a missing image inside `up`,
+# silently and under up's time limit; pulled here, it is visible and recorded.
+PULL_POLICIES = ("missing", "always", "never")
+
+
+@dataclass(frozen=True)
+class PullProgress:
+    """Where a pull stands: downloaded bytes of the layers whose size the
+    engine has said (`bytes_total` grows as layers start)."""
+
+    image: str
+    elapsed_s: float
+    layers: int
+    layers_done: int
+    bytes_done: int
+    bytes_total: int
+
+
+class PullError(Exception):
+    """The engine reported an error in the pull's event stream."""
+
+
+class PullFailed(ModelFailed):
+    """A pull that failed or ran out of time, with how far it got."""
+
+    def __init__(self, message: str, progress: PullProgress):
+        super().__init__(message)
+        self.progress = progress
+
+
+class PullTracker:
+    """Folds the engine's pull events (the JSON lines of POST /images/create)
+    into PullProgress: per layer, its size and the bytes downloaded so far."""
+
+    def __init__(self, image: str):
+        self.image = image
+        self.layers: set[str] = set()
+        self.finished: set[str] = set()
+        self.present: set[str] = set()  # "Already exists": nothing to download
+        self.size: dict[str, int] = {}
+        self.done: dict[str, int] = {}
+
+    def feed(self, event: Mapping[str, Any]) -> None:
+        if event.get("error") or event.get("errorDetail"):
+            detail = event.get("errorDetail") or {}
+            raise PullError(str(detail.get("message") or event.get("error")))
+        layer, status = event.get("id"), str(event.get("status") or "")
+        if not isinstance(layer, str) or status.startswith(("Pulling from", "Digest:", "Status:")):
+            return
+        self.layers.add(layer)
+        detail = event.get("progressDetail") or {}
+        if status == "Downloading" and isinstance(detail.get("total"), int) and detail["total"] > 0:
+            self.size[layer] = detail["total"]
+            self.done[layer] = min(int(detail.get("current") or 0), detail["total"])
+        elif status in ("Verifying Checksum", "Download complete") and layer in self.size:
+            self.done[layer] = self.size[layer]
+        elif status == "Already exists":
+            self.present.add(layer)
+            self.finished.add(layer)
+        elif status == "Pull complete":
+            self.finished.add(layer)
+
+    def progress(self, elapsed_s: float) -> PullProgress:
+        return PullProgress(self.image, elapsed_s, len(self.layers), len(self.finished),
+                            sum(self.done.values()), sum(self.size.values()))
+
+
+def pull_image(image: str, timeout_s: float, on_progress: Callable[[PullProgress], None], *,
+               connect: Callable[[float], Any] | None = None,
+               clock: Clock = time.monotonic) -> PullProgress:
+    """Pull `image` through the Docker engine, reporting progress as the
+    engine streams it; the final progress. ModelFailed, with the image's name
+    and the engine's (the registry's) words, when the pull fails or runs past
+    `timeout_s`. Its own client, closed at the end: an interrupt or a timeout
+    drops the connection, and the engine then stops the pull."""
+    import docker  # noqa: PLC0415
+
+    client = (connect or _pull_client)(min(timeout_s, 300.0))  # read timeout: a stalled pull
+    tracker = PullTracker(image)
+    t0 = clock()
+    try:
+        for event in client.api.pull(image, stream=True, decode=True):
+            tracker.feed(event)
+            elapsed = clock() - t0
+            on_progress(tracker.progress(elapsed))
+            if elapsed > timeout_s:
+                raise PullFailed(f"pulling image {image} did not finish in {timeout_s:.0f} s "
+                                 "(raise --pull-timeout)", tracker.progress(elapsed))
+    except PullError as exc:
+        raise PullFailed(f"cannot pull image {image}: {exc}",
+                         tracker.progress(clock() - t0)) from None
+    except docker.errors.APIError as exc:
+        raise PullFailed(f"cannot pull image {image}: {exc.explanation or exc}",
+                         tracker.progress(clock() - t0)) from None
+    except (OSError, ValueError) as exc:  # requests' connection and read errors are OSErrors
+        raise PullFailed(f"pulling image {image} failed: {exc}",
+                         tracker.progress(clock() - t0)) from None
+    finally:
+        with contextlib.suppress(Exception):
+            client.close()
+    return tracker.progress(clock() - t0)
+
+
+def _pull_client(read_timeout_s: float) -> Any:
+    import docker  # noqa: PLC0415
+
+    return docker.from_env(timeout=max(30, int(read_timeout_s)))
+
+
+def image_present(client: Any, image: str) -> bool:
+    import docker  # noqa: PLC0415
+
+    try:
+        client.images.get(image)
+        return True
+    except docker.errors.ImageNotFound:
+        return False
+
+
+def service_image(config_yaml: str, service: str) -> str | None:
+    """The image a service runs, from `compose config` output (the compose
+    file with its variables filled in); None for a service Compose builds."""
+    data = yaml.safe_load(config_yaml) or {}
+    svc = (data.get("services") or {}).get(service) or {}
+    if not isinstance(svc, dict) or svc.get("build") or not svc.get("image"):
+        return None
+    return str(svc["image"])
 
 
 # ============================================================================
@@ -2468,40 +2686,155 @@ async def scrape_metrics(client: Any) -> dict[str, float] | None:
     return parse_prometheus(r.text) if r.status_code == 200 else None
 
 
-class PowerSampler:
-    """GPU power from nvidia-smi, sampled in a thread while a model runs.
+_NUM = r"(\d+(?:\.\d+)?)"
+_COUNT = r"(\d{1,3}(?:,\d{3})*|\d+)"
+# vLLM's own format strings (vllm/model_executor/model_loader/*, v1/worker/,
+# compilation/monitor.py, v1/engine/core.py, v1/core/kv_cache_utils.py), the
+# variants of 0.8-0.32 included: "takes"/"took", "GiB and"/"GiB memory and",
+# "took 36.48 seconds"/"took 3.33 s", KV size and concurrency on one line or two.
+_LOAD_PATTERNS: tuple[tuple[re.Pattern[str], tuple[str, ...]], ...] = (
+    (re.compile(rf"Time spent downloading weights for \S+: {_NUM} seconds"), ("weights_download_s",)),
+    (re.compile(rf"Loading weights took {_NUM} seconds"), ("weights_load_s",)),
+    (re.compile(rf"Model loading took {_NUM} GiB (?:memory )?and {_NUM} seconds"),
+     ("model_memory_gib", "model_load_s")),
+    (re.compile(rf"torch\.compile (?:takes|took) {_NUM} s in total"), ("torch_compile_s",)),
+    (re.compile(rf"Graph capturing finished in {_NUM} secs?, took {_NUM} GiB"),
+     ("cuda_graph_s", "cuda_graph_gib")),
+    (re.compile(rf"init engine \(profile, create kv cache, warmup model\) took {_NUM} s"),
+     ("engine_init_s",)),
+    (re.compile(rf"Available KV cache memory: {_NUM} GiB"), ("kv_cache_memory_gib",)),
+    (re.compile(rf"\b([A-Z]{{2,5}}(?: \+ host)?) KV cache size: {_COUNT} tokens"),
+     ("kv_cache_device", "kv_cache_tokens")),
+    (re.compile(rf"Maximum concurrency for {_COUNT} tokens per request: {_NUM}x"),
+     ("max_concurrency_tokens", "max_concurrency")),
+)
+_LOAD_INTS = {"kv_cache_tokens", "max_concurrency_tokens"}
+LOAD_LOG_LINES = 5000  # a start-up log is ~100-300 lines; the tail read is bounded
 
-    Absent cleanly (no samples, `summary()` None) where nvidia-smi is not
-    installed or fails. Energy is the trapezoid integral of the samples.
-    """
 
-    def __init__(self, runner: Runner = subprocess.run, interval_s: float = 1.0,
-                 clock: Clock = time.monotonic):
-        self.runner, self.interval_s, self.clock = runner, interval_s, clock
-        self.samples: list[tuple[float, float]] = []  # (clock s, watts)
+def parse_vllm_load_log(lines: Iterable[str]) -> LoadFacts:
+    """The load facts of a vLLM log (pure). The first report of each fact
+    counts (with tensor parallelism every worker repeats it); lines that say
+    nothing known are ignored, never an error."""
+    found: dict[str, Any] = {}
+    for line in lines:
+        line = line[:2000]  # a hostile or garbled line cannot cost more
+        for pattern, keys in _LOAD_PATTERNS:
+            if keys[0] in found or (m := pattern.search(line)) is None:
+                continue
+            for key, text in zip(keys, m.groups()):
+                if key == "kv_cache_device":
+                    found[key] = text
+                else:
+                    found[key] = int(text.replace(",", "")) if key in _LOAD_INTS else float(text)
+    return LoadFacts(**found)
+
+
+@dataclass(frozen=True)
+class GpuReading:
+    """One NVML sample of the machine's GPUs: power summed over boards, the
+    lowest SM clock, the hottest die, throttle reasons OR-ed (NVML bits).
+    A value NVML does not report on this GPU is None."""
+
+    t: float  # clock seconds
+    power_w: float | None
+    sm_clock_mhz: float | None
+    temp_c: float | None
+    throttle: int
+
+
+# NVML's clock-event ("throttle") reason bits that make a run unfair: the GPU
+# slowed for power or heat. (Idle, application clocks, sync boost and the
+# display clock are not a slowdown of the workload.)
+THROTTLE_REASONS = {0x4: "power cap", 0x8: "hardware slowdown", 0x20: "thermal (software)",
+                    0x40: "thermal (hardware)", 0x80: "power brake"}
+
+
+def throttle_names(bits: int) -> list[str]:
+    return [name for bit, name in THROTTLE_REASONS.items() if bits & bit]
+
+
+class Nvml:
+    """The GPUs through NVML (the nvidia-ml-py binding, `import pynvml`).
+    Optional: `Nvml.open()` is None without the binding, without the NVML
+    library, or without a GPU; a query a GPU does not support reads None."""
+
+    def __init__(self, lib: Any, handles: Sequence[Any]):
+        self.lib, self.handles = lib, tuple(handles)
+
+    @classmethod
+    def open(cls) -> Nvml | None:
+        try:
+            import pynvml  # noqa: PLC0415 (optional: pip install nvidia-ml-py)
+
+            pynvml.nvmlInit()
+        except Exception:  # ImportError, NVMLError_LibraryNotFound, _DriverNotLoaded, ...
+            return None
+        try:
+            handles = [pynvml.nvmlDeviceGetHandleByIndex(i)
+                       for i in range(pynvml.nvmlDeviceGetCount())]
+        except Exception:
+            handles = []
+        if not handles:
+            with contextlib.suppress(Exception):
+                pynvml.nvmlShutdown()
+            return None
+        return cls(pynvml, handles)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.lib.nvmlShutdown()
+
+    def _each(self, query: Callable[[Any], Any]) -> list[Any]:
+        values = []
+        for h in self.handles:
+            with contextlib.suppress(Exception):  # NVMLError_NotSupported on some boards
+                values.append(query(h))
+        return values
+
+    def read(self, clock: Clock = time.monotonic) -> GpuReading:
+        lib = self.lib
+        power = self._each(lambda h: lib.nvmlDeviceGetPowerUsage(h) / 1000.0)  # mW
+        sm = self._each(lambda h: lib.nvmlDeviceGetClockInfo(h, lib.NVML_CLOCK_SM))
+        temp = self._each(lambda h: lib.nvmlDeviceGetTemperature(h, lib.NVML_TEMPERATURE_GPU))
+        reasons = getattr(lib, "nvmlDeviceGetCurrentClocksEventReasons", None) or \
+            lib.nvmlDeviceGetCurrentClocksThrottleReasons
+        bits = 0
+        for b in self._each(reasons):
+            bits |= int(b)
+        return GpuReading(clock(), sum(power) if power else None, min(sm) if sm else None,
+                          max(temp) if temp else None, bits)
+
+    def memory(self) -> MemoryReading | None:
+        """GPU memory where the GPUs have their own (None on unified memory,
+        where NVML says Not Supported: a DGX Spark's GB10)."""
+        info = self._each(self.lib.nvmlDeviceGetMemoryInfo)
+        if len(info) != len(self.handles):
+            return None
+        return MemoryReading("gpu", sum(int(m.total) for m in info), sum(int(m.free) for m in info))
+
+
+class GpuSampler:
+    """Samples NVML in a thread while a model runs (no process per sample).
+    Absent cleanly: without NVML, `readings` stays empty and every summary
+    is None."""
+
+    def __init__(self, nvml: Nvml | None, interval_s: float = 0.5, clock: Clock = time.monotonic):
+        self.nvml, self.interval_s, self.clock = nvml, interval_s, clock
+        self.readings: list[GpuReading] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def read_w(self) -> float | None:
-        try:
-            proc = self.runner(["nvidia-smi", "--query-gpu=power.draw", "--format=csv,noheader,nounits"],
-                               capture_output=True, text=True, timeout=10)
-            values = [float(v) for v in proc.stdout.split()] if proc.returncode == 0 else []
-        except (OSError, ValueError, subprocess.SubprocessError):
-            return None
-        return sum(values) if values else None
-
     def _loop(self) -> None:
+        assert self.nvml is not None
         while not self._stop.is_set():
-            watts = self.read_w()
-            if watts is None:
-                return
-            self.samples.append((self.clock(), watts))
+            with contextlib.suppress(Exception):
+                self.readings.append(self.nvml.read(self.clock))
             self._stop.wait(self.interval_s)
 
-    def __enter__(self) -> PowerSampler:
-        if shutil.which("nvidia-smi"):
-            self._thread = threading.Thread(target=self._loop, name="power", daemon=True)
+    def __enter__(self) -> GpuSampler:
+        if self.nvml is not None:
+            self._thread = threading.Thread(target=self._loop, name="nvml", daemon=True)
             self._thread.start()
         return self
 
@@ -2510,15 +2843,136 @@ class PowerSampler:
         if self._thread is not None:
             self._thread.join(timeout=15)
 
-    def summary(self, tokens: int) -> PowerSummary | None:
-        if len(self.samples) < 2:
+    def window(self, t0: float, t1: float) -> list[GpuReading]:
+        return [r for r in list(self.readings) if t0 <= r.t <= t1]
+
+
+def gpu_summary(readings: Sequence[GpuReading], tokens: int) -> PowerSummary | None:
+    """Power, energy, clocks, heat and throttling over some readings (pure):
+    energy is the trapezoid integral of power; None with under two power
+    readings (no NVML, or a GPU that does not report its power)."""
+    powered = [r for r in readings if r.power_w is not None]
+    if len(powered) < 2:
+        return None
+    watts = [r.power_w for r in powered]
+    energy = sum((b.t - a.t) * (a.power_w + b.power_w) / 2  # type: ignore[operator]
+                 for a, b in zip(powered, powered[1:]))
+    clocks = [r.sm_clock_mhz for r in readings if r.sm_clock_mhz is not None]
+    temps = [r.temp_c for r in readings if r.temp_c is not None]
+    bits = 0
+    for r in readings:
+        bits |= r.throttle
+    return PowerSummary(
+        mean_w=round(statistics.fmean(watts), 1), max_w=max(watts),  # type: ignore[arg-type]
+        energy_j=round(energy, 1), samples=len(readings),
+        tokens_per_j=round(tokens / energy, 4) if energy > 0 else None,
+        duration_s=round(readings[-1].t - readings[0].t, 2),
+        j_per_token=round(energy / tokens, 4) if tokens else None,
+        sm_clock_min_mhz=min(clocks) if clocks else None,
+        sm_clock_max_mhz=max(clocks) if clocks else None,
+        peak_temp_c=max(temps) if temps else None,
+        throttled=bool(throttle_names(bits)), throttle_reasons=tuple(throttle_names(bits)))
+
+
+# --- memory given back --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MemoryReading:
+    """Memory a model can use: "host" (MemAvailable: all of it on unified
+    memory, like a DGX Spark) or "gpu" (NVML's free memory, summed)."""
+
+    kind: str
+    total_bytes: int
+    available_bytes: int
+
+
+def parse_meminfo(text: str) -> MemoryReading | None:
+    """/proc/meminfo -> MemTotal and MemAvailable (pure; kB in the file)."""
+    values = {}
+    for line in text.splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("MemTotal", "MemAvailable") and rest.split():
+            with contextlib.suppress(ValueError):
+                values[key] = int(rest.split()[0]) * 1024
+    if len(values) < 2:
+        return None
+    return MemoryReading("host", values["MemTotal"], values["MemAvailable"])
+
+
+def read_memory(nvml: Nvml | None) -> MemoryReading | None:
+    """GPU memory where NVML reports it, else the host's (unified memory)."""
+    if nvml is not None and (gpu := nvml.memory()) is not None:
+        return gpu
+    try:
+        return parse_meminfo(Path("/proc/meminfo").read_text())
+    except OSError:
+        return None
+
+
+# Memory not back after a stop, beyond this, is a leak the next model may die
+# of (a process outside the container, a shm segment, a stuck GPU context).
+MEMORY_SLACK_FRACTION, MEMORY_SLACK_MIN_BYTES = 0.03, 1 << 30
+
+
+def memory_record(before: MemoryReading, lowest: MemoryReading, after: MemoryReading
+                  ) -> MemoryRecord:
+    """Available memory before the start, at the peak of use, after the stop
+    (pure); `given_back` is False when what is missing after the stop exceeds
+    3% of the total (at least 1 GiB)."""
+    missing = before.available_bytes - after.available_bytes
+    slack = max(MEMORY_SLACK_MIN_BYTES, MEMORY_SLACK_FRACTION * before.total_bytes)
+    return MemoryRecord(
+        before.kind, before.total_bytes, before.available_bytes, lowest.available_bytes,
+        after.available_bytes, peak_used_bytes=max(0, before.available_bytes - lowest.available_bytes),
+        not_given_back_bytes=max(0, missing), given_back=missing <= slack)
+
+
+class MemoryWatch:
+    """Available memory before a model starts, its lowest while it runs
+    (sampled in a thread), and after it stopped."""
+
+    def __init__(self, read: Callable[[], MemoryReading | None], interval_s: float = 1.0):
+        self.read, self.interval_s = read, interval_s
+        self.before: MemoryReading | None = None
+        self.lowest: MemoryReading | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _sample(self) -> None:
+        r = self.read()
+        if r is not None and (self.lowest is None or r.available_bytes < self.lowest.available_bytes):
+            self.lowest = r
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            with contextlib.suppress(Exception):
+                self._sample()
+
+    def start(self) -> None:
+        self.before = self.lowest = self.read()
+        if self.before is not None:
+            self._thread = threading.Thread(target=self._loop, name="memory", daemon=True)
+            self._thread.start()
+
+    def finish(self, settle_s: float = 10.0, sleep: Callable[[float], None] = time.sleep,
+               ) -> MemoryRecord | None:
+        """After the stop: the record, re-read for up to `settle_s` while the
+        memory is not back yet (a driver frees a GPU context lazily)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        if self.before is None or self.lowest is None:
             return None
-        energy = sum((t1 - t0) * (w0 + w1) / 2
-                     for (t0, w0), (t1, w1) in zip(self.samples, self.samples[1:]))
-        watts = [w for _, w in self.samples]
-        return PowerSummary(mean_w=round(statistics.fmean(watts), 1), max_w=max(watts),
-                            energy_j=round(energy, 1), samples=len(watts),
-                            tokens_per_j=round(tokens / energy, 4) if energy > 0 else None)
+        for _ in range(max(1, int(settle_s))):
+            after = self.read()
+            if after is None:
+                return None
+            record = memory_record(self.before, self.lowest, after)
+            if record.given_back:
+                break
+            sleep(1.0)
+        return record
 
 
 # ============================================================================
@@ -3013,6 +3467,7 @@ class Events:
     layer decides what to print; this base class prints nothing (tests)."""
 
     def info(self, text: str) -> None: ...
+    def pulling(self, model: str, progress: PullProgress) -> None: ...
     def waiting(self, model: str, elapsed_s: float, last_log: Callable[[], str | None]) -> None: ...
     def sample(self, model: str, scenario: Scenario, index: int, sample: Sample) -> None: ...
     def scenario_done(self, model: ModelResult, result: ScenarioResult) -> None: ...
@@ -3548,7 +4003,8 @@ async def find_capacity(client: Any, spec: ModelSpec, cfg: RunConfig, builder: P
 
 async def benchmark_model(client: Any, result: ModelResult, cfg: RunConfig, events: Events, *,
                           check_alive: Callable[[], None] | None = None,
-                          clock: Clock = time.perf_counter, sleep: Sleep = asyncio.sleep) -> None:
+                          clock: Clock = time.perf_counter, sleep: Sleep = asyncio.sleep,
+                          gpu: GpuSampler | None = None) -> None:
     """Warm up, then run every scenario of the plan, appending each result to
     `result.scenarios` as soon as it is complete."""
     spec = result.spec
@@ -3573,6 +4029,7 @@ async def benchmark_model(client: Any, result: ModelResult, cfg: RunConfig, even
         events.info(f"{spec.name}: {describe_scenario(scenario)}")
         events.scenario_started(spec.name, scenario)
         measured: list[Sample] = []
+        t_gpu = gpu.clock() if gpu else 0.0
         try:
             sr = await run_scenario(client, spec, scenario, cfg, builder, events,
                                     failures_left=failures_left, check_alive=check_alive,
@@ -3588,6 +4045,7 @@ async def benchmark_model(client: Any, result: ModelResult, cfg: RunConfig, even
             raise
         if scenario.kind != "throughput":
             failures_left -= sr.failed
+        sr = with_gpu_summary(sr, gpu, t_gpu)
         result.scenarios.append(sr)
         events.scenario_done(result, sr)
     if cfg.slo:
@@ -3770,7 +4228,7 @@ def record_to_dict(rec: Any, absent_if_none: Iterable[str] = (), digits: int | N
         if f.name == "unsaved" or f.name in unsaved or (value is None and f.name in absent_if_none):
             continue
         if dataclasses.is_dataclass(value):
-            value = record_to_dict(value)
+            value = record_to_dict(value, ABSENT_IF_NONE.get(type(value), ()))
         elif isinstance(value, tuple):
             value = list(value)
         elif isinstance(value, Mapping):
@@ -3795,6 +4253,9 @@ ABSENT_IF_NONE = {  # fields whose key a report leaves out while unknown
                 "achieved_rate_rps", "client_late"),
     ServerDelta: ("kv_cache_usage_perc",),
     Lifecycle: tuple(f.name for f in dataclasses.fields(Lifecycle)),
+    LoadFacts: tuple(f.name for f in dataclasses.fields(LoadFacts)),  # only what the log said
+    PowerSummary: ("duration_s", "j_per_token", "sm_clock_min_mhz", "sm_clock_max_mhz",
+                   "peak_temp_c", "throttled", "throttle_reasons"),
     Environment: tuple(f.name for f in dataclasses.fields(Environment)),
 }
 
@@ -3827,6 +4288,7 @@ def scenario_to_dict(sr: ScenarioResult) -> dict[str, Any]:
                       if sr.aggregate else None),
         "server_metrics": (record_to_dict(sr.server, ABSENT_IF_NONE[ServerDelta], 3)
                            if sr.server else None),
+        "gpu": record_to_dict(sr.gpu, ABSENT_IF_NONE[PowerSummary]) if sr.gpu else None,
     }
 
 
@@ -3959,7 +4421,8 @@ def scenario_from_dict(data: Mapping[str, Any], where: str) -> ScenarioResult:
         scenario, tuple(sample_from_dict(s) for s in data["samples"]),
         {k: stat_from_dict(v, f"{where}/{k}") for k, v in data["summary"].items()},
         record_from_dict(Aggregate, aggregate) if aggregate is not None else None,
-        server_delta_from_dict(server) if server is not None else None)
+        server_delta_from_dict(server) if server is not None else None,
+        power_from_dict(data["gpu"]) if data.get("gpu") else None)
 
 
 def server_delta_from_dict(data: Mapping[str, Any]) -> ServerDelta:
@@ -3968,10 +4431,17 @@ def server_delta_from_dict(data: Mapping[str, Any]) -> ServerDelta:
 
 
 def lifecycle_from_dict(data: Mapping[str, Any]) -> Lifecycle:
-    power = data.get("power")
+    power, pull, load, memory = (data.get(k) for k in ("power", "pull", "vllm_load", "memory"))
     return dataclasses.replace(
         record_from_dict(Lifecycle, data, ("repo_digests", "command")),
-        power=record_from_dict(PowerSummary, power) if power else None)
+        power=power_from_dict(power) if power else None,
+        pull=record_from_dict(PullRecord, pull) if pull else None,
+        vllm_load=record_from_dict(LoadFacts, load) if load else None,
+        memory=record_from_dict(MemoryRecord, memory) if memory else None)
+
+
+def power_from_dict(data: Mapping[str, Any]) -> PowerSummary:
+    return record_from_dict(PowerSummary, data, ("throttle_reasons",))
 
 
 def model_from_dict(data: Mapping[str, Any]) -> ModelResult:
@@ -4001,7 +4471,8 @@ def answer_check_from_dict(data: Any) -> AnswerCheck | None:
 # RunConfig fields added after schema_version 1 was first written: None
 # (unknown) when an older report is read back.
 CONFIG_ADDED = ("answer_check", "require_correct_answers", "slo", "max_concurrency",
-                "capacity_budget_s", "request_rates", "burstiness", "arrival_seed")
+                "capacity_budget_s", "request_rates", "burstiness", "arrival_seed", "pull",
+                "pull_timeout_s")
 
 
 def report_from_dict(data: Mapping[str, Any]) -> Report:
@@ -4451,6 +4922,33 @@ def fmt_num(x: float | None, digits: int = 0) -> str:
     return f"{x:,.{digits}f}"
 
 
+def fmt_bytes(n: float) -> str:
+    """Decimal units, as registries and `docker images` count: '240.0 MB', '12.4 GB'."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+def fmt_took(seconds: float) -> str:
+    """How long a step took: '57.4 s' under a minute, '6 m 12 s' under an
+    hour, else '1 h 05 m' (fmt_duration rounds for an estimate instead)."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    whole = round(seconds)
+    if whole < 3600:
+        return f"{whole // 60} m {whole % 60} s"
+    return f"{whole // 3600} h {whole % 3600 // 60:02d} m"
+
+
+def format_pull_progress(p: PullProgress) -> str:
+    """One progress line of a pull: layers, MB done of known total, rate."""
+    rate = f", {fmt_bytes(p.bytes_done / p.elapsed_s)}/s" if p.elapsed_s > 0 and p.bytes_done else ""
+    total = f" of {fmt_bytes(p.bytes_total)}" if p.bytes_total else ""
+    return (f"pulling {p.image}: {p.layers_done}/{p.layers} layers, {fmt_bytes(p.bytes_done)}"
+            f"{total}{rate}, {p.elapsed_s:.0f} s")
+
+
 def fmt_pct(x: float | None) -> str:
     """A 0-1 fraction as a percentage."""
     return "-" if x is None else f"{x:.0%}"
@@ -4586,6 +5084,10 @@ def scenario_table(models: Sequence[ModelResult], winners: ScenarioWinners,
                          decode, f"{fmt_num(itl.median, 1)} / {fmt_num(itl.p99, 1)}" if itl else "-",
                          fmt_stat(sr.summary.get("tokens_in")), tokens_out, cell("total_s"), roof,
                          failed))
+        if sr.gpu:  # NVML: mark a throttled GPU on the model's row, the figures below
+            if sr.gpu.throttled:
+                rows[-1] = (f"{rows[-1][0]} (t)", *rows[-1][1:])
+            notes.append(format_gpu_note(mr.spec.name, sr.gpu))
         if server.prefix_cache_hits and kind != "throughput":
             notes.append(f"warning: {mr.spec.name}: the server reports {server.prefix_cache_hits} "
                          "prefix-cache hit tokens during this cold scenario")
@@ -4654,6 +5156,24 @@ def capacity_table(models: Sequence[ModelResult]) -> TextTable | None:
     return TextTable(f"Capacity under {searched[0].capacity.slo}",  # type: ignore[union-attr]
                      ("Model", "Capacity (streams)", "Goodput (req/s)", "Output (tok/s)",
                       "Broke at", "Limited by", "Probes"), tuple(rows), tuple(notes))
+
+
+def format_gpu_note(model: str, gpu: PowerSummary) -> str:
+    """'GPU a: 142 W mean, 0.45 J/token, SM 1,980-2,100 MHz, peak 71 C', with
+    '(t) ... throttled (power cap)' when the GPU slowed during the scenario."""
+    parts = [f"{gpu.mean_w:.0f} W mean"]
+    if gpu.j_per_token is not None:
+        parts.append(f"{gpu.j_per_token:.3g} J/token")
+    if gpu.sm_clock_min_mhz is not None and gpu.sm_clock_max_mhz is not None:
+        lo, hi = gpu.sm_clock_min_mhz, gpu.sm_clock_max_mhz
+        parts.append(f"SM {lo:,.0f} MHz" if lo == hi else f"SM {lo:,.0f}-{hi:,.0f} MHz")
+    if gpu.peak_temp_c is not None:
+        parts.append(f"peak {gpu.peak_temp_c:.0f} C")
+    text = f"GPU {model}: {', '.join(parts)}"
+    if gpu.throttled:
+        text = (f"(t) {text}; the GPU throttled ({', '.join(gpu.throttle_reasons or ())}): "
+                "this model's figures are not at the clocks of the others")
+    return text
 
 
 def render_table(table: TextTable, styled: bool) -> str:
@@ -4773,6 +5293,8 @@ def format_model_environment(mr: ModelResult, bandwidth_gbs: float) -> list[str]
         facts.append(f"GPU {power.mean_w:.0f} W mean, {power.energy_j / 1000:.1f} kJ"
                      + (f", {per_j:.2f} tokens/J" if per_j else ""))
     lines = [f"      {'; '.join(facts)}"] if facts else []
+    if (load := format_load_facts(life.vllm_load)):
+        lines.append(f"      {load}")
     if life.command:
         lines.append(f"      command: {' '.join(map(str, life.command))}")
     return lines
@@ -4790,8 +5312,10 @@ def format_answer_check(check: AnswerCheck) -> str:
 def _status_line(mr: ModelResult) -> str:
     """'name: ok, loaded in 95.0 s' or 'name: failed: why'."""
     line = f"{mr.spec.name}: {mr.status}"
-    if mr.lifecycle.load_s is not None:
-        line += f", loaded in {mr.lifecycle.load_s:.1f} s"
+    steps = [step for step in (format_pull(mr.lifecycle.pull), format_load(mr.lifecycle.load_s))
+             if step]
+    if steps:
+        line += ", " + "; ".join(steps)
     return line + (f": {mr.error}" if mr.error else "")
 
 
@@ -4944,6 +5468,48 @@ def format_run_parts(report: Report) -> list[str]:
         lines.append("  wall time per model:")
         lines.extend(walls)
     return lines
+
+
+def format_pull(pull: PullRecord | None) -> str:
+    """'pulled 12.4 GB in 6 m 12 s'; nothing when the image was already there."""
+    if pull is None or pull.skipped or pull.pull_s is None:
+        return ""
+    return f"pulled {fmt_bytes(pull.bytes or 0)} in {fmt_took(pull.pull_s)}"
+
+
+def format_load(load_s: float | None) -> str:
+    return "" if load_s is None else f"loaded in {fmt_took(load_s)}"
+
+
+def format_load_facts(facts: LoadFacts | None) -> str:
+    """vLLM's own account of its load: 'KV cache 784,512 tokens (GPU, 71.84
+    GiB), 23.94x concurrency at 32,768 tokens; model 29.97 GiB loaded in ...'.
+    Facts the log did not give are left out."""
+    if facts is None:
+        return ""
+    parts = []
+    if facts.kv_cache_tokens is not None:
+        where = ", ".join(x for x in (facts.kv_cache_device, facts.kv_cache_memory_gib is not None
+                                      and f"{facts.kv_cache_memory_gib} GiB") if x)
+        kv = f"KV cache {facts.kv_cache_tokens:,} tokens" + (f" ({where})" if where else "")
+        if facts.max_concurrency is not None:
+            kv += (f", {facts.max_concurrency:.2f}x concurrency at "
+                   f"{facts.max_concurrency_tokens or 0:,} tokens")
+        parts.append(kv)
+    if facts.model_load_s is not None:
+        gib = f"{facts.model_memory_gib} GiB " if facts.model_memory_gib is not None else ""
+        parts.append(f"model {gib}loaded in {_fmt_logged_s(facts.model_load_s)}")
+    for key, label in (("weights_download_s", "weights download"), ("weights_load_s", "weights"),
+                       ("torch_compile_s", "torch.compile"), ("cuda_graph_s", "CUDA graphs"),
+                       ("engine_init_s", "engine init")):
+        if (value := getattr(facts, key)) is not None:
+            parts.append(f"{label} {_fmt_logged_s(value)}")
+    return "vLLM load: " + "; ".join(parts) if parts else ""
+
+
+def _fmt_logged_s(seconds: float) -> str:
+    """A duration vLLM logged: its own precision under a minute ('0.01 s')."""
+    return f"{seconds:g} s" if seconds < 60 else fmt_took(seconds)
 
 
 def format_summary(report: Report) -> str:
@@ -6023,6 +6589,7 @@ class ConsoleEvents(Events):
         self.quiet_s, self.clock = quiet_s, clock
         self.progress = progress
         self._last_wait = -math.inf
+        self._last_pull = -math.inf
         self._live = False
 
     @property
@@ -6076,6 +6643,21 @@ class ConsoleEvents(Events):
             self._line(text)
             if status:
                 self._line(f"  {status}")
+
+    def pulling(self, model: str, progress: PullProgress) -> None:
+        """Like the health wait: live on a terminal, a line every `quiet_s` in a log."""
+        interval = 0.5 if self.tty else self.quiet_s
+        now = self.clock()
+        if now - self._last_pull < interval or not progress.layers:  # no layer known yet
+            return
+        self._last_pull = now
+        text = f"  {model}: {format_pull_progress(progress)}"
+        if self.tty:
+            self.err.write("\r\x1b[2K" + text)
+            self.err.flush()
+            self._live = True
+        else:
+            self._line(text)
 
     def sample(self, model: str, scenario: Scenario, index: int, sample: Sample) -> None:
         if self.progress is not None:
@@ -6285,6 +6867,12 @@ def build_parser() -> argparse.ArgumentParser:
     env.add_argument("--port", type=_port, default=8000, help="port the services publish (default 8000)")
     env.add_argument("--health-timeout", type=_positive_float, default=1800.0, metavar="SECONDS",
                      help="wait this long for a model to load (default 1800: a first download)")
+    env.add_argument("--pull", choices=PULL_POLICIES, default="missing",
+                     help="pull a model's image before starting it: when it is missing (default), "
+                          "always (get the registry's latest), or never (fail if it is missing)")
+    env.add_argument("--pull-timeout", type=_positive_float, default=PULL_TIMEOUT_S,
+                     metavar="SECONDS", help=f"give up a pull after this long (default "
+                     f"{PULL_TIMEOUT_S:.0f}: 20 GB at 2 MB/s); apart from --health-timeout")
     env.add_argument("--request-timeout", type=_positive_float, default=300.0, metavar="SECONDS",
                      help="fail a request after this long without a byte (default 300)")
     env.add_argument("--max-failures", type=int, default=3, metavar="N",
@@ -6349,6 +6937,7 @@ def make_plan(args: argparse.Namespace, environ: Mapping[str, str] = os.environ)
         iterations=args.iterations, context_sizes=tuple(args.context_sizes),
         concurrency=tuple(args.concurrency), throughput_requests=args.throughput_requests,
         port=args.port, health_timeout_s=args.health_timeout,
+        pull=args.pull, pull_timeout_s=args.pull_timeout,
         request_timeout_s=args.request_timeout, max_failed_samples=args.max_failures,
         answer_check=not args.no_answer_check, require_correct_answers=args.require_correct_answers,
         hardware="custom" if args.bandwidth_gbs else args.hardware, bandwidth_gbs=hardware_bw,
@@ -6787,20 +7376,52 @@ async def measure_model(plan: Plan, result: ModelResult, events: Events, *,
             load_s = clock() - service.started_s
             result.lifecycle = dataclasses.replace(result.lifecycle, load_s=round(load_s, 2))
             events.info(f"{result.spec.name}: healthy after {load_s:.1f} s")
+            record_load_facts(result, watch)
         events.phase(result.spec.name, "measure")
-        with PowerSampler() as power:
+        nvml = Nvml.open()
+        with GpuSampler(nvml) as gpu:
             try:
                 await watch_live_reads(events, benchmark_model(client, result, cfg, events,
                                                                check_alive=check_alive,
-                                                               clock=clock, sleep=sleep))
+                                                               clock=clock, sleep=sleep, gpu=gpu))
             except ModelFailed:
                 if check_alive is not None:  # a dead container is the real reason: say it
                     await asyncio.to_thread(check_alive)
                 raise
             finally:
                 tokens = sum(s.tokens_out or 0 for sr in result.scenarios for s in sr.samples if s.ok)
-                if (summary := power.summary(tokens)) is not None:
+                if (summary := gpu_summary(gpu.readings, tokens)) is not None:
                     result.lifecycle = dataclasses.replace(result.lifecycle, power=summary)
+                if nvml is not None:
+                    nvml.close()
+
+
+def record_memory(result: ModelResult, memory: MemoryWatch, events: Events) -> None:
+    """Memory before, at the peak and after the stop into `lifecycle.memory`;
+    a warning naming the model when it was not given back."""
+    record = memory.finish()
+    if record is None:
+        return
+    result.lifecycle = dataclasses.replace(result.lifecycle, memory=record)
+    if not record.given_back:
+        events.info(f"warning: {result.spec.name}: {fmt_bytes(record.not_given_back_bytes)} of "
+                    f"{record.kind} memory not given back after its stop (available "
+                    f"{fmt_bytes(record.available_before_bytes)} before the start, "
+                    f"{fmt_bytes(record.available_after_bytes)} after): a process or shared "
+                    "memory left behind may make the next model fail; check `docker ps -a`, "
+                    "`nvidia-smi` and /dev/shm")
+
+
+def record_load_facts(result: ModelResult, watch: DockerWatch) -> None:
+    """What vLLM said while loading (its container's log, read once it is
+    healthy) into `lifecycle.vllm_load`; absent when it said nothing known."""
+    try:
+        lines = watch.log_lines(LOAD_LOG_LINES)
+    except Exception:  # the SDK raises several types; the facts are a bonus
+        return
+    facts = parse_vllm_load_log(lines)
+    if facts != LoadFacts():
+        result.lifecycle = dataclasses.replace(result.lifecycle, vllm_load=facts)
 
 
 def inference_services(plan: Plan) -> list[str]:
@@ -6810,22 +7431,67 @@ def inference_services(plan: Plan) -> list[str]:
     return [m.service for m in plan.table if m.service and m.service in services]
 
 
+def ensure_image(plan: Plan, compose: Compose, docker: Any, result: ModelResult,
+                 events: Events) -> PullRecord | None:
+    """The image step before `up`, by --pull: pull a missing image (or any,
+    with `always`) with progress; with `never`, a missing image fails the
+    model. Recorded in `lifecycle.pull`, apart from the load."""
+    name, policy = result.spec.name, plan.cfg.pull or "missing"
+    image = service_image(compose.config(), result.spec.service or "")
+    if image is None:  # built by Compose, or no image: nothing to pull
+        return None
+    present = image_present(docker, image)
+    if present and policy != "always":
+        record = PullRecord(image, policy, skipped=True)
+    elif policy == "never":
+        raise ModelFailed(f"image {image} is not on this machine and --pull never forbids "
+                          "pulling it: pull it by hand, or use --pull missing")
+    else:
+        events.info(f"{name}: pulling {image}")
+        try:
+            done = pull_image(image, plan.cfg.pull_timeout_s or PULL_TIMEOUT_S,
+                              lambda p: events.pulling(name, p))
+        except PullFailed as exc:  # how far it got is recorded too
+            result.lifecycle = dataclasses.replace(result.lifecycle, pull=PullRecord(
+                image, policy, skipped=False, pull_s=round(exc.progress.elapsed_s, 2),
+                bytes=exc.progress.bytes_done, layers=exc.progress.layers))
+            raise
+        record = PullRecord(image, policy, skipped=False, pull_s=round(done.elapsed_s, 2),
+                            bytes=done.bytes_done, layers=done.layers)
+        events.info(f"{name}: pulled {fmt_bytes(done.bytes_done)} in "
+                    f"{fmt_took(done.elapsed_s)} ({done.layers} layers)")
+    result.lifecycle = dataclasses.replace(result.lifecycle, pull=record)
+    return record
+
+
 def run_model(plan: Plan, result: ModelResult, events: Events,
               services: ServiceLifecycle | None, *, sleep: Sleep = asyncio.sleep) -> None:
-    """One model's whole life: start, measure, and always stop what we started
-    (on the lifecycle's clock; every wait of the measurement through `sleep`)."""
+    """One model's whole life: its image, start, measure, and always stop what
+    we started (on the lifecycle's clock; every wait of the measurement
+    through `sleep`); memory before the start and after the stop."""
     if services is None:
         run_async(measure_model(plan, result, events, sleep=sleep))
         return
     assert result.spec.service is not None
+    docker = DockerWatch(services.compose.file.project, result.spec.service, services.docker).client
+    ensure_image(plan, services.compose, docker, result, events)  # its own step and budget
+    nvml = Nvml.open()
+    memory = MemoryWatch(lambda: read_memory(nvml))
+    memory.start()  # the baseline, before the model takes any
     events.phase(result.spec.name, "load")
-    with services.running(result.spec.name, result.spec.service) as service:
-        result.lifecycle = service.lifecycle
-        try:
-            run_async(measure_model(plan, result, events, service=service, clock=services.clock,
-                                    sleep=sleep))
-        finally:
-            events.phase(result.spec.name, "stop")  # the lifecycle stops it on the way out
+    try:
+        with services.running(result.spec.name, result.spec.service) as service:
+            result.lifecycle = dataclasses.replace(service.lifecycle, pull=result.lifecycle.pull)
+            try:
+                run_async(measure_model(plan, result, events, service=service,
+                                        clock=services.clock, sleep=sleep))
+            finally:
+                events.phase(result.spec.name, "stop")  # the lifecycle stops it on the way out
+    finally:
+        with services.hold():
+            record_memory(result, memory, events)  # warns before the next model starts
+            if nvml is not None:
+                nvml.close()
 
 
 def start_report(plan: Plan, err: Any) -> tuple[Report, ReportFiles]:

@@ -13,6 +13,10 @@
 #     /usr/libexec/docker/cli-plugins/docker-compose.  The system's apt
 #     sources, lists, status and installed packages are not changed, and the
 #     v1 /usr/bin/docker-compose from bookworm stays as it is.
+#   * docker-registry (the CNCF distribution registry 2.8, /usr/bin/docker-registry)
+#     from bookworm: tests/support/registry.py serves it on 127.0.0.1 so that the
+#     image-pull tests pull a real image from a real registry (never started
+#     as a service here; the package's own unit is not used).
 #   * There is no systemd: dockerd is started in the background (nohup,
 #     setsid, all fds redirected so it never holds the CI log pipe open) when
 #     `docker info` fails, and left running.
@@ -30,10 +34,10 @@ export DEBIAN_FRONTEND=noninteractive
 log() { printf '[setup-docker] %s\n' "$*" >&2; }
 
 # ---------------------------------------------------------------------------
-# 1. Engine + Compose v1 from bookworm
+# 1. Engine + Compose v1 + docker-registry from bookworm
 # ---------------------------------------------------------------------------
 need=()
-for pkg in docker.io docker-compose; do
+for pkg in docker.io docker-compose docker-registry; do
   if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed'; then
     need+=("$pkg")
   fi
@@ -41,9 +45,19 @@ done
 if ((${#need[@]})); then
   log "installing ${need[*]} (bookworm)"
   apt-get update -qq
+  # A package's postinst must not start its service (docker-registry's init
+  # script would serve on :5000 on every interface): deny it, as Docker's
+  # own images do, unless the machine already has a policy.
+  policy=""
+  if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+    policy=/usr/sbin/policy-rc.d
+    printf '#!/bin/sh\nexit 101\n' >"$policy"
+    chmod 0755 "$policy"
+  fi
   apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  if [[ -n "$policy" ]]; then rm -f "$policy"; fi
 else
-  log "docker.io and docker-compose (v1) already installed"
+  log "docker.io, docker-compose (v1) and docker-registry already installed"
 fi
 
 # ---------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import os
 import signal
 import statistics
@@ -574,3 +575,55 @@ def test_chat_template_kwargs_reach_the_template_and_the_report(bare_vllm, tmp_p
     check_scenario(context, requests=2, caching=True)  # exact 1000 tokens, kwargs applied
     print(f"\nlatency prompt tokens: plain {sorted(plain)}, enable_thinking=false "
           f"{sorted(no_think)}, the tool's requests {sorted(seen)}")
+
+
+# ---------------------------------------------------------------------------
+# The first run on a new box: the image must be pulled
+# ---------------------------------------------------------------------------
+
+PULL_MB, PULL_RATE_BPS = 200, 5.5e6  # ~38 s through the slow proxy
+
+
+@pytest.mark.docker
+@pytest.mark.timeout(900)
+def test_a_first_run_pulls_the_image_and_records_what_vllm_said_and_the_memory(
+        compose_project, tmp_path):
+    """The skeleton image plus 200 MB of random layers lies only in a real
+    registry on 127.0.0.1 behind a slow proxy (tests/support/registry.py):
+    the tool pulls it first, with progress under a pipe, then vLLM loads,
+    and what vLLM's log says (KV cache capacity, concurrency) and memory
+    before/peak/after land in the JSON and the summary."""
+    from registry import registry_available, slow_image
+
+    require(registry_available(), "no docker-registry here (.ci/setup-docker.sh installs it)")
+    project, port, env = compose_project
+    with slow_image(tmp_path / "registry", f"{project}-img", PULL_MB, PULL_RATE_BPS) as (_, _, image):
+        run = run_tool(["--compose-file", str(COMPOSE), "--models", str(MODELS), "--only", "tiny-a",
+                        "--port", str(port), "--iterations", "1", "--context-sizes", "1k",
+                        "--health-timeout", "600"], tmp_path, {**env, "PERFTEST_BASE_IMAGE": image})
+    assert run.proc.returncode == 0, run.explain(compose_logs(env, project))
+    err, out = run.proc.stderr, run.proc.stdout
+    print(f"\n{err}\n{out}")
+    assert re.search(r"  tiny-a: pulling \S+: \d+/\d+ layers, [\d.]+ MB of [\d.]+ MB", err), err
+    assert err.index("tiny-a: pulled ") < err.index("tiny-a: starting vllm-tiny-a")
+    life = run.model("tiny-a")["lifecycle"]
+    pull = life["pull"]
+    assert pull["image"] == image and pull["skipped"] is False
+    assert pull["pull_s"] > PULL_MB * 1e6 / PULL_RATE_BPS * 0.9 and pull["bytes"] > PULL_MB * 1e6
+    assert 1 < life["load_s"] < 600  # vLLM's load only: the pull came before
+    # vLLM-CPU's own words, from the container's log.
+    load = life["vllm_load"]
+    assert load["kv_cache_device"] == "CPU" and load["kv_cache_tokens"] > 40_960
+    assert load["max_concurrency_tokens"] == 40_960
+    assert load["max_concurrency"] == pytest.approx(load["kv_cache_tokens"] / 40_960, rel=0.01)
+    assert load["engine_init_s"] > 0 and load["weights_load_s"] >= 0
+    assert "model_load_s" not in load  # the CPU build does not say it: absent, not null
+    mem = life["memory"]
+    assert mem["kind"] == "host" and mem["available_before_bytes"] > 0
+    assert mem["peak_used_bytes"] > 100e6  # vLLM-CPU takes well over 100 MB
+    assert mem["available_peak_bytes"] <= mem["available_before_bytes"]
+    assert re.search(r"  tiny-a: ok, pulled 2\d\d\.\d MB in [\d.]+ s; "
+                     r"loaded in (?:[\d.]+ s|\d+ m \d+ s)\n", out), out
+    assert (f"      vLLM load: KV cache {load['kv_cache_tokens']:,} tokens (CPU), "
+            f"{load['max_concurrency']:.2f}x concurrency at 40,960 tokens") in out
+    assert project_containers(project) == []

@@ -3,48 +3,70 @@
 from __future__ import annotations
 
 import itertools
-import os
-import stat
+import sys
+from pathlib import Path
 
 import pytest
 
 import perftest_models as pm
 
 
-def fake_nvidia_smi(tmp_path, watts="150.5"):
-    # No GPU here: a stand-in nvidia-smi on PATH prints what the real one would.
-    path = tmp_path / "bin" / "nvidia-smi"
-    path.parent.mkdir()
-    path.write_text(f"#!/bin/sh\necho {watts}\n")
-    path.chmod(path.stat().st_mode | stat.S_IEXEC)
-    return path.parent
+class FakeNvmlLib:
+    """Mock of the nvidia-ml-py binding: there is no GPU (and no NVML) on this
+    machine, so the GPU's answers are scripted here. Same names and units as
+    pynvml: milliwatts, MHz, degrees C, clock-event reason bits."""
 
+    NVML_CLOCK_SM, NVML_TEMPERATURE_GPU = 1, 0
 
-def test_power_is_integrated_into_energy_and_tokens_per_joule(tmp_path, monkeypatch):
-    monkeypatch.setenv("PATH", f"{fake_nvidia_smi(tmp_path)}{os.pathsep}{os.environ['PATH']}")
-    ticks = itertools.count(0.0, 2.0)  # virtual clock: 2 s between samples
-    sampler = pm.PowerSampler(interval_s=0.001, clock=lambda: next(ticks))
-    with sampler:
-        while len(sampler.samples) < 4:
-            pass
-    n = len(sampler.samples)
-    summary = sampler.summary(tokens=3000)
-    assert summary.mean_w == 150.5 and summary.samples == n
-    assert summary.energy_j == pytest.approx(150.5 * 2.0 * (n - 1))
-    assert summary.tokens_per_j == pytest.approx(3000 / (150.5 * 2.0 * (n - 1)), rel=1e-3)
+    def __init__(self, boards):
+        self.boards = boards  # one dict per GPU: power_mw, sm_mhz, temp_c, reasons
 
+    def nvmlDeviceGetPowerUsage(self, h):
+        return self.boards[h]["power_mw"]
 
-def test_power_is_absent_cleanly_without_nvidia_smi(tmp_path, monkeypatch):
-    monkeypatch.setenv("PATH", str(tmp_path))
-    with pm.PowerSampler(interval_s=0.001) as sampler:
+    def nvmlDeviceGetClockInfo(self, h, kind):
+        return self.boards[h]["sm_mhz"]
+
+    def nvmlDeviceGetTemperature(self, h, kind):
+        return self.boards[h]["temp_c"]
+
+    def nvmlDeviceGetCurrentClocksEventReasons(self, h):
+        return self.boards[h].get("reasons", 0)
+
+    def nvmlShutdown(self):
         pass
-    assert sampler.samples == [] and sampler.summary(100) is None
 
 
-def test_a_gpu_with_several_boards_adds_their_power(tmp_path, monkeypatch):
-    monkeypatch.setenv("PATH", f"{fake_nvidia_smi(tmp_path, '100; echo 50')}{os.pathsep}"
-                       f"{os.environ['PATH']}")
-    assert pm.PowerSampler().read_w() == 150.0
+def fake_nvml(*boards):
+    return pm.Nvml(FakeNvmlLib(list(boards)), range(len(boards)))
+
+
+BOARD = {"power_mw": 150_500, "sm_mhz": 2100, "temp_c": 60}
+
+
+def test_power_is_integrated_into_energy_and_tokens_per_joule():
+    ticks = itertools.count(0.0, 2.0)  # virtual clock: 2 s between samples
+    nvml = fake_nvml(BOARD)
+    readings = [nvml.read(clock=lambda: next(ticks)) for _ in range(4)]
+    summary = pm.gpu_summary(readings, tokens=3000)
+    assert summary.mean_w == 150.5 and summary.samples == 4
+    assert summary.energy_j == pytest.approx(150.5 * 2.0 * 3)
+    assert summary.tokens_per_j == pytest.approx(3000 / (150.5 * 2.0 * 3), rel=1e-3)
+
+
+def test_power_is_absent_cleanly_without_nvml(monkeypatch):
+    if not Path("/dev/nvidiactl").exists():  # real: the binding finds no NVML library here
+        assert pm.Nvml.open() is None
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # and without the binding at all
+    assert pm.Nvml.open() is None
+    with pm.GpuSampler(None, interval_s=0.001) as sampler:
+        pass
+    assert sampler.readings == [] and pm.gpu_summary(sampler.readings, 100) is None
+
+
+def test_a_gpu_with_several_boards_adds_their_power():
+    reading = fake_nvml({**BOARD, "power_mw": 100_000}, {**BOARD, "power_mw": 50_000}).read()
+    assert reading.power_w == 150.0
 
 
 def result(name, ttfts, rates, tps=None, **spec):
