@@ -35,7 +35,7 @@ def answers() -> bool:
 
 def script(action: str) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", str(SCRIPT), action], capture_output=True, text=True,
-                          timeout=180)
+                          timeout=180, check=False)
 
 
 def ensure_second_engine() -> str:
