@@ -111,6 +111,17 @@ SCHEMA_VERSION = 1
 
 
 @dataclass(frozen=True)
+class ServiceRef:
+    """One Compose service of a model, on its Docker host: `docker_host` is a
+    DOCKER_HOST URL or a docker context name (None: the local engine);
+    `compose_file` None means --compose-file."""
+
+    service: str
+    docker_host: str | None = None
+    compose_file: str | None = None
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """One model to benchmark, and where to find it.
 
@@ -129,6 +140,22 @@ class ModelSpec:
     params_active_b: float | None = None
     bytes_per_weight: float | None = None
     chat_template_kwargs: Mapping[str, Any] | None = None
+    docker_host: str | None = None  # the engine of `service` (None: the local one)
+    url: str | None = None  # where the server answers (None: from the host and --port)
+    services: tuple[ServiceRef, ...] = ()  # instead of `service`: started in order
+
+
+def model_services(spec: ModelSpec) -> tuple[ServiceRef, ...]:
+    """The services a model runs, in start order, each on its Docker host."""
+    if spec.services:
+        return spec.services
+    return (ServiceRef(spec.service, spec.docker_host),) if spec.service else ()
+
+
+def is_hosted(spec: ModelSpec) -> bool:
+    """True when the model names a Docker host, a url or a services list: then
+    the run's models take the per-host lifecycle (run_hosted_model)."""
+    return spec.docker_host is not None or bool(spec.services) or spec.url is not None
 
 
 MODELS: tuple[ModelSpec, ...] = (
@@ -500,6 +527,8 @@ class Failure:
     exit_code: int | None = None
     oom_killed: bool | None = None
     log_tail: tuple[str, ...] = ()
+    service: str | None = None  # a model on named hosts: which service failed,
+    docker_host: str | None = None  # and on which host
 
 
 @dataclass(frozen=True)
@@ -598,6 +627,35 @@ class Lifecycle:
     pull: PullRecord | None = None  # the image step before `up`, apart from the load
     vllm_load: LoadFacts | None = None  # what vLLM's log said while it loaded
     memory: MemoryRecord | None = None  # memory before the start, at the peak, after the stop
+    docker_host: str | None = None  # a model on named hosts: where it ran ("a + b"),
+    url: str | None = None  # where its server answered,
+    services: tuple[str, ...] | None = None  # its services in start order,
+    hosts: tuple[HostRecord, ...] | None = None  # each one's host and machine,
+    hardware: str | None = None  # and one profile of the machine(s) for the report
+
+
+@dataclass(frozen=True)
+class EngineHardware:
+    """What a Docker engine says of its machine (`docker info`), and a short
+    profile that tells two machines apart."""
+
+    name: str | None = None
+    os: str | None = None
+    arch: str | None = None
+    cpus: int | None = None
+    memory_gib: float | None = None
+    server_version: str | None = None
+    runtimes: tuple[str, ...] = ()
+    profile: str = ""
+
+
+@dataclass(frozen=True)
+class HostRecord:
+    """One service of a model and the Docker host it ran on."""
+
+    service: str
+    docker_host: str
+    hardware: EngineHardware | None = None
 
 
 @dataclass(frozen=True)
@@ -728,6 +786,7 @@ class RunConfig:
     request_rates: tuple[float, ...] | None = ()  # open-loop levels, requests/s
     burstiness: float | None = 1.0  # gamma shape of the arrival gaps (1: Poisson)
     arrival_seed: int | None = 0  # the arrivals' RNG seed: the same schedule on every run
+    parallel: bool | None = False  # --parallel (None in a report from before it)
 
 
 @dataclass(frozen=True)
@@ -888,10 +947,96 @@ _MODEL_FIELDS: dict[str, tuple[type, ...]] = {
     "max_context_tokens": (int,), "architecture": (str,),
     "params_total_b": (int, float, type(None)), "params_active_b": (int, float, type(None)),
     "bytes_per_weight": (int, float, type(None)), "chat_template_kwargs": (dict, type(None)),
+    "docker_host": (str, type(None)), "url": (str, type(None)), "services": (list, type(None)),
 }
+_SERVICE_FIELDS = ("service", "docker_host", "compose_file")
+DOCKER_HOST_SCHEMES = ("unix", "tcp", "ssh", "npipe", "fd")
+_CONTEXT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$")  # docker's context names
 
 
-def model_from_mapping(data: Any, source: str) -> ModelSpec:
+def check_docker_host(value: str, where: str) -> str:
+    """A DOCKER_HOST URL (unix://, tcp://, ssh://, npipe://, fd://) or a docker context name."""
+    scheme, sep, rest = value.partition("://")
+    bad = any(c.isspace() or not c.isprintable() for c in value)
+    if sep and (scheme not in DOCKER_HOST_SCHEMES or bad or not rest):
+        raise UsageError(f"{where}: docker_host {value!r} is not a DOCKER_HOST URL: use "
+                         "unix:///path, tcp://host:2376, ssh://user@host, or a docker context name")
+    if not sep and not _CONTEXT_RE.match(value):
+        raise UsageError(f"{where}: docker_host {value!r} is neither a DOCKER_HOST URL "
+                         "(unix://, tcp://, ssh://) nor a docker context name")
+    return value
+
+
+def docker_host_name(docker_host: str | None) -> str:
+    """The machine a DOCKER_HOST URL points at: its host name for tcp:// and
+    ssh://, 127.0.0.1 for the local engine and unix://, npipe://, fd://."""
+    from urllib.parse import urlsplit  # noqa: PLC0415
+
+    if docker_host and docker_host.partition("://")[0] in ("tcp", "ssh"):
+        with contextlib.suppress(ValueError):
+            if host := urlsplit(docker_host).hostname:
+                return host
+    return "127.0.0.1"
+
+
+def default_model_url(docker_host: str | None, port: int) -> str:
+    """Where a model's server answers unless its `url:` says: the docker
+    host's machine (a DOCKER_HOST URL, contexts resolved first) and --port."""
+    host = docker_host_name(docker_host)
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def _service_ref(item: Any, where: str, base: Path | None) -> ServiceRef:
+    if not isinstance(item, dict) or not isinstance(item.get("service"), str):
+        raise UsageError(f"{where}: each item of 'services' must be a mapping with 'service' "
+                         "(and optionally docker_host, compose_file)")
+    unknown = sorted(map(str, set(item) - set(_SERVICE_FIELDS)))
+    if unknown:
+        raise UsageError(f"{where}: unknown field(s) {', '.join(unknown)} in 'services'; "
+                         f"known fields: {', '.join(_SERVICE_FIELDS)}")
+    for key in ("docker_host", "compose_file"):
+        if not isinstance(item.get(key, ""), str):
+            raise UsageError(f"{where}: '{key}' of service {item['service']!r} must be a string")
+    host = item.get("docker_host")
+    compose_file = item.get("compose_file")
+    if compose_file is not None and base is not None and not Path(compose_file).is_absolute():
+        compose_file = str(base / compose_file)  # relative to the models file
+    return ServiceRef(_check_name(item["service"], "service", where),
+                      check_docker_host(host, where) if host is not None else None, compose_file)
+
+
+def hosting_fields(data: Mapping[str, Any], name: str, source: str, base: Path | None
+                   ) -> dict[str, Any]:
+    """The models file's docker_host, url and services of one model, checked."""
+    where = f"{source}: model {name!r}"
+    if "services" in data and "service" in data:
+        raise UsageError(f"{where}: 'service' and 'services' are exclusive: keep one")
+    if data.get("services") is not None and data.get("docker_host") is not None:
+        raise UsageError(f"{where}: with 'services', give each item its own docker_host "
+                         "(an item without one runs on the local engine)")
+    if "services" in data and not data["services"]:
+        raise UsageError(f"{where}: 'services' is empty: list the model's services")
+    services = tuple(_service_ref(item, where, base) for item in data.get("services") or ())
+    url = data.get("url")
+    if url is not None:
+        from urllib.parse import urlsplit  # noqa: PLC0415
+
+        try:
+            parts = urlsplit(url)
+            ok = parts.scheme in ("http", "https") and bool(parts.hostname) and not parts.username
+            parts.port  # noqa: B018 (raises ValueError when out of range)
+        except ValueError:
+            ok = False
+        if not ok:
+            raise UsageError(f"{where}: url {url!r} is not an http(s) URL without a user: "
+                             "use e.g. http://spark-2:8000")
+        url = url.rstrip("/").removesuffix("/v1")
+    host = data.get("docker_host")
+    return {"services": services, "url": url,
+            "docker_host": check_docker_host(host, where) if host is not None else None}
+
+
+def model_from_mapping(data: Any, source: str, base: Path | None = None) -> ModelSpec:
     """Build a ModelSpec from one YAML entry, checking every field's type."""
     if not isinstance(data, dict):
         raise UsageError(f"{source}: each model must be a mapping with name, service, model_id, "
@@ -910,7 +1055,7 @@ def model_from_mapping(data: Any, source: str) -> ModelSpec:
             raise UsageError(f"{source}: model {data.get('name', '?')!r}: '{key}' must be {names}, "
                              f"not {type(value).__name__}")
     name = _check_name(data["name"], "model name", source)
-    service = data.get("service", f"vllm-{name}")
+    service = None if "services" in data else data.get("service", f"vllm-{name}")
     if service is not None:
         _check_name(service, "service", source)
     if data["max_context_tokens"] < 2:
@@ -926,7 +1071,7 @@ def model_from_mapping(data: Any, source: str) -> ModelSpec:
                          "strings, numbers, booleans, lists and mappings") from None
     if not data["model_id"].strip():
         raise UsageError(f"{source}: model {name!r}: model_id is empty")
-    return ModelSpec(**{**data, "service": service})
+    return ModelSpec(**{**data, "service": service, **hosting_fields(data, name, source, base)})
 
 
 def load_models_file(path: Path, base: Sequence[ModelSpec]) -> tuple[ModelSpec, ...]:
@@ -935,7 +1080,7 @@ def load_models_file(path: Path, base: Sequence[ModelSpec]) -> tuple[ModelSpec, 
     data = _load_yaml(path, "--models file")
     if not isinstance(data, dict) or not isinstance(data.get("models"), list):
         raise UsageError(f"--models file {path}: expected a mapping with a 'models:' list")
-    extra = [model_from_mapping(m, f"--models file {path}") for m in data["models"]]
+    extra = [model_from_mapping(m, f"--models file {path}", path.parent) for m in data["models"]]
     replace = data.get("replace", False)
     if not isinstance(replace, bool):
         raise UsageError(f"--models file {path}: 'replace' must be true or false")
@@ -1005,12 +1150,13 @@ def check_services(compose: ComposeFile, models: Sequence[ModelSpec]) -> None:
                              f"(model {m.name}; it has: {have}): add it or fix the model table")
 
 
-def _run(argv: Sequence[str], runner: Runner = subprocess.run, timeout_s: float = 600
-         ) -> subprocess.CompletedProcess[str]:
+def _run(argv: Sequence[str], runner: Runner = subprocess.run, timeout_s: float = 600,
+         env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run an argv list (never a shell) and capture its output."""
+    extra = {} if env is None else {"env": dict(env)}  # None: inherit ours
     try:
         return runner(list(argv), capture_output=True, text=True, timeout=timeout_s,
-                      stdin=subprocess.DEVNULL)
+                      stdin=subprocess.DEVNULL, **extra)
     except FileNotFoundError:
         raise SetupError(f"{argv[0]} is not installed: install Docker with Compose "
                          "(docker compose v2, or docker-compose v1)") from None
@@ -1188,6 +1334,167 @@ def docker_client() -> Any:
         raise SetupError(_docker_daemon_hint(str(exc)) or
                          f"the Docker daemon is not reachable ({exc}): is Docker running?") from None
     return client
+
+
+@dataclass(frozen=True)
+class DockerHost:
+    """One Docker engine, as Docker itself reaches it: `name` as the models
+    file gives it (a DOCKER_HOST URL or a docker context; None: the local
+    engine, i.e. our own DOCKER_HOST or the default socket), `url` the
+    DOCKER_HOST it stands for (a context resolved), `cert_path` its TLS files."""
+
+    name: str | None
+    url: str | None = None
+    cert_path: str | None = None
+    tls_verify: bool = False
+
+    @property
+    def label(self) -> str:
+        return self.name or "the local engine"
+
+    def environ(self, base: Mapping[str, str] = os.environ) -> dict[str, str] | None:
+        """The environment for a `docker compose` of this host (None: ours, unchanged)."""
+        if self.url is None:
+            return None
+        env = {k: v for k, v in base.items()
+               if k not in ("DOCKER_HOST", "DOCKER_CONTEXT", "DOCKER_TLS_VERIFY", "DOCKER_CERT_PATH")}
+        env["DOCKER_HOST"] = self.url
+        if self.cert_path:
+            env["DOCKER_CERT_PATH"] = self.cert_path
+            if self.tls_verify:
+                env["DOCKER_TLS_VERIFY"] = "1"
+        elif self.name and "://" in self.name:  # a URL keeps our TLS settings for it
+            env.update({k: base[k] for k in ("DOCKER_TLS_VERIFY", "DOCKER_CERT_PATH") if k in base})
+        return env
+
+
+def resolve_docker_host(name: str | None, runner: Runner = subprocess.run) -> DockerHost:
+    """A models file's docker_host as a DockerHost: a URL as it is; a docker
+    context through `docker context inspect` (its endpoint and TLS files), so
+    that both Compose versions and the SDK reach it through DOCKER_HOST."""
+    if name is None or "://" in name:
+        return DockerHost(name, name)
+    proc = _run(["docker", "context", "inspect", name], runner, 30)
+    if proc.returncode != 0:
+        why = (proc.stderr or proc.stdout).strip().splitlines()
+        raise UsageError(f"docker_host {name!r} is no DOCKER_HOST URL and no docker context "
+                         f"({why[-1] if why else 'docker context inspect failed'}): see "
+                         "`docker context ls`")
+    try:
+        info = json.loads(proc.stdout)[0]
+        endpoint = info["Endpoints"]["docker"]
+        url = endpoint["Host"]
+    except (ValueError, LookupError, TypeError):
+        raise UsageError(f"docker context {name!r}: `docker context inspect` gave no docker "
+                         "endpoint") from None
+    tls = Path(str((info.get("Storage") or {}).get("TLSPath") or "")) / "docker"
+    has_tls = bool(info.get("Storage")) and (tls / "ca.pem").exists()
+    return DockerHost(name, url, str(tls) if has_tls else None,
+                      tls_verify=has_tls and not endpoint.get("SkipTLSVerify", False))
+
+
+def host_client(host: DockerHost) -> Any:
+    """A Docker SDK client of `host`; ModelFailed naming the host and Docker's
+    own words when it cannot be reached."""
+    if host.url is None:
+        return docker_client()
+    import docker  # noqa: PLC0415
+
+    try:
+        client = docker.from_env(timeout=30, environment=host.environ(),
+                                 use_ssh_client=host.url.startswith("ssh://"))
+        client.ping()
+    except Exception as exc:  # the SDK raises several types for the same cause
+        raise ModelFailed(f"Docker host {host.label} is not reachable: {exc}",
+                          Failure(docker_host=host.label)) from None
+    return client
+
+
+def engine_hardware(client: Any) -> EngineHardware:
+    """The machine of a Docker engine, from `docker info`."""
+    info = client.info()
+    gib = (info.get("MemTotal") or 0) / 2**30
+    runtimes = tuple(sorted(info.get("Runtimes") or {}))
+    profile = (f"{info.get('Architecture')}, {info.get('NCPU')} CPUs, {gib:.0f} GiB"
+               + (", nvidia runtime" if "nvidia" in runtimes else ""))
+    return EngineHardware(info.get("Name"), info.get("OperatingSystem"), info.get("Architecture"),
+                          info.get("NCPU"), round(gib, 1), info.get("ServerVersion"), runtimes,
+                          profile)
+
+
+class HostCompose(Compose):
+    """Compose against one Docker host (DOCKER_HOST in its environment); its
+    errors name the host and keep Compose's own last line."""
+
+    def __init__(self, file: ComposeFile, command: Sequence[str], host: DockerHost,
+                 runner: Runner = subprocess.run):
+        super().__init__(file, command, runner)
+        self.host = host
+
+    def _compose(self, *args: str, timeout_s: float = 600) -> subprocess.CompletedProcess[str]:
+        argv = [*self.command, "-f", str(self.file.path), "-p", self.file.project, *args]
+        proc = _run(argv, self.runner, timeout_s, env=self.host.environ())
+        if proc.returncode != 0:
+            err = (proc.stderr or proc.stdout).strip()
+            last = err.splitlines()[-1] if err else "no output"
+            raise SetupError(f"`{' '.join(self.command)} {' '.join(args)}` on Docker host "
+                             f"{self.host.label} failed (exit {proc.returncode}): {last}")
+        return proc
+
+
+@dataclass(frozen=True)
+class Placement:
+    """One service of a model, started (or being started) on its Docker host."""
+
+    ref: ServiceRef
+    host: DockerHost
+    compose: HostCompose
+    watch: DockerWatch
+
+
+class GroupWatch:
+    """Watches every service of a model, each on its own engine: the first one
+    that is not running, or whose host cannot be reached, fails the model,
+    named with its host. Duck-types DockerWatch for measure_model."""
+
+    def __init__(self, placements: Sequence[Placement]):
+        self.placements = list(placements)
+
+    @staticmethod
+    def check_one(p: Placement) -> None:
+        try:
+            p.watch.check_alive()
+        except ModelFailed as exc:
+            raise ModelFailed(f"{exc} (service {p.ref.service} on Docker host {p.host.label})",
+                              dataclasses.replace(exc.details or Failure(), service=p.ref.service,
+                                                  docker_host=p.host.label)) from None
+        except Exception as exc:  # the SDK's connection errors: the host went away
+            raise ModelFailed(f"Docker host {p.host.label} went away while {p.ref.service} ran "
+                              f"on it: {exc}", Failure("unreachable", service=p.ref.service,
+                                                       docker_host=p.host.label)) from None
+
+    def check_alive(self) -> None:
+        for p in self.placements:
+            self.check_one(p)
+
+    def log_tail(self, lines: int = 20) -> list[str]:
+        return self.placements[-1].watch.log_tail(lines) if self.placements else []
+
+
+def wait_running(p: Placement, timeout_s: float = 60.0, poll_s: float = 0.2,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+    """After `up -d`: wait until the service's container runs (the next one
+    starts only then); ModelFailed at once if it exited or its host went away."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        GroupWatch.check_one(p)  # raises unless created/running/restarting
+        if p.watch.state().status == "running":
+            return
+        if time.monotonic() > deadline:
+            raise ModelFailed(f"{p.ref.service} on Docker host {p.host.label} was not running "
+                              f"{timeout_s:.0f} s after `up`",
+                              Failure(service=p.ref.service, docker_host=p.host.label))
+        sleep(poll_s)
 
 
 def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
@@ -4230,7 +4537,7 @@ def record_to_dict(rec: Any, absent_if_none: Iterable[str] = (), digits: int | N
         if dataclasses.is_dataclass(value):
             value = record_to_dict(value, ABSENT_IF_NONE.get(type(value), ()))
         elif isinstance(value, tuple):
-            value = list(value)
+            value = [record_to_dict(v) if dataclasses.is_dataclass(v) else v for v in value]
         elif isinstance(value, Mapping):
             value = dict(value)
         out[f.name] = _round(value, digits) if digits is not None else value
@@ -4256,6 +4563,7 @@ ABSENT_IF_NONE = {  # fields whose key a report leaves out while unknown
     LoadFacts: tuple(f.name for f in dataclasses.fields(LoadFacts)),  # only what the log said
     PowerSummary: ("duration_s", "j_per_token", "sm_clock_min_mhz", "sm_clock_max_mhz",
                    "peak_temp_c", "throttled", "throttle_reasons"),
+    Failure: ("service", "docker_host"),
     Environment: tuple(f.name for f in dataclasses.fields(Environment)),
 }
 
@@ -4299,9 +4607,10 @@ def model_to_dict(mr: ModelResult, bandwidth_gbs: float) -> dict[str, Any]:
     return {
         "name": spec.name, "model_id": spec.model_id, "service": spec.service,
         "status": mr.status, "error": mr.error,
-        "failure": record_to_dict(mr.failure) if mr.failure else None,
+        "failure": record_to_dict(mr.failure, ABSENT_IF_NONE[Failure]) if mr.failure else None,
         "spec": {k: v for k, v in dataclasses.asdict(spec).items()
-                 if k not in ("name", "model_id", "service")},
+                 if k not in ("name", "model_id", "service")
+                 and (v or k not in ("docker_host", "url", "services"))},  # only when used
         "server": record_to_dict(mr.server) if mr.server else {},
         "lifecycle": record_to_dict(mr.lifecycle, ABSENT_IF_NONE[Lifecycle]),
         "roofline": {"bandwidth_gbs": bandwidth_gbs, "ceiling_tps": _round(ceiling),
@@ -4433,20 +4742,30 @@ def server_delta_from_dict(data: Mapping[str, Any]) -> ServerDelta:
 def lifecycle_from_dict(data: Mapping[str, Any]) -> Lifecycle:
     power, pull, load, memory = (data.get(k) for k in ("power", "pull", "vllm_load", "memory"))
     return dataclasses.replace(
-        record_from_dict(Lifecycle, data, ("repo_digests", "command")),
+        record_from_dict(Lifecycle, data, ("repo_digests", "command", "services")),
         power=power_from_dict(power) if power else None,
         pull=record_from_dict(PullRecord, pull) if pull else None,
         vllm_load=record_from_dict(LoadFacts, load) if load else None,
-        memory=record_from_dict(MemoryRecord, memory) if memory else None)
+        memory=record_from_dict(MemoryRecord, memory) if memory else None,
+        hosts=tuple(host_record_from_dict(h) for h in data["hosts"]) if data.get("hosts") else None)
 
 
 def power_from_dict(data: Mapping[str, Any]) -> PowerSummary:
     return record_from_dict(PowerSummary, data, ("throttle_reasons",))
 
 
+def host_record_from_dict(data: Mapping[str, Any]) -> HostRecord:
+    hw = data.get("hardware")
+    return HostRecord(data["service"], data["docker_host"],
+                      record_from_dict(EngineHardware, hw, ("runtimes",)) if hw else None)
+
+
 def model_from_dict(data: Mapping[str, Any]) -> ModelResult:
     spec_fields = {k: v for k, v in _known_fields(ModelSpec, data.get("spec") or {}).items()
                    if k not in ("name", "model_id", "service")}
+    if spec_fields.get("services"):  # saved as a list of mappings
+        spec_fields["services"] = tuple(ServiceRef(**_known_fields(ServiceRef, r))
+                                        for r in spec_fields["services"] if isinstance(r, dict))
     spec = ModelSpec(name=data["name"], service=data.get("service"), model_id=data["model_id"],
                      **spec_fields)
     failure, server = data.get("failure"), data.get("server")
@@ -4472,7 +4791,7 @@ def answer_check_from_dict(data: Any) -> AnswerCheck | None:
 # (unknown) when an older report is read back.
 CONFIG_ADDED = ("answer_check", "require_correct_answers", "slo", "max_concurrency",
                 "capacity_budget_s", "request_rates", "burstiness", "arrival_seed", "pull",
-                "pull_timeout_s")
+                "pull_timeout_s", "parallel")
 
 
 def report_from_dict(data: Mapping[str, Any]) -> Report:
@@ -4712,7 +5031,19 @@ def compare_reports(baseline: Report, candidate: Report, thresholds_pct: Mapping
     if gpus[0] != gpus[1]:
         notes.append(f"note: the baseline ran on {gpus[0] or 'an unknown GPU'}, "
                      f"the candidate on {gpus[1] or 'an unknown GPU'}")
+    notes.extend(hardware_changes(baseline, candidate))
     return Comparison(tuple(changes), dict(thresholds_pct), tuple(dict.fromkeys(notes)))
+
+
+def hardware_changes(baseline: Report, candidate: Report) -> list[str]:
+    """A note per model whose two runs had different machines under them
+    (the engines' hardware profiles, recorded for models on named hosts)."""
+    before = {mr.spec.name: mr.lifecycle.hardware for mr in baseline.models}
+    return [f"note: {mr.spec.name}: the baseline ran on {before[mr.spec.name]}, the candidate "
+            f"on {mr.lifecycle.hardware}: the change is the machine's as much as the model's"
+            for mr in candidate.models
+            if before.get(mr.spec.name) and mr.lifecycle.hardware
+            and before[mr.spec.name] != mr.lifecycle.hardware]
 
 
 # ============================================================================
@@ -5219,6 +5550,8 @@ def format_results(report: Report, styled: bool = False,
     lines = [what, f"hardware: {hardware}, host {report.environment.host or '?'}"]
     if gpu:
         lines.append(f"gpu: {gpu}")
+    if note := hardware_note(report.models):
+        lines.append(note)
     parts = ["\n".join(lines), ""]
     flags = flagged_models(report)
     for sw in winners:
@@ -5271,10 +5604,25 @@ def prefill_curve_table(models: Sequence[ModelResult]) -> TextTable | None:
                      ("Model", *names), tuple(rows))
 
 
+def hardware_note(models: Sequence[ModelResult]) -> str | None:
+    """Said above the tables when the measured models ran on different
+    machines (their engines' profiles differ): a winner is then as much the
+    machine's as the model's."""
+    seen = {mr.spec.name: mr.lifecycle.hardware for mr in models
+            if mr.scenarios and mr.lifecycle.hardware}
+    if len(set(seen.values())) < 2:
+        return None
+    where = "; ".join(f"{name} on {hw}" for name, hw in seen.items())
+    return (f"note: these models ran on different hardware ({where}): the tables compare "
+            "machines as much as models")
+
+
 def format_model_environment(mr: ModelResult, bandwidth_gbs: float) -> list[str]:
-    """Where the numbers came from: server version, image, command, power."""
+    """Where the numbers came from: host, server version, image, command, power."""
     facts = []
     server, life = mr.server or ServerInfo(), mr.lifecycle
+    if life.docker_host:
+        facts.append(f"on {life.docker_host}" + (f" ({life.hardware})" if life.hardware else ""))
     if server.version:
         facts.append(f"vLLM {server.version}")
     if life.image:
@@ -5765,7 +6113,8 @@ def _md_notes(notes: Iterable[str]) -> str:
 
 def _run_line(report: Report) -> str:
     what, hardware, gpu = run_header(report)
-    return f"{what}; hardware {hardware}" + (f"; gpu {gpu}" if gpu else "")
+    return (f"{what}; hardware {hardware}" + (f"; gpu {gpu}" if gpu else "")
+            + (f"\n\n{note}" if (note := hardware_note(report.models)) else ""))
 
 
 def format_comparison_markdown(comparison: Comparison, labels: tuple[str, str]) -> str:
@@ -6879,6 +7228,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="failed requests a model may have before it is marked failed (default 3)")
     env.add_argument("--report-dir", type=Path, default=Path("docs/reports"), metavar="DIR",
                      help="where the .txt and .json reports go (default docs/reports)")
+    env.add_argument("--parallel", action="store_true",
+                     help="run models on different Docker hosts (docker_host: in the --models "
+                          "file) at the same time, one at a time per host")
     add_campaign_options(p)
     add_output_options(p, run=True)
     return p
@@ -6902,6 +7254,49 @@ class Plan:
     resumed: Report | None = None
     history: Mapping[str, ModelTimes] = field(default_factory=dict)  # --estimate-from
     dry_run: bool = False
+    hosting: Hosting = field(default_factory=lambda: Hosting())
+
+
+@dataclass(frozen=True)
+class Hosting:
+    """Where the models of a Compose run live: each docker_host resolved, each
+    compose file read, each hosted model's URL."""
+
+    hosts: Mapping[str | None, DockerHost] = field(default_factory=dict)
+    compose_files: Mapping[str, ComposeFile] = field(default_factory=dict)
+    urls: Mapping[str, str] = field(default_factory=dict)
+
+    def lanes(self, spec: ModelSpec) -> frozenset[str]:
+        """The engines a model occupies (a context and its URL are one engine)."""
+        return frozenset(self.hosts[r.docker_host].url or "local" for r in model_services(spec))
+
+
+def plan_hosting(compose: ComposeFile, models: Sequence[ModelSpec], port: int,
+                 parallel: bool = False, runner: Runner = subprocess.run) -> Hosting:
+    """Resolve the hosts, read the compose files and check each service is in
+    its file, and settle each model's URL (`url:`, else from its host) when
+    any model names a host, or with --parallel: then every model of the run
+    takes the per-host path (run_hosted_model), the local ones too."""
+    per_host = parallel or any(is_hosted(m) for m in models)
+    hosts: dict[str | None, DockerHost] = {None: DockerHost(None)}
+    files: dict[str, ComposeFile] = {"": compose}
+    urls: dict[str, str] = {}
+    for m in models:
+        for ref in model_services(m):
+            if ref.docker_host not in hosts:
+                hosts[ref.docker_host] = resolve_docker_host(ref.docker_host, runner)
+            key = ref.compose_file or ""
+            if key not in files:
+                files[key] = load_compose_file(Path(key))
+            check_services(files[key], [ModelSpec(m.name, ref.service, m.model_id, 2)])
+        if not per_host:
+            continue
+        engines = {hosts[r.docker_host].url for r in model_services(m)}
+        if m.url is None and len(engines) > 1:
+            raise UsageError(f"model {m.name}: its services run on {len(engines)} Docker hosts: "
+                             "give its 'url:' (where the server answers) in the models file")
+        urls[m.name] = m.url or default_model_url(engines.pop(), port)
+    return Hosting(hosts, files, urls)
 
 
 def make_plan(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> Plan:
@@ -6917,7 +7312,10 @@ def make_plan(args: argparse.Namespace, environ: Mapping[str, str] = os.environ)
         if value is not None and args.slo is None:
             raise UsageError(f"{flag} bounds the capacity search, which needs service levels: "
                              f"add --slo, e.g. --slo {SLO_EXAMPLE}")
-    compose = None
+    compose, hosting = None, Hosting()
+    if args.endpoint is not None and args.parallel:
+        raise UsageError("--parallel runs models on several Docker hosts; --endpoint is one "
+                         "server: drop one of them")
     if args.endpoint is not None:  # an empty --endpoint "$URL" must not start containers
         base_url = check_endpoint_url(args.endpoint)
         models = discover_endpoint_models(base_url, table, api_key)
@@ -6926,7 +7324,8 @@ def make_plan(args: argparse.Namespace, environ: Mapping[str, str] = os.environ)
         base_url = f"http://127.0.0.1:{args.port}"
         models = select_models(table, args.skip, args.only, what="models")
         compose = load_compose_file(args.compose_file)
-        check_services(compose, models)
+        check_services(compose, [m for m in models if not m.services])
+        hosting = plan_hosting(compose, models, args.port, args.parallel)
     largest = max(m.max_context_tokens for m in models)
     for size in args.context_sizes:
         if size > largest:
@@ -6946,9 +7345,10 @@ def make_plan(args: argparse.Namespace, environ: Mapping[str, str] = os.environ)
         models=tuple(m.name for m in models), slo=args.slo,
         max_concurrency=args.max_concurrency or RunConfig.max_concurrency,
         capacity_budget_s=args.capacity_budget or RunConfig.capacity_budget_s,
-        request_rates=tuple(args.request_rate), burstiness=args.burstiness)
+        request_rates=tuple(args.request_rate), burstiness=args.burstiness,
+        parallel=args.parallel)
     plan = Plan(cfg, tuple(models), tuple(table), compose, base_url, args.report_dir, api_key,
-                baseline=baseline, exports=exports)
+                baseline=baseline, exports=exports, hosting=hosting)
     return campaign_plan(plan, args)
 
 
@@ -7472,6 +7872,10 @@ def run_model(plan: Plan, result: ModelResult, events: Events,
     if services is None:
         run_async(measure_model(plan, result, events, sleep=sleep))
         return
+    if result.spec.name in plan.hosting.urls:  # a run over named hosts: every model's path
+        run_hosted_model(plan, result, events, services.compose.command, hold=services.hold,
+                         clock=services.clock, sleep=sleep)
+        return
     assert result.spec.service is not None
     docker = DockerWatch(services.compose.file.project, result.spec.service, services.docker).client
     ensure_image(plan, services.compose, docker, result, events)  # its own step and budget
@@ -7533,6 +7937,236 @@ def record_part(report: Report, progress: CampaignProgress,
     return report
 
 
+def _compose_step(p: Placement, step: Callable[..., Any], *args: Any) -> Any:
+    """One Compose call of a hosted model: its failure fails the model, named."""
+    try:
+        return step(*args)
+    except SetupError as exc:
+        raise ModelFailed(str(exc), Failure(service=p.ref.service, docker_host=p.host.label)
+                          ) from None
+
+
+def record_hosts(result: ModelResult, url: str, placed: Sequence[Placement]) -> None:
+    """The report's record of where a model ran: each service's host and that
+    engine's machine, one hardware profile for the model, its url."""
+    hosts = []
+    for p in placed:
+        hw = None
+        with contextlib.suppress(Exception):
+            hw = engine_hardware(p.watch.client)
+        hosts.append(HostRecord(p.ref.service, p.host.label, hw))
+    profiles = [h.hardware.profile for h in hosts if h.hardware]
+    result.lifecycle = dataclasses.replace(
+        result.lifecycle, hosts=tuple(hosts), url=url,
+        services=tuple(p.ref.service for p in placed),
+        docker_host=" + ".join(dict.fromkeys(h.docker_host for h in hosts)),
+        hardware=" + ".join(dict.fromkeys(profiles)) or None)
+
+
+def place_services(plan: Plan, spec: ModelSpec, command: Sequence[str]) -> list[Placement]:
+    """A hosted model's services, each with its Compose and watch on its own host."""
+    out = []
+    for ref in model_services(spec):
+        host = plan.hosting.hosts[ref.docker_host]
+        compose = HostCompose(plan.hosting.compose_files[ref.compose_file or ""], command, host)
+        try:
+            client = host_client(host)
+        except ModelFailed as exc:
+            raise ModelFailed(f"{exc} (service {ref.service})", {**exc.details,
+                                                                 "service": ref.service}) from None
+        out.append(Placement(ref, host, compose, DockerWatch(compose.file.project, ref.service,
+                                                             client)))
+    return out
+
+
+def start_services(result: ModelResult, url: str, placed: Sequence[Placement], events: Events,
+                   started: list[Placement]) -> None:
+    """Start the services in order, each running before the next starts;
+    `started` grows before each `up`, so the caller stops exactly those."""
+    from urllib.parse import urlsplit  # noqa: PLC0415
+
+    name = result.spec.name
+    for p in placed:  # one of ours left running (an earlier run killed): stop it first
+        if _compose_step(p, p.compose.running, [p.ref.service]):
+            events.info(f"{name}: {p.ref.service} already runs on {p.host.label}: stopping it")
+            _compose_step(p, p.compose.stop, [p.ref.service])
+    parts = urlsplit(url)
+    if port_in_use(parts.port or (443 if parts.scheme == "https" else 80), parts.hostname or ""):
+        raise ModelFailed(f"{url} already answers before {name}'s services started: something "
+                          "else serves there; stop it, or give the model another url: (or --port)")
+    for p in placed:
+        events.info(f"{name}: starting {p.ref.service} on {p.host.label}")
+        started.append(p)
+        _compose_step(p, p.compose.up, p.ref.service)
+        wait_running(p)
+    with contextlib.suppress(Exception):  # the server's image and command: the last service's
+        result.lifecycle = placed[-1].watch.image()
+    record_hosts(result, url, placed)
+
+
+def stop_services(name: str, started: Sequence[Placement], events: Events) -> None:
+    """Stop in reverse order whatever was started; a host that went away is named."""
+    for p in reversed(started):
+        try:
+            p.compose.stop([p.ref.service])
+            events.info(f"{name}: stopped {p.ref.service} on {p.host.label}")
+        except PerftestError as exc:
+            events.info(f"{name}: could not stop {p.ref.service}: {exc}")
+
+
+async def measure_watched(plan: Plan, result: ModelResult, events: Events,
+                          service: RunningService, *, clock: Clock, sleep: Sleep,
+                          every_s: float = 2.0) -> None:
+    """measure_model, with every service of the model checked every `every_s`
+    seconds besides: a worker that dies, or a host that goes away, fails the
+    model at once even while its server still answers."""
+    task = asyncio.ensure_future(measure_model(plan, result, events, service=service,
+                                               clock=clock, sleep=sleep))
+    while not task.done():
+        await asyncio.wait({task}, timeout=every_s)
+        if task.done():
+            break
+        try:
+            await asyncio.to_thread(service.watch.check_alive)
+        except ModelFailed:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, ModelFailed):
+                await task
+            raise
+    task.result()
+
+
+def run_hosted_model(plan: Plan, result: ModelResult, events: Events, command: Sequence[str], *,
+                     hold: Callable[[], contextlib.AbstractContextManager[Any]],
+                     clock: Clock = time.perf_counter, sleep: Sleep = asyncio.sleep) -> None:
+    """A model whose services live on named Docker hosts: start them in order,
+    measure at its url, and always stop them in reverse order (under `hold`)."""
+    url = plan.hosting.urls[result.spec.name]
+    started: list[Placement] = []
+    started_s = clock()  # the load time runs from the first `up` to healthy
+    try:
+        placed = place_services(plan, result.spec, command)
+        start_services(result, url, placed, events, started)
+        group = GroupWatch(started)
+        running = RunningService(" + ".join(p.ref.service for p in placed), group,  # type: ignore[arg-type]
+                                 started_s, result.lifecycle)
+        run_async(measure_watched(dataclasses.replace(plan, base_url=url), result, events,
+                                  running, clock=clock, sleep=sleep))
+    finally:
+        with hold():
+            stop_services(result.spec.name, started, events)
+
+
+def startable(lanes: Sequence[frozenset[str]], busy: Iterable[str]) -> list[int]:
+    """Which waiting models may start now (positions in `lanes`, in order):
+    those whose engines are all free, one model per engine at a time."""
+    taken = set(busy)
+    chosen = []
+    for i, need in enumerate(lanes):
+        if not need & taken:
+            chosen.append(i)
+            taken |= need
+    return chosen
+
+
+class LinePrefixer:
+    """One model's progress stream in --parallel: whole lines only, each
+    prefixed with the model's name, written under a lock all models share."""
+
+    def __init__(self, err: Any, prefix: str, lock: threading.Lock):
+        self.err, self.prefix, self.lock, self.buf = err, prefix, lock, ""
+
+    def write(self, text: str) -> int:
+        self.buf += text
+        *lines, self.buf = self.buf.split("\n")
+        if lines:
+            with self.lock:
+                self.err.write("".join(f"{self.prefix}{line}\n" for line in lines))
+                self.err.flush()
+        return len(text)
+
+    def flush(self) -> None: ...
+
+
+def run_one_model(plan: Plan, mr: ModelResult, events: Events, command: Sequence[str]) -> None:
+    """One model of a --parallel run, in its own thread; failures are recorded.
+    Signals reach the main thread only, which stops every model's services itself."""
+    mr.status = "running"
+    events.info(f"=== {mr.spec.name} ({mr.spec.model_id})")
+    try:
+        run_hosted_model(plan, mr, events, command, hold=contextlib.nullcontext)
+        mr.status = "ok"
+    except (ModelFailed, SetupError) as exc:
+        mr.status, mr.error = "failed", str(exc)
+        mr.failure = exc.details if isinstance(exc, ModelFailed) else None
+        events.info(f"{mr.spec.name}: FAILED: {exc}")
+    except Exception as exc:  # a bug must not leave the other models waiting forever
+        mr.status, mr.error = "failed", f"internal error: {type(exc).__name__}: {exc}"
+        events.info(f"{mr.spec.name}: FAILED: {mr.error}")
+
+
+def stop_all_services(plan: Plan, models: Sequence[ModelResult], command: Sequence[str],
+                      events: Events) -> None:
+    """After an interrupt in --parallel: stop the services of every running
+    model on every host still reachable (their threads then fail and end)."""
+    for mr in models:
+        for ref in reversed(model_services(mr.spec)):
+            host = plan.hosting.hosts[ref.docker_host]
+            file = plan.hosting.compose_files[ref.compose_file or ""]
+            with contextlib.suppress(PerftestError):
+                HostCompose(file, command, host).stop([ref.service])
+                events.info(f"{mr.spec.name}: stopped {ref.service} on {host.label}")
+
+
+def run_in_parallel(plan: Plan, report: Report, err: Any, services: ServiceLifecycle | None,
+                    save: Callable[[], Any], signals: SignalGuard, keep: Sequence[bool] = ()
+                    ) -> None:
+    """--parallel: models on different engines at the same time, one at a
+    time per engine, each in a thread; the main thread only schedules.
+    Every model of such a run takes the per-host path (plan_hosting)."""
+    assert services is not None  # --parallel needs Compose (make_plan)
+    command = services.compose.command
+    import queue  # noqa: PLC0415
+
+    lock, save_lock = threading.Lock(), threading.Lock()
+    done: queue.Queue[int] = queue.Queue()
+
+    def save_safely() -> None:  # from any model's thread
+        with save_lock:
+            for _ in range(5):  # another thread may grow a list while it is dumped
+                with contextlib.suppress(RuntimeError):
+                    save()
+                    return
+
+    lanes = [plan.hosting.lanes(mr.spec) for mr in report.models]
+    kept = set(i for i, whole in enumerate(keep) if whole)  # a resume keeps them as measured
+    pending, running = [i for i in range(len(report.models)) if i not in kept], {}
+    try:
+        while pending or running:
+            busy = set().union(*(lanes[i] for i in running))
+            for i in [pending[pos] for pos in startable([lanes[i] for i in pending], busy)]:
+                pending.remove(i)
+                mr = report.models[i]
+                events = ConsoleEvents(LinePrefixer(err, f"{mr.spec.name} | ", lock), False,
+                                       on_scenario=save_safely)
+                t = threading.Thread(target=lambda m=mr, e=events, j=i: (
+                    run_one_model(plan, m, e, command), done.put(j)), daemon=True)
+                running[i] = t
+                t.start()
+            with contextlib.suppress(queue.Empty):
+                running.pop(done.get(timeout=0.5)).join()
+                save_safely()
+    except (KeyboardInterrupt, Interrupted):
+        cut = [report.models[i] for i in running]
+        with signals.held():
+            stop_all_services(plan, cut, command, ConsoleEvents(err, False))
+            for t in running.values():
+                t.join(60)
+        for mr in cut:
+            mr.status = "running"  # run_benchmark marks it interrupted
+        raise
+
+
 def run_benchmark(plan: Plan, out: Any, err: Any, *, styled: bool = False,
                   err_tty: bool = False) -> int:
     """The main job: every selected model in turn; exit OK, FAILED, REGRESSION,
@@ -7561,8 +8195,11 @@ def run_benchmark(plan: Plan, out: Any, err: Any, *, styled: bool = False,
     code: int = ExitCode.OK
     signals.install()
     try:
+        if plan.cfg.parallel:
+            run_in_parallel(plan, report, err, services, lambda: files.save_json(report), signals,
+                            keep=[step.keep_whole for step in progress.steps])
         for i, mr in enumerate(report.models):
-            if progress.steps[i].keep_whole:  # a resume keeps it as measured: not started
+            if plan.cfg.parallel or progress.steps[i].keep_whole:  # run above / kept by a resume
                 continue
             events.model_started(i, mr.spec)
             mr.status = "running"
