@@ -405,7 +405,7 @@ class Sample:
     queued_ms: float = 0.0
     start_s: float = 0.0
     token_reads: int | None = None  # separate arrivals of token chunks (count_arrivals)
-    tokens_counted: bool = False  # no usage from the server: counted with its tokenizer
+    tokens_counted: bool | None = None  # True: no usage from the server, counted with its tokenizer
     itl_ms: tuple[float, ...] = ()
 
     @property
@@ -489,17 +489,19 @@ class ScenarioResult:
     # False: the inputs were sized from usage (no chat tokenizer), so they are
     # near the target, not on it; None: a fixed prompt (latency)
     tokens_in_exact: bool | None = None
+    # False: an answer came out shorter than asked (the server did not honour
+    # min_tokens/ignore_eos); None: no successful answer (or an older report)
+    output_forced: bool | None = None
 
     @property
     def failed(self) -> int:
         return sum(not s.ok for s in self.samples)
 
-    @property
-    def output_forced(self) -> bool | None:
-        """False when an answer came out shorter than asked (the server did
-        not honour min_tokens/ignore_eos); None without a successful answer."""
-        ok = [s.tokens_out for s in self.samples if s.ok and s.tokens_out is not None]
-        return None if not ok else min(ok) >= self.scenario.target_tokens_out
+
+def output_forced(samples: Iterable[Sample], target_tokens_out: int) -> bool | None:
+    """Whether every answer came out as long as asked (see ScenarioResult)."""
+    ok = [s.tokens_out for s in samples if s.ok and s.tokens_out is not None]
+    return None if not ok else min(ok) >= target_tokens_out
 
 
 @dataclass(frozen=True)
@@ -524,11 +526,11 @@ class ServerInfo:
     version: str | None = None
     max_model_len: int | None = None
     chat_template_kwargs: Mapping[str, Any] | None = None
-    engine: str | None = None
-    engine_forced: bool = False
+    engine: str | None = None  # (these five: None in a report of an older version)
+    engine_forced: bool | None = None
     context_tokens: int | None = None
-    knobs_refused: tuple[str, ...] = ()
-    knobs_ignored: tuple[str, ...] = ()
+    knobs_refused: tuple[str, ...] | None = None
+    knobs_ignored: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -3483,7 +3485,8 @@ async def run_scenario(client: Any, spec: ModelSpec, scenario: Scenario, cfg: Ru
     after = await scrape_metrics(client)
     result = ScenarioResult(scenario, tuple(samples), summarize_samples(samples),
                             aggregate, metrics_delta(before, after),
-                            all(exact) if exact else None)
+                            all(exact) if exact else None,
+                            output_forced(samples, scenario.target_tokens_out))
     if failure is not None:
         raise ScenarioAborted(result, failure)
     return result
@@ -3928,7 +3931,7 @@ async def warm_up(client: Any, spec: ModelSpec, cfg: RunConfig, builder: PromptB
         if tries >= WARMUP_TRIES:
             raise ModelFailed(f"warm-up request failed {WARMUP_TRIES} times: {warm.error}")
     chunk_usage = isinstance(got, RawStream) and chunk_usage_seen(got.reads)
-    builder.usage_less = warm.tokens_counted
+    builder.usage_less = bool(warm.tokens_counted)
     return knobs, ignored_knobs(knobs, warm, cfg.warmup_tokens, chunk_usage)
 
 
@@ -3966,7 +3969,7 @@ async def measure_counted(raw: RawStream, payload: bytes, builder: PromptBuilder
     counted = measure_stream(raw.t_sent, raw.reads, raw.target_tokens_out, raw.t_scheduled,
                              raw.retries, usage_fallback={"prompt_tokens": tokens_in,
                                                           "completion_tokens": tokens_out})
-    return dataclasses.replace(counted, tokens_counted=counted.ok)
+    return dataclasses.replace(counted, tokens_counted=True) if counted.ok else counted
 
 
 async def send_measured(client: Any, payload: bytes, target_tokens_out: int | None,
@@ -4225,6 +4228,7 @@ ABSENT_IF_NONE = {  # fields whose key a report leaves out while unknown
     Aggregate: ("peak_kv_cache_usage_perc", "peak_requests_waiting", "good_requests",
                 "goodput_rps", "request_rate", "late_sends", "send_lag_max_ms",
                 "achieved_rate_rps", "client_late"),
+    ServerInfo: ("engine", "engine_forced", "context_tokens", "knobs_refused", "knobs_ignored"),
     ServerDelta: ("kv_cache_usage_perc", "prefill_tps", "decode_tps", "decode_calls",
                   "cached_tokens"),
     Lifecycle: tuple(f.name for f in dataclasses.fields(Lifecycle)),
@@ -4241,7 +4245,8 @@ def stat_to_dict(st: Stat) -> dict[str, Any]:
 def sample_to_dict(s: Sample) -> dict[str, Any]:
     # seconds to the microsecond, milliseconds and rates to 3 decimals
     d = {k: _round(v, 6 if k.endswith("_s") else 3)
-         for k, v in dataclasses.asdict(s).items() if k != "itl_ms"}
+         for k, v in dataclasses.asdict(s).items()
+         if k != "itl_ms" and not (k == "tokens_counted" and v is None)}
     d["itl_ms"] = [round(x, 3) for x in s.itl_ms]
     return d
 
@@ -4260,7 +4265,8 @@ def scenario_to_dict(sr: ScenarioResult) -> dict[str, Any]:
                       if sr.aggregate else None),
         "server_metrics": (record_to_dict(sr.server, ABSENT_IF_NONE[ServerDelta], 3)
                            if sr.server else None),
-        "output_forced": sr.output_forced, "tokens_in_exact": sr.tokens_in_exact,
+        **{k: v for k, v in (("output_forced", sr.output_forced),
+                             ("tokens_in_exact", sr.tokens_in_exact)) if v is not None},
     }
 
 
@@ -4273,8 +4279,8 @@ def model_to_dict(mr: ModelResult, bandwidth_gbs: float) -> dict[str, Any]:
         "status": mr.status, "error": mr.error,
         "failure": record_to_dict(mr.failure) if mr.failure else None,
         "spec": {k: v for k, v in dataclasses.asdict(spec).items()
-                 if k not in ("name", "model_id", "service")},
-        "server": record_to_dict(mr.server) if mr.server else {},
+                 if k not in ("name", "model_id", "service") and (k != "engine" or v is not None)},
+        "server": record_to_dict(mr.server, ABSENT_IF_NONE[ServerInfo]) if mr.server else {},
         "lifecycle": record_to_dict(mr.lifecycle, ABSENT_IF_NONE[Lifecycle]),
         "roofline": {"bandwidth_gbs": bandwidth_gbs, "ceiling_tps": _round(ceiling),
                      "achieved_pct": _round(100 * tps.mean / ceiling, 1) if ceiling and tps else None},
@@ -4394,7 +4400,8 @@ def scenario_from_dict(data: Mapping[str, Any], where: str) -> ScenarioResult:
         {k: stat_from_dict(v, f"{where}/{k}") for k, v in data["summary"].items()},
         record_from_dict(Aggregate, aggregate) if aggregate is not None else None,
         server_delta_from_dict(server) if server is not None else None,
-        data.get("tokens_in_exact") if isinstance(data.get("tokens_in_exact"), bool) else None)
+        *(data.get(k) if isinstance(data.get(k), bool) else None
+          for k in ("tokens_in_exact", "output_forced")))
 
 
 def server_delta_from_dict(data: Mapping[str, Any]) -> ServerDelta:
@@ -5118,8 +5125,8 @@ def output_note(mr: ModelResult, sr: ScenarioResult) -> str:
     if sr.output_forced is not False:
         return f"(!) {mr.spec.name}: some samples did not produce exactly {asked} output tokens"
     server = mr.server or ServerInfo()
-    ignored = [k for k in server.knobs_ignored if k in ("min_tokens", "ignore_eos")]
-    refused = [k for k in server.knobs_refused if k in ("min_tokens", "ignore_eos")]
+    ignored = [k for k in server.knobs_ignored or () if k in ("min_tokens", "ignore_eos")]
+    refused = [k for k in server.knobs_refused or () if k in ("min_tokens", "ignore_eos")]
     why = "; ".join(filter(None, (f"it ignored {', '.join(ignored)}" if ignored else "",
                                   f"it refused {', '.join(refused)}" if refused else "")))
     return (f"(!) {mr.spec.name}: {asked} asked, {received_text(sr.samples)} received: the output "
