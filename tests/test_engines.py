@@ -241,3 +241,14 @@ def test_an_answer_of_too_few_tokens_has_no_decode_rate():
 
 def test_stream_text_is_what_was_generated():
     assert pm.stream_text(_stream(3, 3)) == " w0 w1 w2"
+
+
+def test_the_compose_file_documents_a_llamacpp_service_beside_the_vllm_ones():
+    compose = pm.load_compose_file(Path(__file__).resolve().parent.parent / "docker-compose.yml")
+    svc = compose.services["llamacpp-gpt-oss-120b"]
+    argv = svc["command"].split()
+    assert svc["entrypoint"] == ["/app/llama-server"] and "--metrics" in argv
+    assert argv[argv.index("--port") + 1] == "8000" and "8000:8000" in svc["ports"][0]
+    assert argv[argv.index("--alias") + 1] == "gpt-oss-120b"  # its model_id in docs/models-file.md
+    assert svc["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+    assert "curl" in svc["healthcheck"]["test"]  # the vLLM services' python3 check is overridden
