@@ -2743,15 +2743,17 @@ def _int_or_none(x: float | None) -> int | None:
 
 def llamacpp_delta(before: Mapping[str, float], after: Mapping[str, float]) -> ServerDelta:
     """llama-server's /metrics (--metrics) over a scenario. It counts prompt
-    tokens it computed (not those its slot cache reused) and generated ones
-    with the time spent on each, so its own prefill and decode rates follow;
-    it has no request count, TTFT, queue time or prefix-cache counters:
-    those are None, never 0."""
+    tokens it computed, those its slot cache reused (`prompt_tokens_cached`,
+    where the build has it) and generated ones with the time spent on each,
+    so its own prefill and decode rates follow; it has no request count,
+    TTFT or queue time: those are None, never 0."""
     c = lambda name: _counter(before, after, f"llamacpp:{name}")  # noqa: E731
     prompt, prompt_s = c("prompt_tokens_total"), c("prompt_seconds_total")
     gen, gen_s = c("tokens_predicted_total"), c("tokens_predicted_seconds_total")
+    cached = _int_or_none(c("prompt_tokens_cached_total"))
     return ServerDelta(
         generation_tokens=_int_or_none(gen), prompt_tokens=_int_or_none(prompt),
+        prefix_cache_hits=cached, cached_tokens=cached,
         prefill_tps=prompt / prompt_s if prompt is not None and prompt_s else None,
         decode_tps=gen / gen_s if gen is not None and gen_s else None,
         decode_calls=_int_or_none(c("n_decode_total")))
