@@ -45,7 +45,7 @@ def test_an_openai_only_server_is_measured_with_calibrated_inputs_and_honest_fla
     assert model["server"]["engine"] == "openai" and model["server"]["version"] is None
     assert set(model["server"]["knobs_refused"]) == {"min_tokens", "ignore_eos", "cache_salt",
                                      "stream_options.continuous_usage_stats"}
-    latency, ctx1k, ctx4k = model["scenarios"]
+    _, ctx1k, ctx4k = model["scenarios"]
     for sc, target in ((ctx1k, 1000), (ctx4k, 4000)):
         assert sc["tokens_in_exact"] is False
         assert all(abs(s["tokens_in"] - target) <= target // 100 for s in sc["samples"])

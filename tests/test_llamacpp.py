@@ -26,9 +26,17 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
-from dockertools import (HERE, ROOT, compose_commands, docker_ready, free_port, new_project,
-                         project_containers, remove_project, require)
+from dockertools import (
+    HERE,
+    ROOT,
+    compose_commands,
+    docker_ready,
+    free_port,
+    new_project,
+    project_containers,
+    remove_project,
+    require,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.llamacpp]
 
@@ -101,7 +109,7 @@ def run_tool(args, tmp_path, timeout_s: float = 600, env=None):
     proc = subprocess.run([sys.executable, str(ROOT / "perftest_models.py"), *args,
                            "--report-dir", str(report_dir)],
                           capture_output=True, text=True, timeout=timeout_s, cwd=tmp_path,
-                          env={**os.environ, **(env or {})})
+                          env={**os.environ, **(env or {})}, check=False)
     reports = list(report_dir.glob("*.json"))
     report = json.loads(reports[0].read_text()) if reports else None
     return proc, report
