@@ -3903,6 +3903,10 @@ def fit_context(spec: ModelSpec, context_tokens: int | None) -> ModelSpec:
 
 
 MAX_REFUSED_FIELDS = 8  # more than the tool sends beyond OpenAI's fields
+# What a chat request cannot do without: a server that refuses one of these
+# fails the warm-up instead of being sent something else.
+CORE_FIELDS = frozenset({"model", "messages", "stream", "max_tokens", "stream_options",
+                         "stream_options.include_usage"})
 
 
 async def warm_up(client: Any, spec: ModelSpec, cfg: RunConfig, builder: PromptBuilder, *,
@@ -3924,7 +3928,8 @@ async def warm_up(client: Any, spec: ModelSpec, cfg: RunConfig, builder: PromptB
         got = await stream_chat(client, payload, cfg.warmup_tokens, clock=clock, sleep=sleep)
         warm = got if isinstance(got, Sample) else await measure_counted(got, payload, builder)
         refused = refused_argument(warm.error)
-        if refused and refused not in knobs.refused and len(knobs.refused) < MAX_REFUSED_FIELDS:
+        if refused and refused not in knobs.refused and refused not in CORE_FIELDS \
+                and len(knobs.refused) < MAX_REFUSED_FIELDS:
             knobs = builder.knobs = dataclasses.replace(knobs, refused=(*knobs.refused, refused))
             continue
         if warm.ok:
