@@ -2560,7 +2560,7 @@ class PromptBuilder:
         r = await self._post("/apply-template", body)
         if r.status_code != 200:
             raise ModelFailed(f"/apply-template failed: {_error_message(r.status_code, r.content)}")
-        prompt = _json_or_none(r)
+        prompt = json_body(r)
         if not isinstance(prompt, dict) or not isinstance(prompt.get("prompt"), str):
             raise ModelFailed(f"/apply-template answered without a prompt: {r.text[:120]!r}")
         tokens = await self._llamacpp_tokens(prompt["prompt"], add_special=True)
@@ -2570,7 +2570,7 @@ class PromptBuilder:
     async def _llamacpp_tokens(self, text: str, add_special: bool) -> int:
         r = await self._post("/tokenize", {"content": text, "add_special": add_special,
                                            "parse_special": True})
-        doc = _json_or_none(r) if r.status_code == 200 else None
+        doc = json_body(r) if r.status_code == 200 else None
         tokens = doc.get("tokens") if isinstance(doc, dict) else None
         if not isinstance(tokens, list):
             raise ModelFailed(f"/tokenize failed: {_error_message(r.status_code, r.content)}")
