@@ -41,6 +41,16 @@ if [[ -f "$MARKER" && "$(cat "$MARKER")" == "$WANT" && -x "$BIN" && -f "$DIR/ggu
 fi
 
 start=$(date +%s)
+# The toolchain: Debian's packages, only where missing (a fresh machine).
+missing=()
+command -v cmake >/dev/null || missing+=(cmake)
+command -v ninja >/dev/null || missing+=(ninja-build)
+command -v g++ >/dev/null || missing+=(g++)
+if (( ${#missing[@]} )); then
+  log "apt-get install ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}" >&2
+fi
 mkdir -p "$DIR"
 rm -f "$MARKER"
 work=$(mktemp -d "${TMPDIR:-/tmp}/perftest-llamacpp-build.XXXXXX")
