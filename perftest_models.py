@@ -5447,6 +5447,7 @@ def format_run_parts(report: Report) -> list[str]:
     if walls:
         lines.append("  wall time per model:")
         lines.extend(walls)
+    return lines
 
 
 ENGINE_LABELS = {"vllm": "vLLM", "llama.cpp": "llama.cpp", "sglang": "SGLang", "tgi": "TGI",
