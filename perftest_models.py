@@ -128,7 +128,9 @@ class ModelSpec:
     `name` is what --skip/--only take; `service` is its Compose service;
     `model_id` is the name the server lists in /v1/models and expects in
     requests. Parameter counts are in billions; `bytes_per_weight` is 1 for
-    FP8, 2 for BF16. They feed the decode roofline.
+    FP8, 2 for BF16. They feed the decode roofline. `engine` (one of
+    ENGINES) names the server's engine when its API would not tell; None:
+    detected at warm-up.
     """
 
     name: str
@@ -143,6 +145,7 @@ class ModelSpec:
     docker_host: str | None = None  # the engine of `service` (None: the local one)
     url: str | None = None  # where the server answers (None: from the host and --port)
     services: tuple[ServiceRef, ...] = ()  # instead of `service`: started in order
+    engine: str | None = None
 
 
 def model_services(spec: ModelSpec) -> tuple[ServiceRef, ...]:
@@ -220,6 +223,9 @@ TEMPERATURE = 0.7
 # pull has its own budget: the load (--health-timeout) starts after it.
 PULL_TIMEOUT_S = 10800.0
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# The engines whose APIs the tool knows (models-file `engine:`; detected at
+# warm-up otherwise). "openai": nothing beyond OpenAI's own chat API.
+ENGINES = ("vllm", "llama.cpp", "sglang", "tgi", "openai")
 
 
 # ============================================================================
@@ -438,6 +444,7 @@ class Sample:
     queued_ms: float = 0.0
     start_s: float = 0.0
     token_reads: int | None = None  # separate arrivals of token chunks (count_arrivals)
+    tokens_counted: bool | None = None  # True: no usage from the server, counted with its tokenizer
     itl_ms: tuple[float, ...] = ()
 
     @property
@@ -500,6 +507,12 @@ class ServerDelta:
     prefix_cache_hits: int | None = None
     tokens_per_step: float | None = None
     kv_cache_usage_perc: float | None = None  # absent where the gauge is not served
+    # llama.cpp's own rates (its counters of tokens and seconds) and SGLang's
+    # cached prompt tokens: absent for engines that do not count them
+    prefill_tps: float | None = None
+    decode_tps: float | None = None
+    decode_calls: int | None = None
+    cached_tokens: int | None = None
     # Keys a saved report (of an older version) did not have: written back
     # absent, so that a report reads back and writes out unchanged.
     unsaved: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
@@ -511,12 +524,24 @@ class ScenarioResult:
     samples: tuple[Sample, ...]
     summary: Mapping[str, Stat]
     aggregate: Aggregate | None = None  # throughput: whole-level figures
-    server: ServerDelta | None = None  # vLLM /metrics deltas
+    server: ServerDelta | None = None  # the engine's /metrics deltas (None: it has none)
+    # False: the inputs were sized from usage (no chat tokenizer), so they are
+    # near the target, not on it; None: a fixed prompt (latency)
+    tokens_in_exact: bool | None = None
+    # False: an answer came out shorter than asked (the server did not honour
+    # min_tokens/ignore_eos); None: no successful answer (or an older report)
+    output_forced: bool | None = None
     gpu: PowerSummary | None = None  # NVML over the scenario (gpu_summary)
 
     @property
     def failed(self) -> int:
         return sum(not s.ok for s in self.samples)
+
+
+def output_forced(samples: Iterable[Sample], target_tokens_out: int) -> bool | None:
+    """Whether every answer came out as long as asked (see ScenarioResult)."""
+    ok = [s.tokens_out for s in samples if s.ok and s.tokens_out is not None]
+    return None if not ok else min(ok) >= target_tokens_out
 
 
 @dataclass(frozen=True)
@@ -534,11 +559,20 @@ class Failure:
 @dataclass(frozen=True)
 class ServerInfo:
     """What the server says about itself (/version, /v1/models), and the
-    chat_template_kwargs sent with every request."""
+    chat_template_kwargs sent with every request. `engine` is one of ENGINES
+    (`engine_forced`: named by the models file), `version` its own (vLLM's
+    /version, llama.cpp's build, SGLang's, TGI's), `context_tokens` the
+    context window it reports; `knobs_refused` the request fields it
+    answered 400 for (dropped), `knobs_ignored` those it took and ignored."""
 
     version: str | None = None
     max_model_len: int | None = None
     chat_template_kwargs: Mapping[str, Any] | None = None
+    engine: str | None = None  # (these five: None in a report of an older version)
+    engine_forced: bool | None = None
+    context_tokens: int | None = None
+    knobs_refused: tuple[str, ...] | None = None
+    knobs_ignored: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -948,6 +982,7 @@ _MODEL_FIELDS: dict[str, tuple[type, ...]] = {
     "params_total_b": (int, float, type(None)), "params_active_b": (int, float, type(None)),
     "bytes_per_weight": (int, float, type(None)), "chat_template_kwargs": (dict, type(None)),
     "docker_host": (str, type(None)), "url": (str, type(None)), "services": (list, type(None)),
+    "engine": (str, type(None)),
 }
 _SERVICE_FIELDS = ("service", "docker_host", "compose_file")
 DOCKER_HOST_SCHEMES = ("unix", "tcp", "ssh", "npipe", "fd")
@@ -1069,6 +1104,9 @@ def model_from_mapping(data: Any, source: str, base: Path | None = None) -> Mode
     except (TypeError, ValueError):
         raise UsageError(f"{source}: model {name!r}: 'chat_template_kwargs' must hold only "
                          "strings, numbers, booleans, lists and mappings") from None
+    if data.get("engine") is not None and data["engine"] not in ENGINES:
+        raise UsageError(f"{source}: model {name!r}: 'engine' must be one of {', '.join(ENGINES)}, "
+                         f"not {data['engine']!r}")
     if not data["model_id"].strip():
         raise UsageError(f"{source}: model {name!r}: model_id is empty")
     return ModelSpec(**{**data, "service": service, **hosting_fields(data, name, source, base)})
@@ -1848,13 +1886,16 @@ def _delta_tokens(chunk: Mapping[str, Any]) -> tuple[bool, bool]:
 
 
 def measure_stream(t_sent: float, reads: Sequence[Read], target_tokens_out: int | None,
-                   t_scheduled: float | None = None, retries: int = 0) -> Sample:
+                   t_scheduled: float | None = None, retries: int = 0,
+                   usage_fallback: Mapping[str, Any] | None = None) -> Sample:
     """Turn a finished stream's timed reads into a Sample (pure).
 
     TTFT runs from `t_scheduled` (when the request was meant to go; defaults
     to `t_sent`) to the first chunk that carries a generated token, reasoning
     included (see _delta_tokens); the role chunk does not count. Latency ends
-    at the last token chunk. Token counts come from the usage trailer only.
+    at the last token chunk. Token counts come from the usage trailer only,
+    or from `usage_fallback` (counted by the caller) when the stream had none.
+    An answer shorter than asked and than MIN_DECODE_TOKENS has no decode rate.
     """
     t0 = t_sent if t_scheduled is None else t_scheduled
     queued_ms = (t_sent - t0) * 1000
@@ -1897,8 +1938,9 @@ def measure_stream(t_sent: float, reads: Sequence[Read], target_tokens_out: int 
         return fail(f"stream ended before [DONE] after {len(token_times)} token chunk(s)")
     if not token_times:
         return fail("stream finished without any generated token")
-    if usage is None:
-        return fail("no usage in the stream: the server ignored stream_options.include_usage")
+    if usage is None and usage_fallback is None:
+        return fail(f"{NO_USAGE_ERROR}: the server ignored stream_options.include_usage")
+    usage = usage if usage is not None else usage_fallback
     tokens_out, tokens_in = usage.get("completion_tokens"), usage.get("prompt_tokens")
     if not _count(tokens_out) or not _count(tokens_in) or tokens_out < 1:
         return fail(f"usage without valid token counts: {json.dumps(usage)[:120]}")
@@ -1910,7 +1952,10 @@ def measure_stream(t_sent: float, reads: Sequence[Read], target_tokens_out: int 
     arrivals = count_arrivals(token_times)
     # no rate is better than one of millions of tokens/s (see SAME_READ_S)
     decode_s = token_times[-1] - token_times[0] if has_decode_time(arrivals) else 0.0
-    itl = spread_gaps(token_times, token_counts, tokens_out)
+    # too few tokens for a rate (a server that ignored ignore_eos): none at all
+    short = target_tokens_out is not None and tokens_out < min(target_tokens_out, MIN_DECODE_TOKENS)
+    decode_s = 0.0 if short else decode_s
+    itl = [] if short else spread_gaps(token_times, token_counts, tokens_out)
     return Sample(
         ok=True,
         ttft_ms=ttft_s * 1000,
@@ -1929,6 +1974,45 @@ def measure_stream(t_sent: float, reads: Sequence[Read], target_tokens_out: int 
         token_reads=arrivals,
         itl_ms=tuple(itl),
     )
+
+
+# A sample shorter than asked and than this has no decode rate: from a 3-token
+# answer "654 tok/s" would measure two gaps, not decoding.
+MIN_DECODE_TOKENS = 16
+NO_USAGE_ERROR = "no usage in the stream"
+
+
+def stream_text(reads: Sequence[Read]) -> str:
+    """The text a chat stream generated: its answer and reasoning deltas in
+    order (what a server that sends no usage is counted over)."""
+    parts: list[str] = []
+    for _, raw in sse_payloads(reads):
+        try:
+            chunk = _json_loads(raw) if raw != b"[DONE]" else None
+        except (ValueError, RecursionError):
+            continue
+        choices = chunk.get("choices") if isinstance(chunk, dict) else None
+        delta = choices[0].get("delta") if isinstance(choices, list) and choices \
+            and isinstance(choices[0], dict) else None
+        if isinstance(delta, dict):  # vLLM ~0.11-0.15 sent both reasoning fields: one counts
+            for text in (delta.get("reasoning_content") or delta.get("reasoning"), delta.get("content")):
+                if isinstance(text, str):
+                    parts.append(text)
+    return "".join(parts)
+
+
+def chunk_usage_seen(reads: Sequence[Read]) -> bool:
+    """Whether usage came on token chunks (continuous_usage_stats honoured),
+    not only in the trailer."""
+    for _, raw in sse_payloads(reads):
+        try:
+            chunk = _json_loads(raw) if raw != b"[DONE]" else None
+        except (ValueError, RecursionError):
+            continue
+        if isinstance(chunk, dict) and isinstance(chunk.get("usage"), dict) \
+                and _delta_tokens(chunk)[0]:
+            return True
+    return False
 
 
 def count_arrivals(times: Sequence[float]) -> int:
@@ -2714,16 +2798,51 @@ def _retry_after_s(response: Any, default_s: float) -> float:
     return default_s
 
 
+@dataclass(frozen=True)
+class RequestKnobs:
+    """What a model's request bodies carry beyond OpenAI's own fields, as
+    learnt at warm-up: `refused` the fields its server answered 400
+    "Unrecognized request argument supplied: X" for (dropped from then on;
+    "stream_options.X" for a field inside stream_options), `extra` the
+    engine's own fields (llama.cpp: cache_prompt false, so that its slot
+    cache does not reuse the chat template's common head)."""
+
+    refused: tuple[str, ...] = ()
+    extra: Mapping[str, Any] | None = None
+
+
+ENGINE_EXTRA_FIELDS: dict[str, dict[str, Any]] = {"llama.cpp": {"cache_prompt": False}}
+_REFUSED_RE = re.compile(r"Unrecognized request argument supplied: ([A-Za-z0-9_.]+)")
+
+
+def refused_argument(error: str | None) -> str | None:
+    """The field an OpenAI-style 400 names as unknown, else None."""
+    m = _REFUSED_RE.search(error or "") if (error or "").startswith("HTTP 400") else None
+    return m.group(1) if m else None
+
+
+def _drop_refused(body: dict[str, Any], refused: Sequence[str]) -> None:
+    for name in refused:
+        head, _, tail = name.partition(".")
+        if tail and isinstance(body.get(head), dict):
+            body[head].pop(tail, None)
+        else:
+            body.pop(name, None)
+            if isinstance(body.get("stream_options"), dict):  # a bare name may be nested
+                body["stream_options"].pop(name, None)
+
+
 def chat_payload(model_id: str, messages: list[dict[str, str]], tokens_out: int,
                  temperature: float, chat_template_kwargs: Mapping[str, Any] | None,
-                 cache_salt: str) -> bytes:
+                 cache_salt: str, knobs: RequestKnobs | None = None) -> bytes:
     """The request body, encoded before the clock starts.
 
     `min_tokens` + `ignore_eos` (vLLM extensions) make the output length
     exact; `cache_salt` keeps each request out of the prefix cache, on top of
     the unique text at the head of every prompt; `continuous_usage_stats`
     makes vLLM put the running token count on every chunk, so ITL is exact
-    even when it merges several tokens into one chunk.
+    even when it merges several tokens into one chunk. `knobs` drops what
+    the server refused and adds its engine's own fields.
     """
     body: dict[str, Any] = {
         "model": model_id, "messages": messages, "stream": True,
@@ -2733,6 +2852,9 @@ def chat_payload(model_id: str, messages: list[dict[str, str]], tokens_out: int,
     }
     if chat_template_kwargs:
         body["chat_template_kwargs"] = dict(chat_template_kwargs)
+    if knobs is not None:
+        body.update(knobs.extra or {})
+        _drop_refused(body, knobs.refused)
     return json.dumps(body).encode()
 
 
@@ -2763,6 +2885,87 @@ def served_models(doc: Any) -> list[dict[str, Any]]:
     data = doc.get("data") if isinstance(doc, dict) else None
     return [m for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)] \
         if isinstance(data, list) else []
+
+
+def _context_size(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and 2 <= value <= MAX_TOKENS \
+        else None
+
+
+def served_context(entry: Mapping[str, Any] | None) -> int | None:
+    """The context window a /v1/models entry states: vLLM's and SGLang's
+    `max_model_len`, llama.cpp's `meta.n_ctx` (the slot context, what one
+    request may fill); None when it states none."""
+    if not entry:
+        return None
+    meta = entry.get("meta")
+    return _context_size(entry.get("max_model_len")) or (
+        _context_size(meta.get("n_ctx")) if isinstance(meta, dict) else None)
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """The engine behind a model, as its API tells: `name` is one of ENGINES,
+    `version` what it reports of itself, `context_tokens` its context
+    window (None: not reported), `forced` when the models file named it."""
+
+    name: str
+    version: str | None = None
+    context_tokens: int | None = None
+    forced: bool = False
+
+
+ENGINE_PROBES = ("/version", "/props", "/get_server_info", "/info")
+_OWNED_BY = {"vllm": "vllm", "llamacpp": "llama.cpp", "sglang": "sglang"}
+
+
+def _doc(probes: Mapping[str, Any], path: str) -> dict[str, Any]:
+    doc = probes.get(path)
+    return doc if isinstance(doc, dict) else {}
+
+
+def _guess_engine(entry: Mapping[str, Any], probes: Mapping[str, Any]) -> str:
+    owner = _OWNED_BY.get(str(entry.get("owned_by")))
+    if owner:
+        return owner
+    if {"default_generation_settings", "build_info"} & set(_doc(probes, "/props")):
+        return "llama.cpp"
+    if "version" in (info := _doc(probes, "/get_server_info")) and (
+            "model_path" in info or "server_args" in info):
+        return "sglang"
+    if "max_total_tokens" in (tgi := _doc(probes, "/info")) or "router" in tgi:
+        return "tgi"
+    if isinstance(entry.get("max_model_len"), int) and "version" in _doc(probes, "/version"):
+        return "vllm"
+    return "openai"
+
+
+def identify_engine(entry: Mapping[str, Any] | None, probes: Mapping[str, Any],
+                    forced: str | None = None) -> EngineInfo:
+    """Which engine serves a model, from its /v1/models entry and the JSON of
+    ENGINE_PROBES (pure; None for a probe that failed): vLLM and SGLang say
+    so in `owned_by`, llama.cpp says "llamacpp" and has /props, SGLang has
+    /get_server_info, TGI /info; anything else is plain OpenAI."""
+    entry = entry or {}
+    name = forced or _guess_engine(entry, probes)
+    props, sgl, tgi = _doc(probes, "/props"), _doc(probes, "/get_server_info"), _doc(probes, "/info")
+    version = {"vllm": _doc(probes, "/version").get("version"), "llama.cpp": props.get("build_info"),
+               "sglang": sgl.get("version"), "tgi": tgi.get("version")}.get(name)
+    settings = props.get("default_generation_settings")
+    context = served_context(entry) or {
+        "llama.cpp": _context_size(settings.get("n_ctx")) if isinstance(settings, dict) else None,
+        "sglang": _context_size(sgl.get("context_length")),
+        "tgi": _context_size(tgi.get("max_total_tokens")),
+    }.get(name)
+    return EngineInfo(name, version if isinstance(version, str) else None, context, forced is not None)
+
+
+async def detect_engine(client: Any, model_id: str, forced: str | None = None) -> EngineInfo:
+    """identify_engine over what this server answers (one GET per probe)."""
+    entry = next((m for m in served_models(await get_json(client, "/v1/models"))
+                  if m["id"] == model_id), None)
+    probes = {path: await get_json(client, path) for path in ENGINE_PROBES}
+    return identify_engine(entry, probes, forced)
 
 
 # ============================================================================
@@ -2828,24 +3031,37 @@ def _answer_int(response: Any, keys: Sequence[str], what: str) -> int:
 
 
 class PromptBuilder:
-    """Builds context prompts of an exact token count with the server's
-    /tokenize: the filler is cut to the character, found by a bracketing
-    search, and the length that hit a target is remembered so that the next
-    prompt (another nonce) usually needs one or two calls. A server without
-    /tokenize is calibrated from `usage.prompt_tokens` and gets close."""
+    """Builds context prompts of an exact token count with the server's own
+    chat tokenizer: vLLM's /tokenize over the messages, llama.cpp's
+    /apply-template then /tokenize {content}. The filler is cut to the
+    character, found by a bracketing search, and the length that hit a
+    target is remembered so that the next prompt (another nonce) usually
+    needs one or two calls. Where there is no chat tokenizer (SGLang's
+    /tokenize takes no messages; TGI, plain OpenAI servers) the same search
+    runs on `usage.prompt_tokens` of one-token requests, once per target:
+    such prompts land within a few tokens of it (the nonce differs) and are
+    approximate (build returns no count)."""
 
-    def __init__(self, client: Any, model_id: str, chat_template_kwargs: Mapping[str, Any] | None):
+    def __init__(self, client: Any, model_id: str, chat_template_kwargs: Mapping[str, Any] | None,
+                 engine: str = "vllm", knobs: RequestKnobs | None = None):
         self.client = client
         self.model_id = model_id
         self.kwargs = dict(chat_template_kwargs or {})
-        self.has_tokenize: bool | None = None
+        self.engine = engine
+        self.knobs = knobs
+        self.usage_less = False  # the server sends no usage: streams are counted (warm_up)
+        self.has_tokenize: bool | None = None if engine in ("vllm", "llama.cpp") else False
         self.overhead: int | None = None  # tokens of the prompt with no filler
         self.chars_per_token: float | None = None
         self.hints: dict[int, int] = {}  # target tokens -> filler chars that hit it
 
     async def count(self, messages: list[dict[str, str]]) -> int | None:
+        """Tokens of the chat prompt of `messages`, by the server's own
+        tokenizer; None when it has none."""
         if self.has_tokenize is False:
             return None
+        if self.engine == "llama.cpp":
+            return await self._count_llamacpp(messages)
         body: dict[str, Any] = {"model": self.model_id, "messages": messages,
                                 "add_generation_prompt": True}
         if self.kwargs:
@@ -2859,6 +3075,43 @@ class PromptBuilder:
         self.has_tokenize = True
         return _answer_int(r, ("count",), "/tokenize")
 
+    async def _count_llamacpp(self, messages: list[dict[str, str]]) -> int:
+        """llama-server: its chat template as /apply-template renders it, then
+        /tokenize of that text with special tokens parsed and added, as its
+        chat completions tokenize a prompt."""
+        body: dict[str, Any] = {"messages": messages}
+        if self.kwargs:
+            body["chat_template_kwargs"] = self.kwargs
+        r = await self._post("/apply-template", body)
+        if r.status_code != 200:
+            raise ModelFailed(f"/apply-template failed: {_error_message(r.status_code, r.content)}")
+        prompt = json_body(r)
+        if not isinstance(prompt, dict) or not isinstance(prompt.get("prompt"), str):
+            raise ModelFailed(f"/apply-template answered without a prompt: {r.text[:120]!r}")
+        tokens = await self._llamacpp_tokens(prompt["prompt"], add_special=True)
+        self.has_tokenize = True
+        return tokens
+
+    async def _llamacpp_tokens(self, text: str, add_special: bool) -> int:
+        r = await self._post("/tokenize", {"content": text, "add_special": add_special,
+                                           "parse_special": True})
+        doc = json_body(r) if r.status_code == 200 else None
+        tokens = doc.get("tokens") if isinstance(doc, dict) else None
+        if not isinstance(tokens, list):
+            raise ModelFailed(f"/tokenize failed: {_error_message(r.status_code, r.content)}")
+        return len(tokens)
+
+    async def count_text(self, text: str) -> int | None:
+        """Tokens of plain text (no template, no special tokens added): how a
+        stream without usage is counted. None without a tokenizer."""
+        if self.engine == "llama.cpp":
+            return await self._llamacpp_tokens(text, add_special=False)
+        if self.has_tokenize is not True:
+            return None
+        r = await self._post("/tokenize", {"model": self.model_id, "prompt": text,
+                                           "add_special_tokens": False})
+        return _answer_int(r, ("count",), "/tokenize") if r.status_code == 200 else None
+
     async def _post(self, path: str, body: Mapping[str, Any]) -> Any:
         """POST; a broken connection ends the model (ModelFailed), not the run."""
         import httpx  # noqa: PLC0415
@@ -2869,17 +3122,21 @@ class PromptBuilder:
             raise ModelFailed(f"{path} failed: {type(exc).__name__}: {exc} "
                               "(is the server still running?)") from None
 
-    async def _count_or_usage(self, messages: list[dict[str, str]]) -> int:
-        n = await self.count(messages)
-        if n is not None:
-            return n
-        body = json.loads(chat_payload(self.model_id, messages, 1, 0.0, self.kwargs, new_nonce()))
-        body.update(stream=False, min_tokens=None)
-        body.pop("stream_options")
+    async def usage_count(self, messages: list[dict[str, str]]) -> int:
+        """`usage.prompt_tokens` of a one-token, non-streamed request."""
+        body = json.loads(chat_payload(self.model_id, messages, 1, 0.0, self.kwargs, new_nonce(),
+                                       self.knobs))
+        body.update(stream=False)
+        body.pop("min_tokens", None)
+        body.pop("stream_options", None)
         r = await self._post("/v1/chat/completions", body)
         if r.status_code != 200:
             raise ModelFailed(f"calibration request failed: {_error_message(r.status_code, r.content)}")
         return _answer_int(r, ("usage", "prompt_tokens"), "calibration request")
+
+    async def _count_or_usage(self, messages: list[dict[str, str]]) -> int:
+        n = await self.count(messages)
+        return n if n is not None else await self.usage_count(messages)
 
     async def calibrate(self, probe_chars: int = 4000) -> None:
         base = await self._count_or_usage(context_messages(new_nonce(), 0))
@@ -2888,24 +3145,37 @@ class PromptBuilder:
 
     async def build(self, target: int, nonce: str) -> tuple[list[dict[str, str]], int | None]:
         """Messages whose chat prompt is `target` tokens and that count (the
-        closest count below when no length hits it exactly; None when it
-        could only be estimated)."""
+        closest count below when no length hits it exactly; None when the
+        server has no chat tokenizer: then the length was found once per
+        target from usage, and reused)."""
         if self.chars_per_token is None:
             await self.calibrate()
         assert self.overhead is not None and self.chars_per_token is not None
-        cpt = self.chars_per_token
-        chars = self.hints.get(target, max(0, round((target - self.overhead) * cpt)))
+        chars = self.hints.get(target, max(0, round((target - self.overhead) * self.chars_per_token)))
         if self.has_tokenize is False:
+            if target not in self.hints:
+                chars, _ = await self._search(target, new_nonce(), chars, self.usage_count)
+                self.hints[target] = chars
+            return context_messages(nonce, self.hints[target]), None
+        chars, n = await self._search(target, nonce, chars, self.count)
+        if n is None:  # the tokenizer went away mid-search
             return context_messages(nonce, chars), None
+        return context_messages(nonce, chars), n
+
+    async def _search(self, target: int, nonce: str, chars: int,
+                      counter: Callable[[list[dict[str, str]]], Any]) -> tuple[int, int | None]:
+        """(filler chars, tokens) hitting `target`, or the closest below (above
+        when even no filler is too long), by bracketing on `counter`."""
+        cpt = self.chars_per_token or 4.0
         under: tuple[int, int] | None = None  # (chars, tokens) below the target
         over: tuple[int, int] | None = None  # (chars, tokens) above it
         for _ in range(40):
-            n = await self.count(context_messages(nonce, chars))
+            n = await counter(context_messages(nonce, chars))
             if n is None:
-                return context_messages(nonce, chars), None
+                return chars, None
             if n == target:
                 self.hints[target] = chars
-                return context_messages(nonce, chars), n
+                return chars, n
             if n < target:
                 under = (chars, n) if under is None or chars > under[0] else under
             else:
@@ -2922,8 +3192,7 @@ class PromptBuilder:
                 if over[0] == 0:
                     break  # even an empty filler is longer than the target
                 chars = max(0, over[0] - max(1, round((over[1] - target) * cpt)))
-        chars, n = under or over  # type: ignore[misc]
-        return context_messages(nonce, chars), n
+        return under or over  # type: ignore[return-value]
 
 
 # ============================================================================
@@ -2981,6 +3250,68 @@ def server_delta(before: Mapping[str, float] | None, after: Mapping[str, float] 
         tokens_per_step=(d("vllm:iteration_tokens_total_sum") / n
                          if (n := d("vllm:iteration_tokens_total_count")) > 0 else None),
         kv_cache_usage_perc=gauge)
+
+
+def _counter(before: Mapping[str, float], after: Mapping[str, float], name: str) -> float | None:
+    """A counter's growth between two scrapes; None when the server has no such counter."""
+    return after[name] - before.get(name, 0.0) if name in after else None
+
+
+def _mean_ms(before: Mapping[str, float], after: Mapping[str, float], base: str) -> float | None:
+    n, total = _counter(before, after, f"{base}_count"), _counter(before, after, f"{base}_sum")
+    return total / n * 1000 if n and total is not None else None
+
+
+def _int_or_none(x: float | None) -> int | None:
+    return None if x is None else int(x)
+
+
+def llamacpp_delta(before: Mapping[str, float], after: Mapping[str, float]) -> ServerDelta:
+    """llama-server's /metrics (--metrics) over a scenario. It counts prompt
+    tokens it computed, those its slot cache reused (`prompt_tokens_cached`,
+    where the build has it) and generated ones with the time spent on each,
+    so its own prefill and decode rates follow; it has no request count,
+    TTFT or queue time: those are None, never 0."""
+    c = lambda name: _counter(before, after, f"llamacpp:{name}")  # noqa: E731
+    prompt, prompt_s = c("prompt_tokens_total"), c("prompt_seconds_total")
+    gen, gen_s = c("tokens_predicted_total"), c("tokens_predicted_seconds_total")
+    cached = _int_or_none(c("prompt_tokens_cached_total"))
+    return ServerDelta(
+        generation_tokens=_int_or_none(gen), prompt_tokens=_int_or_none(prompt),
+        prefix_cache_hits=cached, cached_tokens=cached,
+        prefill_tps=prompt / prompt_s if prompt is not None and prompt_s else None,
+        decode_tps=gen / gen_s if gen is not None and gen_s else None,
+        decode_calls=_int_or_none(c("n_decode_total")))
+
+
+def sglang_delta(before: Mapping[str, float], after: Mapping[str, float]) -> ServerDelta:
+    """SGLang's /metrics (--enable-metrics) over a scenario: requests, prompt,
+    generated and cached prompt tokens (summed over its cache sources), and
+    the means of its TTFT, inter-token and queue-time histograms."""
+    c = lambda name: _int_or_none(_counter(before, after, f"sglang:{name}"))  # noqa: E731
+    cached = c("cached_tokens_total")
+    return ServerDelta(
+        requests=c("num_requests_total"),
+        ttft_mean_ms=_mean_ms(before, after, "sglang:time_to_first_token_seconds"),
+        queue_mean_ms=_mean_ms(before, after, "sglang:queue_time_seconds"),
+        itl_mean_ms=_mean_ms(before, after, "sglang:inter_token_latency_seconds"),
+        generation_tokens=c("generation_tokens_total"), prompt_tokens=c("prompt_tokens_total"),
+        prefix_cache_hits=cached, cached_tokens=cached,
+        kv_cache_usage_perc=after.get("sglang:token_usage"))
+
+
+def metrics_delta(before: Mapping[str, float] | None, after: Mapping[str, float] | None
+                  ) -> ServerDelta | None:
+    """The server's own view of a scenario, read by the names its engine
+    uses (`vllm:`, `llamacpp:`, `sglang:`); None when it exposes none of
+    them (no /metrics, or a server without these names)."""
+    if not before or not after:
+        return None
+    for prefix, delta in (("vllm:", server_delta), ("llamacpp:", llamacpp_delta),
+                          ("sglang:", sglang_delta)):
+        if any(name.startswith(prefix) for name in after):
+            return delta(before, after)
+    return None
 
 
 async def scrape_metrics(client: Any) -> dict[str, float] | None:
@@ -3866,15 +4197,17 @@ async def run_scenario(client: Any, spec: ModelSpec, scenario: Scenario, cfg: Ru
     is also appended to `measured` as it completes, so that a caller that is
     interrupted mid-scenario still holds what was measured."""
     kwargs = spec.chat_template_kwargs
+    exact: list[bool] = []  # per prompt: its size was counted, not calibrated
 
     async def payload() -> bytes:
         nonce = new_nonce()
         if scenario.target_tokens_in is None:
             messages = latency_messages(nonce)
         else:
-            messages, _ = await builder.build(scenario.target_tokens_in, nonce)
+            messages, n = await builder.build(scenario.target_tokens_in, nonce)
+            exact.append(n is not None)
         return chat_payload(spec.model_id, messages, scenario.target_tokens_out, cfg.temperature,
-                            kwargs, nonce)
+                            kwargs, nonce, builder.knobs)
 
     before = await scrape_metrics(client)
     samples: list[Sample] = [] if measured is None else measured
@@ -3887,8 +4220,8 @@ async def run_scenario(client: Any, spec: ModelSpec, scenario: Scenario, cfg: Ru
             except ModelFailed as exc:  # the server broke between requests: keep what we have
                 failure = exc
                 break
-            sample = await send_chat(client, body, scenario.target_tokens_out, clock=clock,
-                                     sleep=sleep)
+            sample = await send_measured(client, body, scenario.target_tokens_out, builder,
+                                         clock=clock, sleep=sleep)
             samples.append(sample)
             events.sample(spec.name, scenario, i, sample)
             if not sample.ok:
@@ -3915,7 +4248,9 @@ async def run_scenario(client: Any, spec: ModelSpec, scenario: Scenario, cfg: Ru
                 failure = exc
     after = await scrape_metrics(client)
     result = ScenarioResult(scenario, tuple(samples), summarize_samples(samples),
-                            aggregate, server_delta(before, after))
+                            aggregate, metrics_delta(before, after),
+                            all(exact) if exact else None,
+                            output_forced(samples, scenario.target_tokens_out))
     if failure is not None:
         raise ScenarioAborted(result, failure)
     return result
@@ -4016,11 +4351,12 @@ def judge_answers(replies: Sequence[tuple[str, Sequence[str], str | None]],
     return AnswerCheck(status, asked=len(done), right=right, example=example)
 
 
-async def ask_known_answers(client: Any, spec: ModelSpec) -> AnswerCheck:
+async def ask_known_answers(client: Any, spec: ModelSpec, refused: Sequence[str] = ()) -> AnswerCheck:
     """Ask the known-answer prompts in turn, at temperature 0, and judge them.
 
     A refusal (no chat template, a 4xx) or an unfinished answer makes the
     check "unchecked", never "wrong": only answers that came are judged.
+    `refused`: the request fields the warm-up found the server refuses.
     """
     import httpx  # noqa: PLC0415
 
@@ -4030,6 +4366,7 @@ async def ask_known_answers(client: Any, spec: ModelSpec) -> AnswerCheck:
                                 "messages": [{"role": "user", "content": prompt}]}
         if spec.chat_template_kwargs:
             body["chat_template_kwargs"] = dict(spec.chat_template_kwargs)
+        _drop_refused(body, refused)
         try:
             return await client.post("/v1/chat/completions", json=body)
         except httpx.HTTPError as exc:
@@ -4071,7 +4408,8 @@ async def check_answers(client: Any, result: ModelResult, cfg: RunConfig, events
     if not cfg.answer_check:
         result.answer_check = AnswerCheck("skipped", reason="--no-answer-check")
         return
-    check = result.answer_check = await ask_known_answers(client, result.spec)
+    check = result.answer_check = await ask_known_answers(
+        client, result.spec, (result.server.knobs_refused or ()) if result.server else ())
     events.info(f"{result.spec.name}: {describe_answer_check(check)}")
     if check.ok is False and cfg.require_correct_answers:
         ex = check.example
@@ -4308,6 +4646,113 @@ async def find_capacity(client: Any, spec: ModelSpec, cfg: RunConfig, builder: P
                                  budget_s=cfg.capacity_budget_s, clock=clock, probes=probes)
 
 
+def engine_facts(server: ServerInfo, engine: EngineInfo, knobs: RequestKnobs,
+                 ignored: Sequence[str]) -> ServerInfo:
+    """What the report records of a model's engine (its version where
+    /version had none: llama.cpp's build, SGLang's and TGI's own)."""
+    return dataclasses.replace(server, engine=engine.name, engine_forced=engine.forced,
+                               version=server.version or engine.version,
+                               context_tokens=engine.context_tokens,
+                               knobs_refused=tuple(knobs.refused), knobs_ignored=tuple(ignored))
+
+
+def fit_context(spec: ModelSpec, context_tokens: int | None) -> ModelSpec:
+    """The spec with the server's context window where it is smaller than
+    the table's: scenarios are then clamped to what the server takes."""
+    if context_tokens is None or context_tokens >= spec.max_context_tokens:
+        return spec
+    return dataclasses.replace(spec, max_context_tokens=context_tokens)
+
+
+MAX_REFUSED_FIELDS = 8  # more than the tool sends beyond OpenAI's fields
+# What a chat request cannot do without: a server that refuses one of these
+# fails the warm-up instead of being sent something else.
+CORE_FIELDS = frozenset({"model", "messages", "stream", "max_tokens", "stream_options",
+                         "stream_options.include_usage"})
+
+
+async def warm_up(client: Any, spec: ModelSpec, cfg: RunConfig, builder: PromptBuilder, *,
+                  clock: Clock = time.perf_counter, sleep: Sleep = asyncio.sleep
+                  ) -> tuple[RequestKnobs, tuple[str, ...]]:
+    """The warm-up request, which also learns what the server does with the
+    fields beyond OpenAI's own: each it refuses as unknown (400
+    "Unrecognized request argument supplied: X") is dropped and the request
+    sent again; one it accepts but ignores shows in the answer (see
+    ignored_knobs). Tried WARMUP_TRIES times: a server just out of loading
+    may fail one request. Returns the knobs (also set on `builder`) and the
+    names of those ignored."""
+    knobs = builder.knobs = RequestKnobs(extra=ENGINE_EXTRA_FIELDS.get(builder.engine))
+    tries = 0
+    while True:
+        nonce = new_nonce()
+        payload = chat_payload(spec.model_id, latency_messages(nonce), cfg.warmup_tokens,
+                               cfg.temperature, spec.chat_template_kwargs, nonce, knobs)
+        got = await stream_chat(client, payload, cfg.warmup_tokens, clock=clock, sleep=sleep)
+        warm = got if isinstance(got, Sample) else await measure_counted(got, payload, builder)
+        refused = refused_argument(warm.error)
+        if refused and refused not in knobs.refused and refused not in CORE_FIELDS \
+                and len(knobs.refused) < MAX_REFUSED_FIELDS:
+            knobs = builder.knobs = dataclasses.replace(knobs, refused=(*knobs.refused, refused))
+            continue
+        if warm.ok:
+            break
+        tries += 1
+        if tries >= WARMUP_TRIES:
+            raise ModelFailed(f"warm-up request failed {WARMUP_TRIES} times: {warm.error}")
+    chunk_usage = isinstance(got, RawStream) and chunk_usage_seen(got.reads)
+    builder.usage_less = bool(warm.tokens_counted)
+    return knobs, ignored_knobs(knobs, warm, cfg.warmup_tokens, chunk_usage)
+
+
+def ignored_knobs(knobs: RequestKnobs, warm: Sample, asked: int, chunk_usage: bool
+                  ) -> tuple[str, ...]:
+    """The fields sent and accepted that had no effect on the warm-up answer
+    (pure): an answer shorter than asked ignored min_tokens and ignore_eos
+    (whichever was sent); a stream without usage ignored include_usage; usage
+    only in the trailer ignored continuous_usage_stats. (cache_salt leaves
+    no trace in an answer: it is not judged.)"""
+    sent = lambda name: name not in knobs.refused and name.rpartition(".")[2] not in knobs.refused  # noqa: E731
+    out: list[str] = []
+    if warm.tokens_counted:
+        out.append("stream_options.include_usage")
+    elif warm.ok and (warm.tokens_out or 0) > 1 and not chunk_usage \
+            and sent("stream_options.continuous_usage_stats"):
+        out.append("stream_options.continuous_usage_stats")
+    if warm.ok and warm.tokens_out is not None and warm.tokens_out < asked:
+        out.extend(k for k in ("min_tokens", "ignore_eos") if sent(k))
+    return tuple(out)
+
+
+async def measure_counted(raw: RawStream, payload: bytes, builder: PromptBuilder | None) -> Sample:
+    """raw.measure(); a stream that came without usage is counted with the
+    server's tokenizer instead (the prompt's chat template, the received
+    text) and marked `tokens_counted`; without a tokenizer it stays failed."""
+    sample = raw.measure()
+    if sample.ok or builder is None or not (sample.error or "").startswith(NO_USAGE_ERROR):
+        return sample
+    body = json.loads(payload)
+    tokens_in = await builder.count(body.get("messages") or [])
+    tokens_out = await builder.count_text(stream_text(raw.reads))
+    if tokens_in is None or tokens_out is None:
+        return sample
+    counted = measure_stream(raw.t_sent, raw.reads, raw.target_tokens_out, raw.t_scheduled,
+                             raw.retries, usage_fallback={"prompt_tokens": tokens_in,
+                                                          "completion_tokens": tokens_out})
+    return dataclasses.replace(counted, tokens_counted=True) if counted.ok else counted
+
+
+async def send_measured(client: Any, payload: bytes, target_tokens_out: int | None,
+                        builder: PromptBuilder | None, *, clock: Clock = time.perf_counter,
+                        sleep: Sleep = asyncio.sleep) -> Sample:
+    """send_chat; when the warm-up found that the server never sends usage,
+    its streams are counted (see measure_counted). (A stream without usage
+    from a server that sends it is a failed sample.)"""
+    got = await stream_chat(client, payload, target_tokens_out, clock=clock, sleep=sleep)
+    if isinstance(got, Sample):
+        return got
+    return await measure_counted(got, payload, builder if builder and builder.usage_less else None)
+
+
 async def benchmark_model(client: Any, result: ModelResult, cfg: RunConfig, events: Events, *,
                           check_alive: Callable[[], None] | None = None,
                           clock: Clock = time.perf_counter, sleep: Sleep = asyncio.sleep,
@@ -4316,18 +4761,12 @@ async def benchmark_model(client: Any, result: ModelResult, cfg: RunConfig, even
     `result.scenarios` as soon as it is complete."""
     spec = result.spec
     result.server = await server_info(client, spec)
-    nonce = new_nonce()
-    for _ in range(WARMUP_TRIES):  # a server just out of loading may fail one request
-        warm = await send_chat(client, chat_payload(spec.model_id, latency_messages(nonce),
-                                                    cfg.warmup_tokens, cfg.temperature,
-                                                    spec.chat_template_kwargs, nonce),
-                               cfg.warmup_tokens, clock=clock, sleep=sleep)
-        if warm.ok:
-            break
-    else:
-        raise ModelFailed(f"warm-up request failed {WARMUP_TRIES} times: {warm.error}")
+    engine = await detect_engine(client, spec.model_id, spec.engine)
+    builder = PromptBuilder(client, spec.model_id, spec.chat_template_kwargs, engine=engine.name)
+    knobs, ignored = await warm_up(client, spec, cfg, builder, clock=clock, sleep=sleep)
+    result.server = engine_facts(result.server, engine, knobs, ignored)
     await check_answers(client, result, cfg, events)
-    builder = PromptBuilder(client, spec.model_id, spec.chat_template_kwargs)
+    spec = result.spec = fit_context(spec, engine.context_tokens)
     failures_left = cfg.max_failed_samples + 1
     kept = {sr.scenario.name for sr in result.scenarios}  # by --resume: never measured twice
     for scenario in plan_scenarios(cfg, spec):
@@ -4355,6 +4794,9 @@ async def benchmark_model(client: Any, result: ModelResult, cfg: RunConfig, even
         sr = with_gpu_summary(sr, gpu, t_gpu)
         result.scenarios.append(sr)
         events.scenario_done(result, sr)
+        if not any(s.ok for s in sr.samples):  # nothing measured is no result, whatever the engine
+            last = next((s.error for s in reversed(sr.samples) if s.error), "no request was sent")
+            raise ModelFailed(f"{scenario.name}: no request succeeded; last error: {last}")
     if cfg.slo:
         probes: list[Probe] = []
         try:
@@ -4558,7 +5000,9 @@ ABSENT_IF_NONE = {  # fields whose key a report leaves out while unknown
     Aggregate: ("peak_kv_cache_usage_perc", "peak_requests_waiting", "good_requests",
                 "goodput_rps", "request_rate", "late_sends", "send_lag_max_ms",
                 "achieved_rate_rps", "client_late"),
-    ServerDelta: ("kv_cache_usage_perc",),
+    ServerInfo: ("engine", "engine_forced", "context_tokens", "knobs_refused", "knobs_ignored"),
+    ServerDelta: ("kv_cache_usage_perc", "prefill_tps", "decode_tps", "decode_calls",
+                  "cached_tokens"),
     Lifecycle: tuple(f.name for f in dataclasses.fields(Lifecycle)),
     LoadFacts: tuple(f.name for f in dataclasses.fields(LoadFacts)),  # only what the log said
     PowerSummary: ("duration_s", "j_per_token", "sm_clock_min_mhz", "sm_clock_max_mhz",
@@ -4577,7 +5021,8 @@ def stat_to_dict(st: Stat) -> dict[str, Any]:
 def sample_to_dict(s: Sample) -> dict[str, Any]:
     # seconds to the microsecond, milliseconds and rates to 3 decimals
     d = {k: _round(v, 6 if k.endswith("_s") else 3)
-         for k, v in dataclasses.asdict(s).items() if k != "itl_ms"}
+         for k, v in dataclasses.asdict(s).items()
+         if k != "itl_ms" and not (k == "tokens_counted" and v is None)}
     d["itl_ms"] = [round(x, 3) for x in s.itl_ms]
     return d
 
@@ -4597,6 +5042,8 @@ def scenario_to_dict(sr: ScenarioResult) -> dict[str, Any]:
         "server_metrics": (record_to_dict(sr.server, ABSENT_IF_NONE[ServerDelta], 3)
                            if sr.server else None),
         "gpu": record_to_dict(sr.gpu, ABSENT_IF_NONE[PowerSummary]) if sr.gpu else None,
+        **{k: v for k, v in (("output_forced", sr.output_forced),
+                             ("tokens_in_exact", sr.tokens_in_exact)) if v is not None},
     }
 
 
@@ -4610,8 +5057,9 @@ def model_to_dict(mr: ModelResult, bandwidth_gbs: float) -> dict[str, Any]:
         "failure": record_to_dict(mr.failure, ABSENT_IF_NONE[Failure]) if mr.failure else None,
         "spec": {k: v for k, v in dataclasses.asdict(spec).items()
                  if k not in ("name", "model_id", "service")
-                 and (v or k not in ("docker_host", "url", "services"))},  # only when used
-        "server": record_to_dict(mr.server) if mr.server else {},
+                 and (v or k not in ("docker_host", "url", "services"))  # only when used
+                 and (k != "engine" or v is not None)},
+        "server": record_to_dict(mr.server, ABSENT_IF_NONE[ServerInfo]) if mr.server else {},
         "lifecycle": record_to_dict(mr.lifecycle, ABSENT_IF_NONE[Lifecycle]),
         "roofline": {"bandwidth_gbs": bandwidth_gbs, "ceiling_tps": _round(ceiling),
                      "achieved_pct": _round(100 * tps.mean / ceiling, 1) if ceiling and tps else None},
@@ -4731,7 +5179,9 @@ def scenario_from_dict(data: Mapping[str, Any], where: str) -> ScenarioResult:
         {k: stat_from_dict(v, f"{where}/{k}") for k, v in data["summary"].items()},
         record_from_dict(Aggregate, aggregate) if aggregate is not None else None,
         server_delta_from_dict(server) if server is not None else None,
-        power_from_dict(data["gpu"]) if data.get("gpu") else None)
+        *(data.get(k) if isinstance(data.get(k), bool) else None
+          for k in ("tokens_in_exact", "output_forced")),
+        gpu=power_from_dict(data["gpu"]) if data.get("gpu") else None)
 
 
 def server_delta_from_dict(data: Mapping[str, Any]) -> ServerDelta:
@@ -4771,7 +5221,9 @@ def model_from_dict(data: Mapping[str, Any]) -> ModelResult:
     failure, server = data.get("failure"), data.get("server")
     return ModelResult(spec, status=data["status"], error=data.get("error"),
                        failure=record_from_dict(Failure, failure, ("log_tail",)) if failure else None,
-                       server=record_from_dict(ServerInfo, server) if server else None,
+                       server=record_from_dict(ServerInfo, server, ("knobs_refused",
+                                                                    "knobs_ignored"))
+                       if server else None,
                        lifecycle=lifecycle_from_dict(data.get("lifecycle") or {}),
                        scenarios=[scenario_from_dict(s, spec.name) for s in data["scenarios"]],
                        answer_check=answer_check_from_dict(data.get("answer_check")),
@@ -5379,8 +5831,10 @@ def scenario_table(models: Sequence[ModelResult], winners: ScenarioWinners,
         decode = cell("tps") + (" (b)" if bursty else "")
         if any(s.ok and s.tokens_out_exact is False for s in sr.samples):
             tokens_out += " (!)"
-            notes.append(f"(!) {mr.spec.name}: some samples did not produce exactly "
-                         f"{sr.scenario.target_tokens_out} output tokens")
+            notes.append(output_note(mr, sr))
+        in_mark, out_mark, marks = measured_as_asked(mr, sr)
+        tokens_out += out_mark
+        notes.extend(marks)
         if kind == "throughput":
             agg = sr.aggregate or Aggregate()
             ttft = sr.summary.get("ttft_ms")
@@ -5397,7 +5851,7 @@ def scenario_table(models: Sequence[ModelResult], winners: ScenarioWinners,
                          fmt_num(ttft.p99 if ttft else None), fmt_num(server.queue_mean_ms),
                          fmt_pct(agg.peak_kv_cache_usage_perc), str(agg.errors or 0)))
         elif kind == "context":
-            tin = fmt_stat(sr.summary.get("tokens_in"))
+            tin = fmt_stat(sr.summary.get("tokens_in")) + in_mark
             if sr.scenario.clamped:
                 tin += " (c)"
                 notes.append(f"(c) {mr.spec.name}: {sr.scenario.requested_tokens_in} tokens do not "
@@ -5425,7 +5879,7 @@ def scenario_table(models: Sequence[ModelResult], winners: ScenarioWinners,
     notes.extend(format_ranking(r) for r in winners.rankings)
     notes.extend(format_unranked(u) for u in winners.unranked)
     sc = next(sr.scenario for sr in results.values()) if results else None
-    title = f"{describe_scenario(sc)}" if sc else name
+    title = scenario_title(sc, list(results.values())) if sc else name
     return TextTable(title, headers, tuple(rows), tuple(dict.fromkeys(notes)))
 
 
@@ -5505,6 +5959,55 @@ def format_gpu_note(model: str, gpu: PowerSummary) -> str:
         text = (f"(t) {text}; the GPU throttled ({', '.join(gpu.throttle_reasons or ())}): "
                 "this model's figures are not at the clocks of the others")
     return text
+
+
+def received_text(samples: Iterable[Sample]) -> str:
+    """The output lengths that came back: "300", or "3-14" when they differ."""
+    got = sorted({s.tokens_out for s in samples if s.ok and s.tokens_out is not None})
+    return "none" if not got else str(got[0]) if len(got) == 1 else f"{got[0]}-{got[-1]}"
+
+
+def scenario_title(sc: Scenario, results: Sequence[ScenarioResult]) -> str:
+    """describe_scenario, with "500 asked, 300 received" where answers came
+    out shorter than asked."""
+    title = describe_scenario(sc)
+    if any(sr.output_forced is False for sr in results):
+        got = received_text(s for sr in results for s in sr.samples)
+        title = title.replace(f", {sc.target_tokens_out} out",
+                              f", {sc.target_tokens_out} asked, {got} received", 1)
+    return title
+
+
+def output_note(mr: ModelResult, sr: ScenarioResult) -> str:
+    """The (!) note of a scenario whose output lengths were not as asked."""
+    asked = sr.scenario.target_tokens_out
+    if sr.output_forced is not False:
+        return f"(!) {mr.spec.name}: some samples did not produce exactly {asked} output tokens"
+    server = mr.server or ServerInfo()
+    ignored = [k for k in server.knobs_ignored or () if k in ("min_tokens", "ignore_eos")]
+    refused = [k for k in server.knobs_refused or () if k in ("min_tokens", "ignore_eos")]
+    why = "; ".join(filter(None, (f"it ignored {', '.join(ignored)}" if ignored else "",
+                                  f"it refused {', '.join(refused)}" if refused else "")))
+    return (f"(!) {mr.spec.name}: {asked} asked, {received_text(sr.samples)} received: the output "
+            f"length could not be forced ({why or 'the server stopped early'}); answers under "
+            f"{min(asked, MIN_DECODE_TOKENS)} tokens have no decode rate")
+
+
+def measured_as_asked(mr: ModelResult, sr: ScenarioResult) -> tuple[str, str, list[str]]:
+    """Marks for inputs that are only near their target (~) and token counts
+    that the server did not report (n): (tokens-in mark, tokens-out mark, notes)."""
+    notes: list[str] = []
+    in_mark = out_mark = ""
+    if sr.tokens_in_exact is False:
+        in_mark = " (~)"
+        notes.append(f"(~) {mr.spec.name}: the server has no chat tokenizer endpoint: inputs were "
+                     f"sized from usage.prompt_tokens of one-token requests, near "
+                     f"{sr.scenario.target_tokens_in} tokens, not exactly on it")
+    if any(s.ok and s.tokens_counted for s in sr.samples):
+        out_mark = " (n)"
+        notes.append(f"(n) {mr.spec.name}: the server sent no usage: tokens were counted with its "
+                     "tokenizer over the prompt and the received text, not reported by it")
+    return in_mark, out_mark, notes
 
 
 def render_table(table: TextTable, styled: bool) -> str:
@@ -5623,8 +6126,9 @@ def format_model_environment(mr: ModelResult, bandwidth_gbs: float) -> list[str]
     server, life = mr.server or ServerInfo(), mr.lifecycle
     if life.docker_host:
         facts.append(f"on {life.docker_host}" + (f" ({life.hardware})" if life.hardware else ""))
-    if server.version:
-        facts.append(f"vLLM {server.version}")
+    engine = ENGINE_LABELS.get(server.engine or "vllm", server.engine)
+    if server.version or server.engine:
+        facts.append(f"{engine} {server.version or ''}".rstrip())
     if life.image:
         digest = (life.repo_digests or [life.image_id or ""])[0]
         facts.append(f"image {life.image}" + (f" ({digest})" if digest else ""))
@@ -5643,6 +6147,7 @@ def format_model_environment(mr: ModelResult, bandwidth_gbs: float) -> list[str]
     lines = [f"      {'; '.join(facts)}"] if facts else []
     if (load := format_load_facts(life.vllm_load)):
         lines.append(f"      {load}")
+    lines.extend(f"      {line}" for line in format_knobs(server))
     if life.command:
         lines.append(f"      command: {' '.join(map(str, life.command))}")
     return lines
@@ -5858,6 +6363,20 @@ def format_load_facts(facts: LoadFacts | None) -> str:
 def _fmt_logged_s(seconds: float) -> str:
     """A duration vLLM logged: its own precision under a minute ('0.01 s')."""
     return f"{seconds:g} s" if seconds < 60 else fmt_took(seconds)
+
+
+ENGINE_LABELS = {"vllm": "vLLM", "llama.cpp": "llama.cpp", "sglang": "SGLang", "tgi": "TGI",
+                 "openai": "OpenAI-compatible server"}
+
+
+def format_knobs(server: ServerInfo) -> list[str]:
+    """What the server did not honour of the fields beyond OpenAI's own."""
+    lines = []
+    if server.knobs_refused:
+        lines.append(f"the server refused (dropped from the requests): {', '.join(server.knobs_refused)}")
+    if server.knobs_ignored:
+        lines.append(f"the server ignored: {', '.join(server.knobs_ignored)}")
+    return lines
 
 
 def format_summary(report: Report) -> str:
@@ -7491,8 +8010,7 @@ def discover_endpoint_models(base_url: str, table: Sequence[ModelSpec], api_key:
         if known:
             out.append(dataclasses.replace(known, service=None))
         else:
-            size = entry.get("max_model_len")
-            size = size if isinstance(size, int) and not isinstance(size, bool) and size >= 2 else 32768
+            size = served_context(entry) or 32768  # vLLM's max_model_len, llama.cpp's meta.n_ctx
             out.append(ModelSpec(name=entry["id"], service=None, model_id=entry["id"],
                                  max_context_tokens=size))
     return out

@@ -159,6 +159,16 @@ FAULT_NAMES: frozenset[str] = frozenset(
 
 FAULT_HEADER = "X-Standin-Fault"
 
+#: The request fields of OpenAI's chat completions API (``openai_only``).
+OPENAI_CHAT_FIELDS: frozenset[str] = frozenset(
+    "model messages stream stream_options max_tokens max_completion_tokens temperature top_p n "
+    "stop presence_penalty frequency_penalty logit_bias logprobs top_logprobs user seed tools "
+    "tool_choice parallel_tool_calls response_format service_tier store metadata "
+    "reasoning_effort modalities audio prediction web_search_options verbosity "
+    "prompt_cache_key safety_identifier".split())
+OPENAI_STREAM_OPTIONS: frozenset[str] = frozenset({"include_usage", "include_obfuscation"})
+OPENAI_PATHS: frozenset[str] = frozenset({"/v1/models", "/v1/chat/completions"})
+
 # --------------------------------------------------------------------------
 # Tokenizer
 # --------------------------------------------------------------------------
@@ -340,6 +350,13 @@ class StandinConfig:
     stamp_chunks: bool = False  # add "x_sent": time.perf_counter() to each chunk
     api_key: str | None = None  # if set, /v1/* needs "Authorization: Bearer <key>"
     tokenize_endpoint: bool = True  # False: /tokenize and /detokenize answer 404
+    # True: speak only OpenAI's own API, as api.openai.com does: every path but
+    # /v1/models and /v1/chat/completions answers 404 (no /tokenize, /metrics,
+    # /version, /health), a request field OpenAI does not know answers 400
+    # "Unrecognized request argument supplied: X" ("stream_options.X" inside
+    # stream_options), and the model card has no max_model_len.
+    openai_only: bool = False
+    stream_usage: bool = True  # False: ignore stream_options (no usage), as llama-cpp-python
     faults: list[str] = field(default_factory=list)  # consumed one per chat request
     stall_s: float = 30.0  # silence of the "stall" fault
     fault_after_chunks: int = 3  # token chunks sent before a mid-stream fault
@@ -754,6 +771,17 @@ def _invalid(message: str, param: str, value: Any = None) -> _Reply:
     return _bad_request(f"{message} ({extra})", param)
 
 
+def _check_openai_fields(body: dict[str, Any]) -> None:
+    """400 for the first field OpenAI's chat API does not know, in its words."""
+    unknown = [k for k in body if k not in OPENAI_CHAT_FIELDS]
+    options = body.get("stream_options")
+    if isinstance(options, dict):
+        unknown += [f"stream_options.{k}" for k in options if k not in OPENAI_STREAM_OPTIONS]
+    if unknown:
+        raise _Reply(400, _error_body(f"Unrecognized request argument supplied: {unknown[0]}",
+                                      "invalid_request_error", 400))
+
+
 def _dumps(obj: Any) -> bytes:
     # pydantic's model_dump_json: compact separators, UTF-8 rather than \u escapes.
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
@@ -852,6 +880,9 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             self._raw_body = self._read_body() if method == "POST" else b""
             route = _ROUTES.get((method, path))
+            if (self.state.config.openai_only and path not in OPENAI_PATHS
+                    and not path.startswith("/_standin/")):
+                route = None  # a plain OpenAI API has none of vLLM's extra endpoints
             if route is None:
                 if any(p == path for (_, p) in _ROUTES):
                     raise _Reply(405, {"detail": "Method Not Allowed"})
@@ -985,6 +1016,10 @@ class _Handler(BaseHTTPRequestHandler):
         self._check_ready()
         cfg = self.state.config
         created = int(time.time())
+        if cfg.openai_only:
+            card = {"id": cfg.model, "object": "model", "created": created, "owned_by": "system"}
+            self._send_json(200, {"object": "list", "data": [card]})
+            return
         card = {
             "id": cfg.model, "object": "model", "created": created, "owned_by": "vllm",
             "root": cfg.model, "parent": None, "max_model_len": cfg.max_model_len,
@@ -1115,6 +1150,8 @@ class _Handler(BaseHTTPRequestHandler):
         if not isinstance(body, dict):
             raise _bad_request("request body must be a JSON object")
         self._check_model(body)
+        if state.config.openai_only:
+            _check_openai_fields(body)
         forced = self.headers.get(FAULT_HEADER)
         # Queued faults are for the benchmark's requests: the known-answer
         # questions (never sent with ignore_eos) do not take one.
@@ -1230,7 +1267,8 @@ class _Handler(BaseHTTPRequestHandler):
             answer=answer,
             include_usage=bool(options.get("include_usage")),
             # the no_usage fault plays a server that ignores stream_options
-            continuous_usage=bool(options.get("continuous_usage_stats")) and fault != "no_usage",
+            continuous_usage=(bool(options.get("continuous_usage_stats")) and fault != "no_usage"
+                              and cfg.stream_usage),
             arrival=arrival,
         )
 
@@ -1396,7 +1434,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._chunk_sent(job, index, tokens)
 
         self._finished(job, job.finish_reason)
-        if job.include_usage and fault != "no_usage":
+        if job.include_usage and fault != "no_usage" and cfg.stream_usage:
             self._event(job, {**self._chunk_obj(job, []),
                               "usage": self._usage(job, job.sent_tokens),
                               "system_fingerprint": f"vllm-{cfg.version}"})

@@ -282,11 +282,31 @@ def test_max_failures_zero_fails_a_model_at_its_first_failed_request(standin, re
     assert second["status"] == "ok"
 
 
-def test_a_models_file_that_overstates_the_context_gives_400s_that_fail_the_model(
+def test_a_models_file_that_overstates_the_context_is_clamped_to_what_the_server_reports(
         standin, report_dir, tmp_path, capsys):
     # The table says 40,000 tokens; the server was started with a 3,000-token
-    # context: every 8k request is refused with the server's own reason.
+    # context and says so in /v1/models: the 8k test is clamped to fit it.
     srv = standin(max_model_len=3000)
+    models = tmp_path / "models.yml"
+    models.write_text("models:\n- {name: standin, model_id: standin, max_context_tokens: 40000}\n")
+    rc = pm.main(["--endpoint", srv.base_url, "--models", str(models), "--iterations", "1",
+                  "--context-sizes", "1k,8k", "--max-failures", "0",
+                  "--report-dir", str(report_dir)])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    (model,) = json_report(report_dir)["models"]
+    assert model["status"] == "ok" and model["server"]["context_tokens"] == 3000
+    sc = model["scenarios"][2]
+    assert (sc["name"], sc["requested_tokens_in"], sc["target_tokens_in"]) == ("context-8k", 8000, 2900)
+    assert [s["tokens_in"] for s in sc["samples"]] == [2900]
+    assert "8000 tokens do not fit its 3000-token context; clamped to 2900" in out
+
+
+def test_a_context_the_server_does_not_report_gives_400s_that_fail_the_model(
+        standin, report_dir, tmp_path, capsys):
+    # An OpenAI-only server states no context: the table's 40,000 is believed,
+    # and the server refuses the 8k prompts with its own reason.
+    srv = standin(max_model_len=3000, openai_only=True)
     models = tmp_path / "models.yml"
     models.write_text("models:\n- {name: standin, model_id: standin, max_context_tokens: 40000}\n")
     rc = pm.main(["--endpoint", srv.base_url, "--models", str(models), "--iterations", "1",
@@ -295,7 +315,7 @@ def test_a_models_file_that_overstates_the_context_gives_400s_that_fail_the_mode
     assert rc == 1
     (model,) = json_report(report_dir)["models"]
     assert model["status"] == "failed"
-    assert "last: HTTP 400: This model's maximum context length is 3000 tokens" in model["error"]
+    assert "HTTP 400: This model's maximum context length is 3000 tokens" in model["error"]
     assert [sc["name"] for sc in model["scenarios"]] == ["latency", "context-1k", "context-8k"]
     assert "Traceback" not in capsys.readouterr().err
 
