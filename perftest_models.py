@@ -97,7 +97,7 @@ from typing import Any
 
 import yaml
 
-# httpx, docker and rich are imported where they are used, so that --help and
+# httpx, httptools, docker and rich are imported where they are used, so that --help and
 # the usage errors answer in well under 0.3 s.
 
 __version__ = "1.0.0"
@@ -1737,12 +1737,13 @@ class StreamTransport:
             idle = self._idle.get(key)
             while idle and conn is None:
                 conn = idle.pop()
-                if conn.eof:  # the server closed it while idle
+                if conn.eof or conn.extra:  # the server closed it (or spoke) while idle
                     self._release(conn, key, False)
                     conn = None
             reused = conn is not None
             if conn is None:
                 conn = await self._connect(key, timeouts.get("connect"), request)
+            conn.start_response()
             conn.transport.write(head + body)
             try:
                 status, reason, headers = await conn.read_head(timeouts.get("read"), request)
@@ -1756,8 +1757,7 @@ class StreamTransport:
                 self._release(conn, key, False)
                 raise
             break
-        stream = _body_stream_class()(self, conn, key, body_decoder(status, headers),
-                                      timeouts.get("read"), request)
+        stream = _body_stream_class()(self, conn, key, timeouts.get("read"), request)
         return httpx.Response(status, headers=headers, stream=stream, extensions={
             "http_version": b"HTTP/1.1", "reason_phrase": reason,
             "perftest.record": stream.record})
@@ -1793,145 +1793,16 @@ class StreamTransport:
             self._open.discard(conn)
 
 
-class ChunkedDecoder:
-    """HTTP/1.1 chunked transfer coding, decoded incrementally from network
-    reads of any size (a chunk's size line, data or CRLF may be split
-    anywhere). `done` after the last chunk and its trailer; bytes that
-    followed the message are in `extra`."""
-
-    __slots__ = ("left", "crlf", "line", "trailer", "done", "extra", "between")
-
-    def __init__(self) -> None:
-        self.left = 0        # data bytes of the current chunk still to come
-        self.crlf = 0        # bytes of the CRLF after a chunk's data still to come
-        self.line = b""      # a size or trailer line split across reads
-        self.trailer = False
-        self.done = False
-        self.extra = b""
-        self.between = True  # none of the above: the next byte starts a chunk
-
-    def feed(self, data: bytes) -> bytes:
-        """The payload bytes in `data` (b"" if none); ValueError if malformed."""
-        out: list[bytes] = []
-        pos, n = 0, len(data)
-        while self.between:  # the common case first: whole chunks, one or more
-            eol = data.find(b"\r\n", pos)
-            if not 0 < eol - pos < 9:
-                break
-            try:
-                size = int(data[pos:eol], 16)
-            except ValueError:
-                break
-            end = eol + 2 + size
-            if size <= 0 or end + 2 > n or data[end:end + 2] != b"\r\n":
-                break  # the last chunk, a split one, or a malformed one
-            if end + 2 == n and not out:
-                return data[eol + 2:end]  # exactly one chunk: no list, no join
-            out.append(data[eol + 2:end])
-            pos = end + 2
-            if pos == n:
-                return b"".join(out)
-        if pos < n:
-            out.append(self._feed(data[pos:] if pos else data))
-            self.between = not (self.left or self.crlf or self.line or self.trailer or self.done)
-        return out[0] if len(out) == 1 else b"".join(out)
-
-    def _feed(self, data: bytes) -> bytes:
-        if self.line:
-            data = self.line + data
-            self.line = b""
-        out: list[bytes] = []
-        pos, n = 0, len(data)
-        while pos < n:
-            if self.done:
-                self.extra += data[pos:]
-                break
-            if self.left:
-                end = min(n, pos + self.left)
-                out.append(data[pos:end])
-                self.left -= end - pos
-                pos = end
-                if not self.left:
-                    self.crlf = 2
-            elif self.crlf:
-                take = min(self.crlf, n - pos)
-                if data[pos:pos + take] != b"\r\n"[2 - self.crlf:2 - self.crlf + take]:
-                    raise ValueError("chunk data not followed by CRLF")
-                self.crlf -= take
-                pos += take
-            else:
-                eol = data.find(b"\r\n", pos)
-                if eol < 0:
-                    if n - pos > 4096:
-                        raise ValueError("chunk size line too long")
-                    self.line = data[pos:]
-                    break
-                line = data[pos:eol]
-                pos = eol + 2
-                if self.trailer:
-                    self.done = not line
-                    continue
-                size = int(line.split(b";", 1)[0], 16)
-                if size < 0:
-                    raise ValueError(f"negative chunk size {line[:20]!r}")
-                if size:
-                    self.left = size
-                else:
-                    self.trailer = True
-        if not out:
-            return b""
-        return out[0] if len(out) == 1 else b"".join(out)
+RESPONSE_HEAD_MAX_BYTES = 1 << 16  # a response head is a few hundred bytes; more is no server's
+BODY_MAX_BYTES = 32 << 20  # a body read whole (a /tokenize answer): more is no sane answer
 
 
-class LengthDecoder:
-    """A body of Content-Length bytes (`feed` as ChunkedDecoder's)."""
+def _httptools() -> Any:
+    """httptools (llhttp, the HTTP/1.1 parser of Node.js and uvicorn),
+    imported on first use like httpx."""
+    import httptools  # noqa: PLC0415 (lazy: see imports)
 
-    __slots__ = ("left", "done", "extra")
-
-    def __init__(self, length: int):
-        self.left = length
-        self.done = length == 0
-        self.extra = b""
-
-    def feed(self, data: bytes) -> bytes:
-        if self.done:
-            self.extra += data
-            return b""
-        if len(data) >= self.left:
-            data, self.extra = data[:self.left], data[self.left:]
-            self.left = 0
-            self.done = True
-            return data
-        self.left -= len(data)
-        return data
-
-
-class CloseDecoder:
-    """A body that the end of the connection delimits."""
-
-    __slots__ = ("done", "extra")
-
-    def __init__(self) -> None:
-        self.done = False
-        self.extra = b""
-
-    def feed(self, data: bytes) -> bytes:
-        return data
-
-
-BodyDecoder = ChunkedDecoder | LengthDecoder | CloseDecoder
-
-
-def body_decoder(status: int, headers: Sequence[tuple[bytes, bytes]]) -> BodyDecoder:
-    """How the body of a response to a POST is delimited (RFC 9112 6.3)."""
-    fields = {k.lower(): v for k, v in headers}
-    if status in (204, 304):
-        return LengthDecoder(0)
-    if b"chunked" in fields.get(b"transfer-encoding", b"").lower():
-        return ChunkedDecoder()
-    if b"content-length" in fields:
-        return LengthDecoder(int(fields[b"content-length"]))
-    return CloseDecoder()
+    return httptools
 
 
 class _StaleConnection(Exception):
@@ -1939,27 +1810,92 @@ class _StaleConnection(Exception):
 
 
 class _Connection(asyncio.Protocol):
-    """One HTTP/1.1 connection. Normally it buffers what the socket delivers
-    and wakes the one reader (reading pauses while 1 MiB waits unread); while
-    it records a body (`record`), data_received decodes and stamps each read
-    itself."""
+    """One HTTP/1.1 connection. httptools frames each response inside
+    data_received (status line, headers, Content-Length, chunked coding,
+    keep-alive); this class only routes what it hands over. Until a body is
+    recorded, its bytes wait in `body` for the one reader (reading pauses
+    while 1 MiB waits unread); while it records (`record`), data_received
+    stamps each read first and appends that read's payload itself."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
         self.transport: Any = None
-        self.pending: list[bytes] = []
-        self.buffered = 0
-        self.paused = False
+        self.parser: Any = None  # the response now read; None between requests
         self.eof = False
         self.error: BaseException | None = None
         self.waiter: asyncio.Future[None] | None = None
-        # While recording: where reads go, the clock, the decoder, when the
-        # last bytes came (loop time, for the read timeout), the end.
+        self._begin(None)
+        # While recording: where reads go, the clock, when the last bytes
+        # came (loop time, for the read timeout), the bytes still allowed.
         self.reads: list[Read] | None = None
         self.clock: Clock = time.perf_counter
-        self.decoder: Any = None
         self.last_read = 0.0
+        self.body_left = 0
         self.recorded: asyncio.Future[None] | None = None
+
+    def _begin(self, parser: Any) -> None:
+        self.parser = parser
+        self.status, self.reason, self.headers = 0, b"", []
+        self.head_bytes = 0      # status line and headers so far
+        self.head_done = False   # the final (non-1xx) head is complete
+        self.informational = False
+        self.until_close = False  # the body ends with the connection
+        self.keep_alive = False
+        self.done = False        # the whole response is in
+        self.extra = False       # bytes came that belong to no response: never reuse
+        self.broken: ValueError | None = None  # the response is malformed
+        self.body: list[bytes] = []
+        self.buffered = 0
+        self.paused = False
+
+    def start_response(self) -> None:
+        """Before a request is written: a parser for its response."""
+        self._begin(_httptools().HttpResponseParser(self))
+
+    # -- httptools callbacks ------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self.done:  # a second response nobody asked for
+            self.extra = True
+
+    def on_status(self, reason: bytes) -> None:
+        self.reason += reason
+        self._count_head(len(reason) + 13)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+        self._count_head(len(name) + len(value) + 4)
+
+    def _count_head(self, n: int) -> None:
+        self.head_bytes += n
+        if self.head_bytes > RESPONSE_HEAD_MAX_BYTES and self.broken is None:
+            self.broken = ValueError(f"response head too long (over {RESPONSE_HEAD_MAX_BYTES} bytes)")
+
+    def on_headers_complete(self) -> None:
+        parser = self.parser
+        status = parser.get_status_code()
+        if 100 <= status < 200 and status != 101:  # 100 Continue, 103 Early Hints: a head follows
+            self.informational = True
+            self.reason, self.headers = b"", []
+            return
+        fields = {k.lower() for k, _ in self.headers}
+        self.status, self.head_done = status, True
+        self.keep_alive = parser.should_keep_alive()  # Connection: close, HTTP/1.0
+        self.until_close = (b"content-length" not in fields and b"transfer-encoding" not in fields
+                            and status not in (204, 304))
+        self._wake()
+
+    def on_body(self, body: bytes) -> None:
+        self.body.append(body)
+        self.buffered += len(body)
+
+    def on_message_complete(self) -> None:
+        if self.informational:
+            self.informational = False
+        elif not self.done:
+            self.done = True
+
+    # -- asyncio.Protocol ---------------------------------------------------
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
@@ -1969,38 +1905,58 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         reads = self.reads
-        if reads is not None:  # the hot path: stamp first, then decode
+        if reads is not None:  # the hot path: stamp first, then frame
             t = self.clock()
             self.last_read = self.loop.time()
-            try:
-                payload = self.decoder.feed(data)
-            except ValueError as exc:
-                self._end_recording(ValueError(f"malformed chunked body: {exc}"))
-                return
-            if payload:
+            self._feed(data)
+            body = self.body
+            if body:
+                payload = body[0] if len(body) == 1 else b"".join(body)
+                body.clear()
+                self.buffered = 0
+                self.body_left -= len(payload)
+                if self.body_left < 0:
+                    self._end_recording(ValueError("response body over the bytes any answer "
+                                                   "to this request could take"))
+                    return
                 reads.append((t, payload))
-            if self.decoder.done:
-                self._end_recording(None)
+            if self.broken is not None or self.done:
+                self._end_recording(self.broken)
             return
-        self.pending.append(data)
-        self.buffered += len(data)
+        self._feed(data)
         if self.buffered > 1 << 20 and not self.paused:
             self.paused = True
             self.transport.pause_reading()
         self._wake()
 
+    def _feed(self, data: bytes) -> None:
+        if self.parser is None or self.done or self.broken is not None:
+            self.extra = True  # after the response, or while idle: the connection is spoilt
+            return
+        httptools = _httptools()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:  # 101 Switching Protocols: no HTTP body follows
+            self.done = self.extra = True
+        except httptools.HttpParserError as exc:
+            self.extra = True
+            if not self.done and self.broken is None:
+                self.broken = ValueError(f"malformed response: {exc}")
+
     def eof_received(self) -> bool:
-        self.eof = True
-        self._wake()
-        self._end_recording(None if isinstance(self.decoder, CloseDecoder) else EOFError())
+        self._ended(None)
         return False
 
     def connection_lost(self, exc: BaseException | None) -> None:
+        self._ended(exc)
+
+    def _ended(self, exc: BaseException | None) -> None:
         self.eof = True
-        self.error = exc
+        self.error = self.error or exc
+        if self.head_done and self.until_close and exc is None:
+            self.done = True  # a body delimited by the end of the connection
         self._wake()
-        self._end_recording(exc or (None if isinstance(self.decoder, CloseDecoder)
-                                    else EOFError()))
+        self._end_recording(None if self.done else (exc or EOFError()))
 
     def _wake(self) -> None:
         waiter = self.waiter
@@ -2014,98 +1970,86 @@ class _Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
-    def unread(self, data: bytes) -> None:
-        if data:
-            self.pending.insert(0, data)
-            self.buffered += len(data)
+    @property
+    def reusable(self) -> bool:
+        return self.done and self.keep_alive and not self.extra and not self.eof
 
-    async def recv(self, timeout_s: float | None) -> bytes:
-        """What arrived since the last call (waiting for it); b"" at EOF."""
-        if not self.pending:
-            if self.eof:
-                return b""
-            self.waiter = waiter = self.loop.create_future()
-            timer = None if timeout_s is None else self.loop.call_later(
-                timeout_s, _time_out, waiter)
-            try:
-                await waiter
-            finally:
-                if timer is not None:
-                    timer.cancel()
-            if not self.pending:
-                return b""
-        pending = self.pending
-        data = pending[0] if len(pending) == 1 else b"".join(pending)
-        pending.clear()
+    async def wait(self, timeout_s: float | None) -> None:
+        """Until data_received or the end of the connection wakes us;
+        TimeoutError after `timeout_s`."""
+        self.waiter = waiter = self.loop.create_future()
+        timer = None if timeout_s is None else self.loop.call_later(timeout_s, _time_out, waiter)
+        try:
+            await waiter
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    def take_body(self) -> bytes:
+        """The body bytes that wait unread (b"" if none)."""
+        body = self.body
+        data = (body[0] if len(body) == 1 else b"".join(body)) if body else b""
+        body.clear()
         self.buffered = 0
         if self.paused:
             self.paused = False
             self.transport.resume_reading()
         return data
 
+    def protocol_error(self, request: Any, where: str) -> Exception:
+        """The httpx error for a response that cannot be read on (call at EOF or when broken)."""
+        import httpx  # noqa: PLC0415
+
+        if self.broken is not None:
+            return httpx.RemoteProtocolError(str(self.broken), request=request)
+        if self.error is not None:
+            return httpx.ReadError(str(self.error) or type(self.error).__name__, request=request)
+        return httpx.RemoteProtocolError(f"peer closed connection {where}", request=request)
+
     async def read_head(self, timeout_s: float | None, request: Any
                         ) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
         """The final (non-1xx) response head: status, reason, headers."""
         import httpx  # noqa: PLC0415
 
-        buf = b""
-        while True:
-            end = buf.find(b"\r\n\r\n")
-            if end < 0:
-                if len(buf) > 1 << 16:
-                    raise httpx.RemoteProtocolError("response head too long", request=request)
-                data = await _read(self, timeout_s, request)
-                if not data:
-                    if buf:
-                        raise httpx.RemoteProtocolError(
-                            "server disconnected inside the response head", request=request)
+        while not self.head_done:
+            if self.broken is not None:
+                raise httpx.RemoteProtocolError(f"{self.broken} (in the head)", request=request)
+            if self.eof:
+                if self.head_bytes == 0 and self.error is None:
                     raise _StaleConnection()
-                buf += data
-                continue
-            lines = buf[:end].split(b"\r\n")
-            self.unread(buf[end + 4:])
-            buf = b""
+                raise self.protocol_error(request, "inside the response head")
             try:
-                version, status_text, *reason = lines[0].split(b" ", 2)
-                status = int(status_text)
-                headers = [(k.strip(), v.strip()) for k, _, v in
-                           (ln.partition(b":") for ln in lines[1:])]
-            except ValueError:
-                raise httpx.RemoteProtocolError(f"malformed response head: {lines[0][:80]!r}",
-                                                request=request) from None
-            if not version.startswith(b"HTTP/1.") or status < 100:
-                raise httpx.RemoteProtocolError(f"malformed status line: {lines[0][:80]!r}",
-                                                request=request)
-            if status >= 200 or status == 101:
-                return status, reason[0] if reason else b"", headers
-            # 1xx informational (100 Continue, 103 Early Hints): a final head follows
+                await self.wait(timeout_s)
+            except TimeoutError:
+                raise httpx.ReadTimeout(f"no bytes for {timeout_s} s", request=request) from None
+        return self.status, self.reason, self.headers
 
-    async def record(self, decoder: Any, reads: list[Read], clock: Clock,
-                     timeout_s: float | None) -> None:
-        """Decode the rest of the body into `reads` as (clock(), payload) per
+    async def record(self, reads: list[Read], clock: Clock, timeout_s: float | None,
+                     max_bytes: int) -> None:
+        """Append the rest of the body to `reads` as (clock(), payload) per
         network read, stamped in data_received; return at its end. Raises
         TimeoutError after `timeout_s` without bytes, EOFError if the
-        connection ends early, ValueError on a malformed body, or what the
-        connection failed with."""
+        connection ends early, ValueError on a malformed body or one over
+        `max_bytes`, or what the connection failed with."""
         loop = self.loop
-        if self.pending:  # arrived with the head: stamped now, as a reader would
-            data = b"".join(self.pending)
-            self.pending.clear()
-            self.buffered = 0
-            payload = decoder.feed(data)
-            if payload:
-                reads.append((clock(), payload))
+        self.body_left = max_bytes
+        if self.body:  # arrived with the head: stamped now, as a reader would
+            data = self.take_body()
+            self.body_left -= len(data)
+            if self.body_left < 0:
+                raise ValueError("response body over the bytes any answer to this request "
+                                 "could take")
+            reads.append((clock(), data))
         if self.paused:
-            self.paused = False
-            self.transport.resume_reading()
-        if decoder.done:
+            self.take_body()
+        if self.broken is not None:
+            raise self.broken
+        if self.done:
             return
         if self.eof:
-            if isinstance(decoder, CloseDecoder) and self.error is None:
-                return
             raise self.error or EOFError()
         self.recorded = done = loop.create_future()
-        self.decoder, self.clock, self.reads = decoder, clock, reads
+        self.clock, self.reads = clock, reads
         self.last_read = loop.time()
         timer = None
         if timeout_s is not None:
@@ -2123,7 +2067,6 @@ class _Connection(asyncio.Protocol):
             if timer is not None:
                 timer.cancel()
             self.reads = None
-            self.decoder = None
             self.recorded = None
 
     def _end_recording(self, exc: BaseException | None) -> None:
@@ -2143,20 +2086,6 @@ def _time_out(waiter: asyncio.Future[None]) -> None:
         waiter.set_exception(TimeoutError())
 
 
-async def _read(conn: _Connection, timeout_s: float | None, request: Any) -> bytes:
-    """conn.recv with httpx's exceptions: ReadTimeout, ReadError."""
-    import httpx  # noqa: PLC0415
-
-    try:
-        data = await conn.recv(timeout_s)
-    except TimeoutError:
-        raise httpx.ReadTimeout(f"no bytes for {timeout_s} s", request=request) from None
-    if not data and conn.error is not None:
-        raise httpx.ReadError(str(conn.error) or type(conn.error).__name__,
-                              request=request) from conn.error
-    return data
-
-
 _BODY_STREAM: list[type] = []  # the class, once made
 
 
@@ -2169,45 +2098,48 @@ def _body_stream_class() -> type:
 
     class BodyStream(httpx.AsyncByteStream):
         """The response body; the connection goes back to the pool when the
-        body ended cleanly."""
+        body ended cleanly and the response allows it."""
 
         def __init__(self, owner: StreamTransport, conn: _Connection,
-                     key: tuple[str, str, int], decoder: BodyDecoder, timeout_s: float | None,
-                     request: Any):
-            self.owner, self.conn, self.key, self.decoder = owner, conn, key, decoder
+                     key: tuple[str, str, int], timeout_s: float | None, request: Any):
+            self.owner, self.conn, self.key = owner, conn, key
             self.timeout_s, self.request = timeout_s, request
-            self.keep_alive = not isinstance(decoder, CloseDecoder)
             self.finished = False
 
         def _done(self) -> None:
             self.finished = True
-            self.owner._release(self.conn, self.key, self.keep_alive and not self.decoder.extra)
+            self.owner._release(self.conn, self.key, self.conn.reusable)
 
         async def __aiter__(self) -> Any:
-            conn, decoder, request = self.conn, self.decoder, self.request
-            while not decoder.done:
-                data = await _read(conn, self.timeout_s, request)
-                if not data:
-                    if isinstance(decoder, CloseDecoder):
-                        break
-                    raise httpx.RemoteProtocolError(
-                        "peer closed connection without sending complete message body",
-                        request=request)
+            conn, request = self.conn, self.request
+            total = 0
+            while True:
+                if conn.body:
+                    data = conn.take_body()
+                    total += len(data)
+                    if total > BODY_MAX_BYTES:
+                        raise httpx.RemoteProtocolError(
+                            f"response body over {BODY_MAX_BYTES} bytes", request=request)
+                    yield data
+                    continue
+                if conn.broken is not None or (conn.eof and not conn.done):
+                    raise conn.protocol_error(request, "without sending complete message body")
+                if conn.done:
+                    break
                 try:
-                    payload = decoder.feed(data)
-                except ValueError as exc:
-                    raise httpx.RemoteProtocolError(f"malformed chunked body: {exc}",
-                                                    request=request) from None
-                if payload:
-                    yield payload
+                    await conn.wait(self.timeout_s)
+                except TimeoutError:
+                    raise httpx.ReadTimeout(f"no bytes for {self.timeout_s} s",
+                                            request=request) from None
             self._done()
 
-        async def record(self, reads: list[Read], clock: Clock) -> None:
+        async def record(self, reads: list[Read], clock: Clock,
+                         max_bytes: int = BODY_MAX_BYTES) -> None:
             """Append (clock(), payload) per network read until the body ends
-            (see StreamTransport)."""
+            (see StreamTransport); RemoteProtocolError past `max_bytes`."""
             request = self.request
             try:
-                await self.conn.record(self.decoder, reads, clock, self.timeout_s)
+                await self.conn.record(reads, clock, self.timeout_s, max_bytes)
             except TimeoutError:
                 raise httpx.ReadTimeout(f"no bytes for {self.timeout_s} s",
                                         request=request) from None
