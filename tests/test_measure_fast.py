@@ -36,20 +36,17 @@ def split_sse(reads):
 
 
 def reference_split_sse(reads):
-    events = []
-    buf = b""
+    """The SSE spec's reading, slowly: a line ends at CRLF, LF or a lone CR;
+    an event is complete at the read that brought its blank line."""
+    events, raw, emitted = [], b"", 0
     for t, chunk in reads:
-        buf += chunk
-        if b"\r" in buf:
-            buf = buf.replace(b"\r\n", b"\n")
-        while True:
-            end = buf.find(b"\n\n")
-            if end < 0:
-                break
-            block, buf = buf[:end], buf[end + 2:]
+        raw += chunk
+        blocks = raw.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n\n")[:-1]
+        for block in blocks[emitted:]:
             data = [ln[5:].removeprefix(b" ") for ln in block.split(b"\n") if ln.startswith(b"data:")]
             if data:
                 events.append((t, b"\n".join(data).decode("utf-8", "replace")))
+        emitted = len(blocks)
     return events
 
 
