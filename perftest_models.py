@@ -3,6 +3,7 @@
 # requires-python = ">=3.10"
 # dependencies = [
 #     "httpx>=0.27",
+#     "httptools>=0.6",
 #     "docker>=7.0",
 #     "pyyaml>=6.0",
 #     "rich>=13.0",
