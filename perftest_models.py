@@ -5545,7 +5545,7 @@ def format_plan(steps: Sequence[CampaignStep], cfg: RunConfig, *, managed: bool,
         lines.append(f"  {step.spec.name}{service}:")
         lines.extend(f"    {sr.scenario.name}: kept as measured" for sr in step.kept)
         lines.extend(f"    {describe_scenario(s)}" for s in step.to_run)
-    return "\n".join(lines) + "\n"
+    return shown_text("\n".join(lines)) + "\n"  # model names from a server
 
 
 PART_FACTS = ("host", "gpu")  # of a part's environment; vLLM and image are per model
