@@ -3,6 +3,7 @@
 # requires-python = ">=3.10"
 # dependencies = [
 #     "httpx>=0.27",
+#     "httptools>=0.6",
 #     "docker>=7.0",
 #     "pyyaml>=6.0",
 #     "rich>=13.0",
@@ -75,6 +76,7 @@ import contextvars
 import dataclasses
 import datetime as dt
 import enum
+import errno
 import json
 import math
 import os
@@ -97,7 +99,7 @@ from typing import Any
 
 import yaml
 
-# httpx, docker and rich are imported where they are used, so that --help and
+# httpx, httptools, docker and rich are imported where they are used, so that --help and
 # the usage errors answer in well under 0.3 s.
 
 __version__ = "1.0.0"
@@ -870,6 +872,36 @@ class RunPart:
     models: Mapping[str, PartModel] = field(default_factory=dict)
 
 
+YAML_MAX_NODES = 100_000  # values after expanding aliases; a compose or models file has hundreds
+
+
+def _expanded_size(root: Any) -> int:
+    """How many values a YAML node graph holds once every alias is expanded
+    (what a reader walking the loaded data meets), counted in time linear in
+    the distinct nodes: an alias is the same node object, met again. A
+    recursive alias (`&a [*a]`) counts as endless."""
+    sizes: dict[int, int] = {}
+    expanded: set[int] = set()
+    stack: list[tuple[Any, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        key = id(node)
+        kids = ([] if isinstance(node, yaml.ScalarNode) else
+                [v for pair in node.value for v in pair] if isinstance(node, yaml.MappingNode)
+                else list(node.value))
+        if children_done:
+            sizes[key] = min(1 + sum(sizes[id(k)] for k in kids), 1 << 62)
+        elif key in sizes:
+            continue
+        elif key in expanded:  # met again below itself: a cycle
+            return 1 << 62
+        else:
+            expanded.add(key)
+            stack.append((node, True))
+            stack.extend((k, False) for k in kids if id(k) not in sizes)
+    return sizes[id(root)]
+
+
 def parse_token_count(text: str) -> int:
     """'8k' -> 8000, '32K' -> 32000, '1500' -> 1500 (k is 1000, as in the seed)."""
     t = text.strip().lower()
@@ -1136,6 +1168,15 @@ def _load_yaml(path: Path, what: str) -> Any:
     except (OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"{what} {path} cannot be read: {exc}") from None
     try:
+        loader = yaml.SafeLoader(text)  # the node graph first: aliases not yet expanded
+        try:
+            node = loader.get_single_node()
+        finally:
+            loader.dispose()
+        if node is not None and _expanded_size(node) > YAML_MAX_NODES:
+            raise UsageError(f"{what} {path} expands its aliases (*name) to over "
+                             f"{YAML_MAX_NODES} values, more than any such file holds "
+                             "(an alias bomb?): write the entries out, or use fewer aliases")
         return yaml.safe_load(text)
     except (yaml.YAMLError, ValueError, RecursionError) as exc:
         # safe_load's constructors raise ValueError (a date like 2024-13-45,
@@ -1821,20 +1862,20 @@ def sse_payloads(reads: Sequence[Read]) -> list[tuple[float, bytes]]:
 
     An event is complete at its blank line, so its time is that of the network
     read that delivered the blank line. Comments and other fields are dropped;
-    CRLF counts as LF, also when split across reads. Linear in the bytes: each
+    CRLF and a lone CR count as LF (as the SSE spec says), also when split
+    across reads. Linear in the bytes: each
     byte is copied and scanned a bounded number of times.
     """
     events: list[tuple[float, bytes]] = []
     buf = bytearray()  # the incomplete event so far, CRLF already made LF
-    cr = False  # the previous read ended in CR (held back: LF may follow)
+    cr = False  # the previous read ended in CR: an LF that starts this one is its pair
     for t, chunk in reads:
-        if cr:
-            chunk = b"\r" + chunk
-        if b"\r" in chunk:
-            chunk = chunk.replace(b"\r\n", b"\n")
+        if cr and chunk.startswith(b"\n"):
+            chunk = chunk[1:]
+        cr = False
+        if b"\r" in chunk:  # CRLF, and a lone CR, end a line as LF does
             cr = chunk.endswith(b"\r")
-            if cr:
-                chunk = chunk[:-1]
+            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         if not buf:  # the common case: the read starts an event; no copy into buf
             pos = 0
             while (end := chunk.find(b"\n\n", pos)) >= 0:
@@ -1935,7 +1976,8 @@ def measure_stream(t_sent: float, reads: Sequence[Read], target_tokens_out: int 
         if isinstance(chunk_usage, dict):
             usage = chunk_usage
     if not done:
-        return fail(f"stream ended before [DONE] after {len(token_times)} token chunk(s)")
+        return fail(f"stream ended before [DONE] after {len(token_times)} token chunk(s)"
+                    + _what_came(reads, token_times))
     if not token_times:
         return fail("stream finished without any generated token")
     if usage is None and usage_fallback is None:
@@ -1944,6 +1986,8 @@ def measure_stream(t_sent: float, reads: Sequence[Read], target_tokens_out: int 
     tokens_out, tokens_in = usage.get("completion_tokens"), usage.get("prompt_tokens")
     if not _count(tokens_out) or not _count(tokens_in) or tokens_out < 1:
         return fail(f"usage without valid token counts: {json.dumps(usage)[:120]}")
+    if (why := _beyond_the_chunks(tokens_out, len(token_times))) is not None:
+        return fail(why)
     details = usage.get("prompt_tokens_details")
     cached = details.get("cached_tokens") if isinstance(details, dict) else None
 
@@ -2022,6 +2066,26 @@ def count_arrivals(times: Sequence[float]) -> int:
 
 
 MAX_TOKENS = 100_000_000  # more than any context: a larger count is a broken server
+MAX_TOKENS_PER_CHUNK = 64  # vLLM sends a chunk per engine step: 1 token, a few when speculating
+
+
+def _beyond_the_chunks(tokens_out: int, chunks: int) -> str | None:
+    """A claimed count far beyond the chunks that came: the ITLs spread a
+    chunk's time over its tokens, so trusting it would build a list the size
+    of the claim (99 million floats from three chunks)."""
+    if tokens_out <= MAX_TOKENS_PER_CHUNK * chunks:
+        return None
+    return (f"usage claims {tokens_out} tokens for {chunks} token chunk(s) "
+            f"(more than {MAX_TOKENS_PER_CHUNK} a chunk): not a count to trust")
+
+
+def _what_came(reads: Sequence[Read], token_times: Sequence[float]) -> str:
+    """For a stream that ended early: what was received, when it was no SSE."""
+    size = sum(len(b) for _, b in reads)
+    if token_times or not size or sse_payloads(reads):  # (the failure path only: parsed again)
+        return ""
+    start = b"".join(b for _, b in reads[:4])[:60]
+    return f" ({size} bytes, no SSE event; they start {start!r})"
 
 
 def _count(value: Any) -> bool:
@@ -2072,11 +2136,14 @@ def _proxied(url: str) -> bool:
 
 
 class StreamTransport:
-    """An httpx transport for POST requests with a known body over HTTP/1.1,
-    built for the hot path of a streaming response. Keep-alive connections
-    are reused; there is no connection limit (the callers bound their
-    concurrency). Everything else (GETs, streamed request bodies) goes to
-    `fallback`, the default httpx transport.
+    """An httpx transport for GET and POST requests with a known body over
+    HTTP/1.1, built for the hot path of a streaming response; httptools
+    frames the responses. Keep-alive connections are reused when the
+    response allows it (not after `Connection: close` or an HTTP/1.0
+    answer); there is no connection limit (the callers bound their
+    concurrency). Every body is bounded (BODY_MAX_BYTES, or what `record`
+    is given). Everything else (other methods, streamed request bodies)
+    goes to `fallback`, the default httpx transport.
 
     A response body can be read as usual (`aiter_raw`, `aread`: one item per
     network read, chunked transfer coding removed) or recorded: the
@@ -2113,27 +2180,30 @@ class StreamTransport:
         import httpx  # noqa: PLC0415
 
         url = request.url
-        if request.method != "POST" or url.scheme not in ("http", "https"):
+        if request.method not in ("POST", "GET") or url.scheme not in ("http", "https"):
             return await self._fallback.handle_async_request(request)
         try:
             body = request.content
         except httpx.RequestNotRead:
             return await self._fallback.handle_async_request(request)
         timeouts = request.extensions.get("timeout", {})
+        clock = request.extensions.get("perftest.clock")  # stamps the write that really sent it
         key = (url.scheme, url.host, url.port or (443 if url.scheme == "https" else 80))
-        head = b"".join([b"POST ", url.raw_path, b" HTTP/1.1\r\n",
+        head = b"".join([request.method.encode(), b" ", url.raw_path, b" HTTP/1.1\r\n",
                          *(b"%s: %s\r\n" % kv for kv in request.headers.raw), b"\r\n"])
         while True:
             conn = None
             idle = self._idle.get(key)
             while idle and conn is None:
                 conn = idle.pop()
-                if conn.eof:  # the server closed it while idle
+                if conn.eof or conn.extra:  # the server closed it (or spoke) while idle
                     self._release(conn, key, False)
                     conn = None
             reused = conn is not None
             if conn is None:
                 conn = await self._connect(key, timeouts.get("connect"), request)
+            conn.start_response()
+            t_sent = clock() if clock is not None else None
             conn.transport.write(head + body)
             try:
                 status, reason, headers = await conn.read_head(timeouts.get("read"), request)
@@ -2147,11 +2217,10 @@ class StreamTransport:
                 self._release(conn, key, False)
                 raise
             break
-        stream = _body_stream_class()(self, conn, key, body_decoder(status, headers),
-                                      timeouts.get("read"), request)
+        stream = _body_stream_class()(self, conn, key, timeouts.get("read"), request)
         return httpx.Response(status, headers=headers, stream=stream, extensions={
             "http_version": b"HTTP/1.1", "reason_phrase": reason,
-            "perftest.record": stream.record})
+            "perftest.record": stream.record, "perftest.t_sent": t_sent})
 
     async def _connect(self, key: tuple[str, str, int], timeout_s: float | None, request: Any
                        ) -> _Connection:
@@ -2184,145 +2253,16 @@ class StreamTransport:
             self._open.discard(conn)
 
 
-class ChunkedDecoder:
-    """HTTP/1.1 chunked transfer coding, decoded incrementally from network
-    reads of any size (a chunk's size line, data or CRLF may be split
-    anywhere). `done` after the last chunk and its trailer; bytes that
-    followed the message are in `extra`."""
-
-    __slots__ = ("left", "crlf", "line", "trailer", "done", "extra", "between")
-
-    def __init__(self) -> None:
-        self.left = 0        # data bytes of the current chunk still to come
-        self.crlf = 0        # bytes of the CRLF after a chunk's data still to come
-        self.line = b""      # a size or trailer line split across reads
-        self.trailer = False
-        self.done = False
-        self.extra = b""
-        self.between = True  # none of the above: the next byte starts a chunk
-
-    def feed(self, data: bytes) -> bytes:
-        """The payload bytes in `data` (b"" if none); ValueError if malformed."""
-        out: list[bytes] = []
-        pos, n = 0, len(data)
-        while self.between:  # the common case first: whole chunks, one or more
-            eol = data.find(b"\r\n", pos)
-            if not 0 < eol - pos < 9:
-                break
-            try:
-                size = int(data[pos:eol], 16)
-            except ValueError:
-                break
-            end = eol + 2 + size
-            if size <= 0 or end + 2 > n or data[end:end + 2] != b"\r\n":
-                break  # the last chunk, a split one, or a malformed one
-            if end + 2 == n and not out:
-                return data[eol + 2:end]  # exactly one chunk: no list, no join
-            out.append(data[eol + 2:end])
-            pos = end + 2
-            if pos == n:
-                return b"".join(out)
-        if pos < n:
-            out.append(self._feed(data[pos:] if pos else data))
-            self.between = not (self.left or self.crlf or self.line or self.trailer or self.done)
-        return out[0] if len(out) == 1 else b"".join(out)
-
-    def _feed(self, data: bytes) -> bytes:
-        if self.line:
-            data = self.line + data
-            self.line = b""
-        out: list[bytes] = []
-        pos, n = 0, len(data)
-        while pos < n:
-            if self.done:
-                self.extra += data[pos:]
-                break
-            if self.left:
-                end = min(n, pos + self.left)
-                out.append(data[pos:end])
-                self.left -= end - pos
-                pos = end
-                if not self.left:
-                    self.crlf = 2
-            elif self.crlf:
-                take = min(self.crlf, n - pos)
-                if data[pos:pos + take] != b"\r\n"[2 - self.crlf:2 - self.crlf + take]:
-                    raise ValueError("chunk data not followed by CRLF")
-                self.crlf -= take
-                pos += take
-            else:
-                eol = data.find(b"\r\n", pos)
-                if eol < 0:
-                    if n - pos > 4096:
-                        raise ValueError("chunk size line too long")
-                    self.line = data[pos:]
-                    break
-                line = data[pos:eol]
-                pos = eol + 2
-                if self.trailer:
-                    self.done = not line
-                    continue
-                size = int(line.split(b";", 1)[0], 16)
-                if size < 0:
-                    raise ValueError(f"negative chunk size {line[:20]!r}")
-                if size:
-                    self.left = size
-                else:
-                    self.trailer = True
-        if not out:
-            return b""
-        return out[0] if len(out) == 1 else b"".join(out)
+RESPONSE_HEAD_MAX_BYTES = 1 << 16  # a response head is a few hundred bytes; more is no server's
+BODY_MAX_BYTES = 32 << 20  # a body read whole (a /tokenize answer): more is no sane answer
 
 
-class LengthDecoder:
-    """A body of Content-Length bytes (`feed` as ChunkedDecoder's)."""
+def _httptools() -> Any:
+    """httptools (llhttp, the HTTP/1.1 parser of Node.js and uvicorn),
+    imported on first use like httpx."""
+    import httptools  # noqa: PLC0415 (lazy: see imports)
 
-    __slots__ = ("left", "done", "extra")
-
-    def __init__(self, length: int):
-        self.left = length
-        self.done = length == 0
-        self.extra = b""
-
-    def feed(self, data: bytes) -> bytes:
-        if self.done:
-            self.extra += data
-            return b""
-        if len(data) >= self.left:
-            data, self.extra = data[:self.left], data[self.left:]
-            self.left = 0
-            self.done = True
-            return data
-        self.left -= len(data)
-        return data
-
-
-class CloseDecoder:
-    """A body that the end of the connection delimits."""
-
-    __slots__ = ("done", "extra")
-
-    def __init__(self) -> None:
-        self.done = False
-        self.extra = b""
-
-    def feed(self, data: bytes) -> bytes:
-        return data
-
-
-BodyDecoder = ChunkedDecoder | LengthDecoder | CloseDecoder
-
-
-def body_decoder(status: int, headers: Sequence[tuple[bytes, bytes]]) -> BodyDecoder:
-    """How the body of a response to a POST is delimited (RFC 9112 6.3)."""
-    fields = {k.lower(): v for k, v in headers}
-    if status in (204, 304):
-        return LengthDecoder(0)
-    if b"chunked" in fields.get(b"transfer-encoding", b"").lower():
-        return ChunkedDecoder()
-    if b"content-length" in fields:
-        return LengthDecoder(int(fields[b"content-length"]))
-    return CloseDecoder()
+    return httptools
 
 
 class _StaleConnection(Exception):
@@ -2330,27 +2270,92 @@ class _StaleConnection(Exception):
 
 
 class _Connection(asyncio.Protocol):
-    """One HTTP/1.1 connection. Normally it buffers what the socket delivers
-    and wakes the one reader (reading pauses while 1 MiB waits unread); while
-    it records a body (`record`), data_received decodes and stamps each read
-    itself."""
+    """One HTTP/1.1 connection. httptools frames each response inside
+    data_received (status line, headers, Content-Length, chunked coding,
+    keep-alive); this class only routes what it hands over. Until a body is
+    recorded, its bytes wait in `body` for the one reader (reading pauses
+    while 1 MiB waits unread); while it records (`record`), data_received
+    stamps each read first and appends that read's payload itself."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
         self.transport: Any = None
-        self.pending: list[bytes] = []
-        self.buffered = 0
-        self.paused = False
+        self.parser: Any = None  # the response now read; None between requests
         self.eof = False
         self.error: BaseException | None = None
         self.waiter: asyncio.Future[None] | None = None
-        # While recording: where reads go, the clock, the decoder, when the
-        # last bytes came (loop time, for the read timeout), the end.
+        self._begin(None)
+        # While recording: where reads go, the clock, when the last bytes
+        # came (loop time, for the read timeout), the bytes still allowed.
         self.reads: list[Read] | None = None
         self.clock: Clock = time.perf_counter
-        self.decoder: Any = None
         self.last_read = 0.0
+        self.body_left = self.body_max = 0
         self.recorded: asyncio.Future[None] | None = None
+
+    def _begin(self, parser: Any) -> None:
+        self.parser = parser
+        self.status, self.reason, self.headers = 0, b"", []
+        self.head_bytes = 0      # status line and headers so far
+        self.head_done = False   # the final (non-1xx) head is complete
+        self.informational = False
+        self.until_close = False  # the body ends with the connection
+        self.keep_alive = False
+        self.done = False        # the whole response is in
+        self.extra = False       # bytes came that belong to no response: never reuse
+        self.broken: ValueError | None = None  # the response is malformed
+        self.body: list[bytes] = []
+        self.buffered = 0
+        self.paused = False
+
+    def start_response(self) -> None:
+        """Before a request is written: a parser for its response."""
+        self._begin(_httptools().HttpResponseParser(self))
+
+    # -- httptools callbacks ------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self.done:  # a second response nobody asked for
+            self.extra = True
+
+    def on_status(self, reason: bytes) -> None:
+        self.reason += reason
+        self._count_head(len(reason) + 13)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+        self._count_head(len(name) + len(value) + 4)
+
+    def _count_head(self, n: int) -> None:
+        self.head_bytes += n
+        if self.head_bytes > RESPONSE_HEAD_MAX_BYTES and self.broken is None:
+            self.broken = ValueError(f"response head too long (over {RESPONSE_HEAD_MAX_BYTES} bytes)")
+
+    def on_headers_complete(self) -> None:
+        parser = self.parser
+        status = parser.get_status_code()
+        if 100 <= status < 200 and status != 101:  # 100 Continue, 103 Early Hints: a head follows
+            self.informational = True
+            self.reason, self.headers = b"", []
+            return
+        fields = {k.lower() for k, _ in self.headers}
+        self.status, self.head_done = status, True
+        self.keep_alive = parser.should_keep_alive()  # Connection: close, HTTP/1.0
+        self.until_close = (b"content-length" not in fields and b"transfer-encoding" not in fields
+                            and status not in (204, 304))
+        self._wake()
+
+    def on_body(self, body: bytes) -> None:
+        self.body.append(body)
+        self.buffered += len(body)
+
+    def on_message_complete(self) -> None:
+        if self.informational:
+            self.informational = False
+        elif not self.done:
+            self.done = True
+
+    # -- asyncio.Protocol ---------------------------------------------------
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
@@ -2360,38 +2365,57 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         reads = self.reads
-        if reads is not None:  # the hot path: stamp first, then decode
+        if reads is not None:  # the hot path: stamp first, then frame
             t = self.clock()
             self.last_read = self.loop.time()
-            try:
-                payload = self.decoder.feed(data)
-            except ValueError as exc:
-                self._end_recording(ValueError(f"malformed chunked body: {exc}"))
-                return
-            if payload:
+            self._feed(data)
+            body = self.body
+            if body:
+                payload = body[0] if len(body) == 1 else b"".join(body)
+                body.clear()
+                self.buffered = 0
+                self.body_left -= len(payload)
+                if self.body_left < 0:
+                    self._end_recording(_too_long(self.body_max))
+                    return
                 reads.append((t, payload))
-            if self.decoder.done:
-                self._end_recording(None)
+            if self.broken is not None or self.done:
+                self._end_recording(self.broken)
             return
-        self.pending.append(data)
-        self.buffered += len(data)
+        self._feed(data)
         if self.buffered > 1 << 20 and not self.paused:
             self.paused = True
             self.transport.pause_reading()
         self._wake()
 
+    def _feed(self, data: bytes) -> None:
+        if self.parser is None or self.done or self.broken is not None:
+            self.extra = True  # after the response, or while idle: the connection is spoilt
+            return
+        httptools = _httptools()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:  # 101 Switching Protocols: no HTTP body follows
+            self.done = self.extra = True
+        except httptools.HttpParserError as exc:
+            self.extra = True
+            if not self.done and self.broken is None:
+                self.broken = ValueError(f"malformed response: {exc}")
+
     def eof_received(self) -> bool:
-        self.eof = True
-        self._wake()
-        self._end_recording(None if isinstance(self.decoder, CloseDecoder) else EOFError())
+        self._ended(None)
         return False
 
     def connection_lost(self, exc: BaseException | None) -> None:
+        self._ended(exc)
+
+    def _ended(self, exc: BaseException | None) -> None:
         self.eof = True
-        self.error = exc
+        self.error = self.error or exc
+        if self.head_done and self.until_close and exc is None:
+            self.done = True  # a body delimited by the end of the connection
         self._wake()
-        self._end_recording(exc or (None if isinstance(self.decoder, CloseDecoder)
-                                    else EOFError()))
+        self._end_recording(None if self.done else (exc or EOFError()))
 
     def _wake(self) -> None:
         waiter = self.waiter
@@ -2405,98 +2429,85 @@ class _Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
-    def unread(self, data: bytes) -> None:
-        if data:
-            self.pending.insert(0, data)
-            self.buffered += len(data)
+    @property
+    def reusable(self) -> bool:
+        return self.done and self.keep_alive and not self.extra and not self.eof
 
-    async def recv(self, timeout_s: float | None) -> bytes:
-        """What arrived since the last call (waiting for it); b"" at EOF."""
-        if not self.pending:
-            if self.eof:
-                return b""
-            self.waiter = waiter = self.loop.create_future()
-            timer = None if timeout_s is None else self.loop.call_later(
-                timeout_s, _time_out, waiter)
-            try:
-                await waiter
-            finally:
-                if timer is not None:
-                    timer.cancel()
-            if not self.pending:
-                return b""
-        pending = self.pending
-        data = pending[0] if len(pending) == 1 else b"".join(pending)
-        pending.clear()
+    async def wait(self, timeout_s: float | None) -> None:
+        """Until data_received or the end of the connection wakes us;
+        TimeoutError after `timeout_s`."""
+        self.waiter = waiter = self.loop.create_future()
+        timer = None if timeout_s is None else self.loop.call_later(timeout_s, _time_out, waiter)
+        try:
+            await waiter
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    def take_body(self) -> bytes:
+        """The body bytes that wait unread (b"" if none)."""
+        body = self.body
+        data = (body[0] if len(body) == 1 else b"".join(body)) if body else b""
+        body.clear()
         self.buffered = 0
         if self.paused:
             self.paused = False
             self.transport.resume_reading()
         return data
 
+    def protocol_error(self, request: Any, where: str) -> Exception:
+        """The httpx error for a response that cannot be read on (call at EOF or when broken)."""
+        import httpx  # noqa: PLC0415
+
+        if self.broken is not None:
+            return httpx.RemoteProtocolError(str(self.broken), request=request)
+        if self.error is not None:
+            return httpx.ReadError(str(self.error) or type(self.error).__name__, request=request)
+        return httpx.RemoteProtocolError(f"peer closed connection {where}", request=request)
+
     async def read_head(self, timeout_s: float | None, request: Any
                         ) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
         """The final (non-1xx) response head: status, reason, headers."""
         import httpx  # noqa: PLC0415
 
-        buf = b""
-        while True:
-            end = buf.find(b"\r\n\r\n")
-            if end < 0:
-                if len(buf) > 1 << 16:
-                    raise httpx.RemoteProtocolError("response head too long", request=request)
-                data = await _read(self, timeout_s, request)
-                if not data:
-                    if buf:
-                        raise httpx.RemoteProtocolError(
-                            "server disconnected inside the response head", request=request)
+        while not self.head_done:
+            if self.broken is not None:
+                raise httpx.RemoteProtocolError(f"{self.broken} (in the head)", request=request)
+            if self.eof:
+                if self.head_bytes == 0 and self.error is None:
                     raise _StaleConnection()
-                buf += data
-                continue
-            lines = buf[:end].split(b"\r\n")
-            self.unread(buf[end + 4:])
-            buf = b""
+                raise self.protocol_error(request, "inside the response head")
             try:
-                version, status_text, *reason = lines[0].split(b" ", 2)
-                status = int(status_text)
-                headers = [(k.strip(), v.strip()) for k, _, v in
-                           (ln.partition(b":") for ln in lines[1:])]
-            except ValueError:
-                raise httpx.RemoteProtocolError(f"malformed response head: {lines[0][:80]!r}",
-                                                request=request) from None
-            if not version.startswith(b"HTTP/1.") or status < 100:
-                raise httpx.RemoteProtocolError(f"malformed status line: {lines[0][:80]!r}",
-                                                request=request)
-            if status >= 200 or status == 101:
-                return status, reason[0] if reason else b"", headers
-            # 1xx informational (100 Continue, 103 Early Hints): a final head follows
+                await self.wait(timeout_s)
+            except TimeoutError:
+                raise httpx.ReadTimeout(f"no bytes for {timeout_s} s", request=request) from None
+        return self.status, self.reason, self.headers
 
-    async def record(self, decoder: Any, reads: list[Read], clock: Clock,
-                     timeout_s: float | None) -> None:
-        """Decode the rest of the body into `reads` as (clock(), payload) per
+    async def record(self, reads: list[Read], clock: Clock, timeout_s: float | None,
+                     max_bytes: int) -> None:
+        """Append the rest of the body to `reads` as (clock(), payload) per
         network read, stamped in data_received; return at its end. Raises
         TimeoutError after `timeout_s` without bytes, EOFError if the
-        connection ends early, ValueError on a malformed body, or what the
-        connection failed with."""
+        connection ends early, ValueError on a malformed body or one over
+        `max_bytes`, or what the connection failed with."""
         loop = self.loop
-        if self.pending:  # arrived with the head: stamped now, as a reader would
-            data = b"".join(self.pending)
-            self.pending.clear()
-            self.buffered = 0
-            payload = decoder.feed(data)
-            if payload:
-                reads.append((clock(), payload))
+        self.body_left = self.body_max = max_bytes
+        if self.body:  # arrived with the head: stamped now, as a reader would
+            data = self.take_body()
+            self.body_left -= len(data)
+            if self.body_left < 0:
+                raise _too_long(max_bytes)
+            reads.append((clock(), data))
         if self.paused:
-            self.paused = False
-            self.transport.resume_reading()
-        if decoder.done:
+            self.take_body()
+        if self.broken is not None:
+            raise self.broken
+        if self.done:
             return
         if self.eof:
-            if isinstance(decoder, CloseDecoder) and self.error is None:
-                return
             raise self.error or EOFError()
         self.recorded = done = loop.create_future()
-        self.decoder, self.clock, self.reads = decoder, clock, reads
+        self.clock, self.reads = clock, reads
         self.last_read = loop.time()
         timer = None
         if timeout_s is not None:
@@ -2514,7 +2525,6 @@ class _Connection(asyncio.Protocol):
             if timer is not None:
                 timer.cancel()
             self.reads = None
-            self.decoder = None
             self.recorded = None
 
     def _end_recording(self, exc: BaseException | None) -> None:
@@ -2529,23 +2539,14 @@ class _Connection(asyncio.Protocol):
                 done.set_exception(exc)
 
 
+def _too_long(max_bytes: int) -> ValueError:
+    return ValueError(f"response body over {max_bytes} bytes, more than any answer to this "
+                      "request could take")
+
+
 def _time_out(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
         waiter.set_exception(TimeoutError())
-
-
-async def _read(conn: _Connection, timeout_s: float | None, request: Any) -> bytes:
-    """conn.recv with httpx's exceptions: ReadTimeout, ReadError."""
-    import httpx  # noqa: PLC0415
-
-    try:
-        data = await conn.recv(timeout_s)
-    except TimeoutError:
-        raise httpx.ReadTimeout(f"no bytes for {timeout_s} s", request=request) from None
-    if not data and conn.error is not None:
-        raise httpx.ReadError(str(conn.error) or type(conn.error).__name__,
-                              request=request) from conn.error
-    return data
 
 
 _BODY_STREAM: list[type] = []  # the class, once made
@@ -2560,45 +2561,48 @@ def _body_stream_class() -> type:
 
     class BodyStream(httpx.AsyncByteStream):
         """The response body; the connection goes back to the pool when the
-        body ended cleanly."""
+        body ended cleanly and the response allows it."""
 
         def __init__(self, owner: StreamTransport, conn: _Connection,
-                     key: tuple[str, str, int], decoder: BodyDecoder, timeout_s: float | None,
-                     request: Any):
-            self.owner, self.conn, self.key, self.decoder = owner, conn, key, decoder
+                     key: tuple[str, str, int], timeout_s: float | None, request: Any):
+            self.owner, self.conn, self.key = owner, conn, key
             self.timeout_s, self.request = timeout_s, request
-            self.keep_alive = not isinstance(decoder, CloseDecoder)
             self.finished = False
 
         def _done(self) -> None:
             self.finished = True
-            self.owner._release(self.conn, self.key, self.keep_alive and not self.decoder.extra)
+            self.owner._release(self.conn, self.key, self.conn.reusable)
 
         async def __aiter__(self) -> Any:
-            conn, decoder, request = self.conn, self.decoder, self.request
-            while not decoder.done:
-                data = await _read(conn, self.timeout_s, request)
-                if not data:
-                    if isinstance(decoder, CloseDecoder):
-                        break
-                    raise httpx.RemoteProtocolError(
-                        "peer closed connection without sending complete message body",
-                        request=request)
+            conn, request = self.conn, self.request
+            total = 0
+            while True:
+                if conn.body:
+                    data = conn.take_body()
+                    total += len(data)
+                    if total > BODY_MAX_BYTES:
+                        raise httpx.RemoteProtocolError(
+                            f"response body over {BODY_MAX_BYTES} bytes", request=request)
+                    yield data
+                    continue
+                if conn.broken is not None or (conn.eof and not conn.done):
+                    raise conn.protocol_error(request, "without sending complete message body")
+                if conn.done:
+                    break
                 try:
-                    payload = decoder.feed(data)
-                except ValueError as exc:
-                    raise httpx.RemoteProtocolError(f"malformed chunked body: {exc}",
-                                                    request=request) from None
-                if payload:
-                    yield payload
+                    await conn.wait(self.timeout_s)
+                except TimeoutError:
+                    raise httpx.ReadTimeout(f"no bytes for {self.timeout_s} s",
+                                            request=request) from None
             self._done()
 
-        async def record(self, reads: list[Read], clock: Clock) -> None:
+        async def record(self, reads: list[Read], clock: Clock,
+                         max_bytes: int = BODY_MAX_BYTES) -> None:
             """Append (clock(), payload) per network read until the body ends
-            (see StreamTransport)."""
+            (see StreamTransport); RemoteProtocolError past `max_bytes`."""
             request = self.request
             try:
-                await self.conn.record(self.decoder, reads, clock, self.timeout_s)
+                await self.conn.record(reads, clock, self.timeout_s, max_bytes)
             except TimeoutError:
                 raise httpx.ReadTimeout(f"no bytes for {self.timeout_s} s",
                                         request=request) from None
@@ -2638,7 +2642,7 @@ def http_client(base_url: str, api_key: str | None, timeout_s: float, streams: i
     """An httpx.AsyncClient whose pool never makes a stream wait for a
     connection (so the client adds no queueing of its own).
 
-    POST requests (the measured streams) go over `StreamTransport`, a lean
+    GET and POST requests (the measured streams) go over `StreamTransport`, a lean
     HTTP/1.1 transport, unless a proxy applies to `base_url`: httpx's own
     stack (httpcore, anyio, h11) costs several times more CPU per network
     read than the whole rest of the client (docs/benchmark.md)."""
@@ -2732,7 +2736,8 @@ async def stream_chat(client: Any, payload: bytes, target_tokens_out: int | None
     retries = 0
     while True:
         request = client.build_request("POST", "/v1/chat/completions", content=payload,
-                                       headers={"Content-Type": "application/json"})
+                                       headers={"Content-Type": "application/json"},
+                                       extensions={"perftest.clock": clock})
         reads: list[Read] = []
         if (live := _LIVE_READS.get()) is not None:
             live.append(reads)
@@ -2740,21 +2745,28 @@ async def stream_chat(client: Any, payload: bytes, target_tokens_out: int | None
         retry_in_s: float | None = None  # refused before anything was generated: resend
         try:
             response = await _send_streaming(client, request)
+            if (t_written := response.extensions.get("perftest.t_sent")) is not None:
+                t_sent = t_written  # after any reconnect: the write that really sent it
             try:
                 if response.status_code != 200:
-                    body = await response.aread()
+                    body = await _read_at_most(response, ERROR_BODY_MAX_BYTES)
                     if response.status_code not in RETRYABLE_STATUS or retries >= max_retries:
                         return Sample(ok=False, error=_error_message(response.status_code, body),
                                       retries=retries)
                     retry_in_s = _retry_after_s(response, retry_wait_s)
+                elif (why := _encoded(response)) is not None:
+                    return Sample(ok=False, retries=retries, error=why)
                 elif (record := response.extensions.get("perftest.record")) is not None:
-                    await record(reads, clock)  # StreamTransport stamps each read as it returns
+                    # StreamTransport stamps each read as it returns
+                    await record(reads, clock, stream_bytes_limit(target_tokens_out))
                 else:
                     async for chunk in response.aiter_raw():
                         reads.append((clock(), chunk))
             finally:
                 await response.aclose()
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:  # nothing was sent: safe
+            if (client_side := _client_limit(exc)) is not None:  # ours, not the server's refusal
+                return Sample(ok=False, error=client_side, retries=retries)
             if retries >= max_retries:
                 return Sample(ok=False, error=f"cannot connect: {str(exc) or type(exc).__name__}",
                               retries=retries)
@@ -2775,6 +2787,29 @@ async def stream_chat(client: Any, payload: bytes, target_tokens_out: int | None
         await sleep(retry_in_s)
 
 
+def _encoded(response: Any) -> str | None:
+    """Why a 200 answer cannot be read as SSE: it came compressed."""
+    coding = response.headers.get("content-encoding", "identity")
+    if coding == "identity":
+        return None
+    return (f"the server sent its stream with Content-Encoding: {coding[:40]!r}, though the "
+            "request asked for identity (is a proxy compressing it?)")
+
+
+def _client_limit(exc: BaseException) -> str | None:
+    """The reason when a connect failed on this side (out of descriptors or
+    memory), not the server's: such a failure is never retried as a refusal."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.errno in (errno.EMFILE, errno.ENFILE,
+                                                          errno.ENOBUFS, errno.ENOMEM):
+            return (f"the client is out of file descriptors or buffers "
+                    f"({errno.errorcode.get(cause.errno, cause.errno)}: {cause.strerror}): "
+                    "raise ulimit -n or lower --concurrency (not a server refusal)")
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
 async def _send_streaming(client: Any, request: Any) -> Any:
     """client.send(request, stream=True), handed straight to StreamTransport
     when the client has one and nothing of httpx's send layers (auth,
@@ -2792,9 +2827,20 @@ async def _send_streaming(client: Any, request: Any) -> Any:
     return response
 
 
-def _retry_after_s(response: Any, default_s: float) -> float:
+def _retry_after_s(response: Any, default_s: float, now: Callable[[], float] = time.time
+                   ) -> float:
+    """Retry-After in seconds (RFC 9110 10.2.3: seconds, or an HTTP date),
+    at most 30; `default_s` when absent or unreadable."""
+    value = response.headers.get("retry-after")
     with contextlib.suppress(TypeError, ValueError):
-        return min(30.0, max(0.0, float(response.headers.get("retry-after"))))
+        return min(30.0, max(0.0, float(value)))
+    if isinstance(value, str):
+        import email.utils  # noqa: PLC0415
+
+        with contextlib.suppress(TypeError, ValueError, IndexError, OverflowError):
+            when = email.utils.parsedate_to_datetime(value)
+            if when.tzinfo is not None:
+                return min(30.0, max(0.0, when.timestamp() - now()))
     return default_s
 
 
@@ -2830,6 +2876,30 @@ def _drop_refused(body: dict[str, Any], refused: Sequence[str]) -> None:
             body.pop(name, None)
             if isinstance(body.get("stream_options"), dict):  # a bare name may be nested
                 body["stream_options"].pop(name, None)
+
+
+ERROR_BODY_MAX_BYTES = 64 << 10  # an error answer's message is a few hundred bytes
+
+
+def stream_bytes_limit(target_tokens_out: int | None) -> int:
+    """The most bytes a streamed answer of `target_tokens_out` tokens may
+    take: vLLM's chunks with continuous usage are ~300 bytes a token, so
+    16 KiB a token (plus 1 MiB) is far past any server's, and bounds what
+    a server that never ends can make the client hold."""
+    return (1 << 20) + (16 << 10) * (target_tokens_out if target_tokens_out else 4096)
+
+
+async def _read_at_most(response: Any, max_bytes: int) -> bytes:
+    """The start of a response body, at most `max_bytes` (the rest unread:
+    the connection is closed, not reused)."""
+    got: list[bytes] = []
+    size = 0
+    async for chunk in response.aiter_raw():
+        got.append(chunk)
+        size += len(chunk)
+        if size >= max_bytes:
+            break
+    return b"".join(got)[:max_bytes]
 
 
 def chat_payload(model_id: str, messages: list[dict[str, str]], tokens_out: int,
@@ -3213,13 +3283,30 @@ def parse_prometheus(text: str) -> dict[str, float]:
         name = line[:name_end]
         if name.endswith("_bucket") or name.endswith("_created"):
             continue
-        rest = line[line.find("}", name_end) + 1:] if line[name_end] == "{" else line[name_end:]
+        rest = line[_labels_end(line, name_end):] if line[name_end] == "{" else line[name_end:]
         try:
             value = float(rest.split()[0])
         except (ValueError, IndexError):
             continue
         out[name] = out.get(name, 0.0) + value
     return out
+
+
+def _labels_end(line: str, start: int) -> int:
+    """The index after the label set that opens at `start` ("{"): a brace
+    inside a quoted label value (`model="a}b"`, escapes too) is no end."""
+    quoted = escaped = False
+    for i in range(start + 1, len(line)):
+        c = line[i]
+        if escaped:
+            escaped = False
+        elif c == "\\":
+            escaped = quoted
+        elif c == '"':
+            quoted = not quoted
+        elif c == "}" and not quoted:
+            return i + 1
+    return len(line)
 
 
 def server_delta(before: Mapping[str, float] | None, after: Mapping[str, float] | None
@@ -4230,7 +4317,8 @@ async def run_scenario(client: Any, spec: ModelSpec, scenario: Scenario, cfg: Ru
                 if failure:
                     break
     else:
-        payloads = [await payload() for _ in range(scenario.requests)]
+        payloads = LazyPayloads(payload, scenario.requests)
+        await payloads.prebuild(PREBUILT_PAYLOADS)
         stop = asyncio.Event()
         peak_task = asyncio.create_task(_peak_metrics(client, stop))
         done, duration_s = await run_level(client, payloads, scenario, cfg, clock=clock,
@@ -4269,7 +4357,33 @@ async def _after_failure(sample: Sample, check_alive: Callable[[], None] | None,
     return None
 
 
-async def run_concurrent(client: Any, payloads: Sequence[bytes], scenario: Scenario, *,
+PREBUILT_PAYLOADS = 2048  # built before a level starts; the rest as its streams ask
+
+
+class LazyPayloads:
+    """A level's request bodies: the first ones built before it starts (so
+    building costs the measured streams nothing), the rest one at a time as
+    a stream asks, so that `--throughput-requests 1000000000` neither builds
+    a billion bodies before the first request nor holds them."""
+
+    def __init__(self, make: Callable[[], Awaitable[bytes]], count: int):
+        self.make, self.count = make, count
+        self.ready: dict[int, bytes] = {}
+
+    def __len__(self) -> int:
+        return self.count
+
+    async def prebuild(self, n: int) -> None:
+        for i in range(min(n, self.count)):
+            self.ready[i] = await self.make()
+
+    async def get(self, i: int) -> bytes:
+        body = self.ready.pop(i, None)
+        return body if body is not None else await self.make()
+
+
+async def run_concurrent(client: Any, payloads: Sequence[bytes] | LazyPayloads,
+                         scenario: Scenario, *,
                          clock: Clock = time.perf_counter, on_stream: StreamObserver | None = None,
                          sleep: Sleep = asyncio.sleep,
                          measured: list[Sample] | None = None) -> tuple[list[Sample], float]:
@@ -4282,14 +4396,15 @@ async def run_concurrent(client: Any, payloads: Sequence[bytes], scenario: Scena
     loop). Returns the samples in payload order and the level's wall time;
     they are also appended to `measured`, even when the level is interrupted.
     """
-    got: list[tuple[RawStream | Sample, float] | None] = [None] * len(payloads)
+    got: dict[int, tuple[RawStream | Sample, float]] = {}
     todo = iter(range(len(payloads)))
     t_start = clock()
 
     async def stream() -> None:
         for i in todo:
+            body = await payloads.get(i) if isinstance(payloads, LazyPayloads) else payloads[i]
             t_scheduled = clock()
-            got[i] = (await stream_chat(client, payloads[i], scenario.target_tokens_out,
+            got[i] = (await stream_chat(client, body, scenario.target_tokens_out,
                                         clock=clock, t_scheduled=t_scheduled, sleep=sleep),
                       t_scheduled - t_start)
 
@@ -4297,7 +4412,7 @@ async def run_concurrent(client: Any, payloads: Sequence[bytes], scenario: Scena
         await asyncio.gather(*(stream() for _ in range(scenario.concurrency)))
     finally:  # an interrupt keeps the streams that finished
         done = [dataclasses.replace(r if isinstance(r, Sample) else r.measure(on_stream),
-                                    start_s=start_s) for r, start_s in filter(None, got)]
+                                    start_s=start_s) for r, start_s in (got[i] for i in sorted(got))]
         if measured is not None:
             measured.extend(done)
     ends = [s.start_s + (s.total_s or 0.0) for s in done if s.ok]
@@ -5261,6 +5376,14 @@ def report_from_dict(data: Mapping[str, Any]) -> Report:
                   parts=[part_from_dict(p) for p in data.get("parts") or ()])
 
 
+class _NonFinite(ValueError):
+    """NaN or an infinity in a saved report: json.dumps never wrote one for us."""
+
+
+def _refuse_non_finite(name: str) -> Any:
+    raise _NonFinite(name)
+
+
 def load_report(path: Path, what: str = "report") -> Report:
     """Read a JSON report this tool wrote; UsageError (one line that says what
     to do) for a missing file, non-JSON, another tool's file, another
@@ -5274,7 +5397,13 @@ def load_report(path: Path, what: str = "report") -> Report:
         raise UsageError(f"{what} {path} cannot be read ({why}): pass a .json report "
                          f"that {TOOL_NAME} wrote") from None
     try:
-        data = json.loads(text)
+        data = json.loads(text, parse_constant=_refuse_non_finite)
+    except _NonFinite as exc:
+        raise UsageError(f"{what} {path} holds a non-finite number ({exc}), which no report "
+                         f"of {TOOL_NAME} has: use the file the run wrote, unedited") from None
+    except RecursionError:
+        raise UsageError(f"{what} {path} is nested deeper than any report: pass a .json "
+                         f"report that {TOOL_NAME} wrote (docs/reports/*.json)") from None
     except ValueError as exc:
         raise UsageError(f"{what} {path} is not JSON ({exc}): pass a .json report "
                          f"that {TOOL_NAME} wrote (docs/reports/*.json)") from None
@@ -5698,6 +5827,25 @@ def hardware_groups(runs: Sequence[HistoryRun]) -> dict[str, list[HistoryRun]]:
 
 TROPHY = "🏆"
 
+# Text from a server or a file (a model id, an error message, a log line, a
+# saved report) can hold control characters: it is shown escaped, so that it
+# cannot drive a terminal (ESC sequences, OSC titles, a bare CR) or reorder
+# the text (bidi overrides). Only the JSON report keeps it exact.
+_UNSAFE = ({c: f"\\x{c:02x}" for c in (*range(32), 127, *range(0x80, 0xA0))}
+           | {10: "\\n", 13: "\\r", 9: "\\t"}
+           | {c: f"\\u{c:04x}" for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A))})
+_UNSAFE_IN_TEXT = {c: v for c, v in _UNSAFE.items() if c != 10}  # a text keeps its lines
+
+
+def shown(text: Any) -> str:
+    """One line of text, every control character escaped."""
+    return str(text).translate(_UNSAFE)
+
+
+def shown_text(text: str) -> str:
+    """A text of lines, every control character but the newline escaped."""
+    return text.translate(_UNSAFE_IN_TEXT)
+
 
 def fmt_num(x: float | None, digits: int = 0) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
@@ -5784,6 +5932,17 @@ def format_unranked(u: Unranked) -> str:
 def _answers_late(ttft: Stat | None, ttfo: Stat | None) -> bool:
     """A thinking model: its first answer token comes after its first token."""
     return bool(ttft and ttfo and ttfo.mean > ttft.mean * 1.001)
+
+
+def retry_notes(model: str, sr: ScenarioResult) -> list[str]:
+    """A note when requests were sent again (a 429/503 refusal, no
+    connection): the table's figures count from the last try only."""
+    retried = [s for s in sr.samples if s.retries]
+    if not retried:
+        return []
+    return [f"(r) {model}: {len(retried)} retried of {len(sr.samples)} requests "
+            f"({sum(s.retries for s in retried)} retries after a 429/503 or no connection); "
+            "each one's figures count from its last try"]
 
 
 def scenario_table(models: Sequence[ModelResult], winners: ScenarioWinners,
@@ -5876,6 +6035,7 @@ def scenario_table(models: Sequence[ModelResult], winners: ScenarioWinners,
         if server.prefix_cache_hits and kind != "throughput":
             notes.append(f"warning: {mr.spec.name}: the server reports {server.prefix_cache_hits} "
                          "prefix-cache hit tokens during this cold scenario")
+        notes.extend(retry_notes(mr.spec.name, sr))
     notes.extend(format_ranking(r) for r in winners.rankings)
     notes.extend(format_unranked(u) for u in winners.unranked)
     sc = next(sr.scenario for sr in results.values()) if results else None
@@ -6018,19 +6178,20 @@ def render_table(table: TextTable, styled: bool) -> str:
     from rich import box  # noqa: PLC0415
     from rich.console import Console  # noqa: PLC0415
     from rich.table import Table  # noqa: PLC0415
+    from rich.text import Text  # noqa: PLC0415 (plain text: no markup from a model id)
 
-    t = Table(title=table.title, box=box.ROUNDED if styled else box.ASCII,
+    t = Table(title=Text(shown_text(table.title)), box=box.ROUNDED if styled else box.ASCII,
               title_justify="left", header_style="bold" if styled else "")
     for i, h in enumerate(table.headers):
-        t.add_column(h, justify="left" if i == 0 else "right", no_wrap=i == 0)
+        t.add_column(Text(shown_text(h)), justify="left" if i == 0 else "right", no_wrap=i == 0)
     for row in table.rows:
-        t.add_row(*row)
+        t.add_row(*(Text(shown_text(cell)) for cell in row))
     out = io.StringIO()
     console = Console(file=out, width=200, force_terminal=styled, no_color=not styled,
                       color_system="standard" if styled else None, highlight=False, emoji=False)
     console.print(t)
     for note in table.notes:
-        console.print(note, markup=False)
+        console.print(Text(shown_text(note)))
     return "\n".join(line.rstrip() for line in out.getvalue().splitlines()) + "\n"
 
 
@@ -6055,7 +6216,7 @@ def format_results(report: Report, styled: bool = False,
         lines.append(f"gpu: {gpu}")
     if note := hardware_note(report.models):
         lines.append(note)
-    parts = ["\n".join(lines), ""]
+    parts = [shown_text("\n".join(lines)), ""]
     flags = flagged_models(report)
     for sw in winners:
         table = scenario_table(report.models, sw, cfg.bandwidth_gbs)
@@ -6064,7 +6225,7 @@ def format_results(report: Report, styled: bool = False,
                   capacity_table(report.models)):
         if extra is not None:
             parts.append(render_table(extra, styled))
-    parts.append(format_summary(report))
+    parts.append(shown_text(format_summary(report)))
     return "\n".join(parts)
 
 
@@ -6237,7 +6398,7 @@ def format_plan(steps: Sequence[CampaignStep], cfg: RunConfig, *, managed: bool,
         lines.append(f"  {step.spec.name}{service}:")
         lines.extend(f"    {sr.scenario.name}: kept as measured" for sr in step.kept)
         lines.extend(f"    {describe_scenario(s)}" for s in step.to_run)
-    return "\n".join(lines) + "\n"
+    return shown_text("\n".join(lines)) + "\n"  # model names from a server
 
 
 PART_FACTS = ("host", "gpu")  # of a part's environment; vLLM and image are per model
@@ -6471,12 +6632,12 @@ def format_comparison(comparison: Comparison, labels: tuple[str, str], styled: b
     """The compare command's output: a table per scenario, notes, verdicts."""
     head = [f"baseline:  {labels[0]}", f"candidate: {labels[1]}",
             format_thresholds(comparison.thresholds_pct), ""]
-    parts = ["\n".join(head)]
+    parts = [shown_text("\n".join(head))]
     parts.extend(render_table(t, styled) for t in comparison_tables(comparison))
     tail = [*comparison.notes, format_verdict_counts(comparison),
             f"REGRESSION: {regression_message(comparison)}" if comparison.regressions
             else "no regression past a threshold"]
-    parts.append("\n".join(tail) + "\n")
+    parts.append(shown_text("\n".join(tail)) + "\n")
     return "\n".join(parts)
 
 
@@ -6615,7 +6776,15 @@ class ExportTargets:
 
 
 def _md_cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ") or " "
+    """Text in a Markdown table cell or line: control characters escaped, and
+    no raw HTML, image or table break from a server's string."""
+    return (shown(text.replace("\n", " ")).replace("|", "\\|").replace("<", "&lt;")
+            .replace(">", "&gt;").replace("![", "!\\[")) or " "
+
+
+def _md_code(text: str) -> str:
+    """Text inside a `code span`: a backtick cannot close it early."""
+    return shown(text).replace("`", "'")
 
 
 def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
@@ -6640,10 +6809,10 @@ def format_comparison_markdown(comparison: Comparison, labels: tuple[str, str]) 
     """For a PR comment: the verdict, the changes past a threshold, and every
     metric in a collapsed <details> block."""
     regs = comparison.regressions
-    verdict = (f"**REGRESSION**: {regression_message(comparison)}" if regs
+    verdict = (f"**REGRESSION**: {_md_cell(regression_message(comparison))}" if regs
                else "**No regression** past a threshold")
     parts = [f"## Comparison with the baseline\n\n{verdict}\n",
-             f"- baseline: `{labels[0]}`\n- candidate: `{labels[1]}`\n"
+             f"- baseline: `{_md_code(labels[0])}`\n- candidate: `{_md_code(labels[1])}`\n"
              f"- {_md_cell(format_thresholds(comparison.thresholds_pct))}\n"
              f"- {format_verdict_counts(comparison)}\n"]
     notable = notable_changes(comparison)
@@ -6653,7 +6822,7 @@ def format_comparison_markdown(comparison: Comparison, labels: tuple[str, str]) 
                  if notable else "None: every judged metric is within its threshold.\n")
     details = [f"<details><summary>Every metric ({len(comparison.changes)} rows)</summary>\n"]
     for t in comparison_tables(comparison):
-        details.append(f"#### {t.title}\n\n{markdown_table(t.headers, t.rows)}")
+        details.append(f"#### {_md_cell(t.title)}\n\n{markdown_table(t.headers, t.rows)}")
     details.append("</details>\n")
     parts.append("\n".join(details))
     if comparison.notes:
@@ -6667,13 +6836,13 @@ def format_markdown(report: Report, comparison: Comparison | None = None,
     """The results as Markdown (a PR comment or a wiki page): the comparison
     first when there is one, then a table per scenario and the model status."""
     winners = rank_scenarios(report.models) if winners is None else winners
-    parts = [f"# {TOOL_NAME} results\n\n{_run_line(report)}\n"]
+    parts = [f"# {TOOL_NAME} results\n\n{_md_cell(_run_line(report))}\n"]
     if comparison is not None:
         parts.append(format_comparison_markdown(comparison, labels or ("baseline", "candidate")))
     for sw in winners:
         t = mark_flagged(scenario_table(report.models, sw, report.config.bandwidth_gbs),
                          flagged_models(report))  # results of a part run elsewhere
-        parts.append(f"### {t.title}\n\n{markdown_table(t.headers, t.rows)}"
+        parts.append(f"### {_md_cell(t.title)}\n\n{markdown_table(t.headers, t.rows)}"
                      + (f"\n{_md_notes(t.notes)}" if t.notes else ""))
     if (cap := capacity_table(report.models)) is not None:
         parts.append(f"### {cap.title}\n\n{markdown_table(cap.headers, cap.rows)}\n"
@@ -6693,6 +6862,8 @@ def _csv_value(value: Any) -> Any:
         return ""
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, str):
+        return shown(value)
     return _round(value)
 
 
@@ -6709,7 +6880,7 @@ def format_csv(report: Report) -> str:
     for mr in report.models:
         for sr in mr.scenarios:
             for i, s in enumerate(sr.samples, 1):
-                writer.writerow((mr.spec.name, sr.scenario.name, i,
+                writer.writerow((shown(mr.spec.name), sr.scenario.name, i,
                                  *(_csv_value(getattr(s, f)) for f in CSV_SAMPLE_FIELDS)))
     return buf.getvalue()
 
@@ -6970,7 +7141,7 @@ def _html_text(text: str) -> str:
     viewed where no emoji font is installed would show a box)."""
     from html import escape  # noqa: PLC0415
 
-    return escape(text).replace(TROPHY, '<span class="win" title="winner">\u2605</span>')
+    return escape(shown_text(text)).replace(TROPHY, '<span class="win" title="winner">\u2605</span>')
 
 
 def _td_class(left: bool, verdict: bool) -> str:
@@ -7122,7 +7293,7 @@ def format_history_html(history: History, charts: Mapping[str, bytes], last: int
 # ============================================================================
 
 
-def atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: Path, text: str | bytes) -> None:
     """Write via a temp file in the same folder and rename, so a reader (or a
     SIGKILL) never sees a half-written file.
 
@@ -7132,7 +7303,8 @@ def atomic_write(path: Path, text: str) -> None:
     removes it on a later run."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with (os.fdopen(fd, "wb") if isinstance(text, bytes)
+              else os.fdopen(fd, "w", encoding="utf-8")) as f:
             f.write(text)
             f.flush()
             if hasattr(os, "fchmod"):
@@ -7177,6 +7349,54 @@ def report_stem(started: dt.datetime) -> str:
     return f"model-comparison-{started.strftime('%Y-%m-%dT%H-%M-%S')}"
 
 
+def reserve_stem(folder: Path, stem: str, first: str = "") -> str:
+    """A stem no report in `folder` has: `stem`, else `stem-2`, `stem-3`...
+    Its .json is created exclusively (O_EXCL), holding `first`, so two runs
+    started in the same second (two CI jobs, one folder) never share a name."""
+    for n in range(1, 10_000):
+        candidate = stem if n == 1 else f"{stem}-{n}"
+        if (folder / f"{candidate}.txt").exists():
+            continue
+        try:
+            fd = os.open(folder / f"{candidate}.json", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+        except FileExistsError:
+            continue
+        except OSError:  # the first save will say what is wrong
+            return candidate
+        with contextlib.suppress(OSError), os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(first)
+        return candidate
+    return f"{stem}-{uuid.uuid4().hex[:8]}"
+
+
+SPARE_DESCRIPTORS = 64  # beyond the streams: the pool's spares, report files, Docker, /proc
+
+
+def ensure_descriptors(streams: int, resource_module: Any = None) -> int:
+    """Make sure the process may open a socket per stream (and its spares):
+    raise the soft RLIMIT_NOFILE up to the hard one when it is too low, else
+    UsageError with the numbers. Returns the limit in force. Without this,
+    EMFILE looks like a refused connection and the report writes fail."""
+    if resource_module is None:
+        try:
+            import resource as resource_module  # noqa: PLC0415 (POSIX only)
+        except ImportError:
+            return -1
+    need = streams + SPARE_DESCRIPTORS
+    soft, hard = resource_module.getrlimit(resource_module.RLIMIT_NOFILE)
+    infinity = resource_module.RLIM_INFINITY
+    if soft == infinity or soft >= need:
+        return soft
+    if hard == infinity or hard >= need:
+        with contextlib.suppress(ValueError, OSError):
+            resource_module.setrlimit(resource_module.RLIMIT_NOFILE, (need, hard))
+            return need
+    raise UsageError(f"--concurrency {streams} needs about {need} open files (a socket per "
+                     f"stream and {SPARE_DESCRIPTORS} spare), but this process may open only "
+                     f"{soft} (hard limit {hard}): raise it (ulimit -n {need}) or lower "
+                     "--concurrency")
+
+
 def prepare_report_dir(path: Path) -> Path:
     """Create the report folder and prove it is writable, before any model starts."""
     try:
@@ -7213,9 +7433,7 @@ def _write_export(path: Path, data: bytes, what: str) -> None:
     try:
         if path.parent != Path():
             path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        atomic_write(path, data)  # a unique temp file, fsync, removed on failure
     except OSError as exc:
         raise PerftestError(f"cannot write {what} {path} ({exc.strerror or exc}): "
                             "check the folder's permissions and free space") from None
@@ -7490,7 +7708,7 @@ class ConsoleEvents(Events):
         if self._live:
             self.err.write("\n")
             self._live = False
-        self.err.write(text + "\n")
+        self.err.write(shown_text(text) + "\n")  # a server's model id or error, escaped
         self.err.flush()
 
     def info(self, text: str) -> None:
@@ -7503,7 +7721,7 @@ class ConsoleEvents(Events):
             return
         self._last_wait = now
         log = last_log()
-        text = f"  {model}: waiting for health, {elapsed_s:.0f} s" + (f" | {log[:100]}" if log else "")
+        text = f"  {model}: waiting for health, {elapsed_s:.0f} s" + (f" | {shown(log[:100])}" if log else "")
         status = self.progress.status() if self.progress is not None else None
         if self.tty:
             self._live_line(f"  {status} | {text.strip()}" if status else text)
@@ -7551,6 +7769,45 @@ class ConsoleEvents(Events):
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+
+
+class ClosedPipeSafe:
+    """stdout that a closed reader (`| head -1`) cannot break: after
+    BrokenPipeError the rest of the output is dropped (stdout goes to
+    /dev/null, so the interpreter's last flush is quiet too), and the run
+    goes on to write its files and exit with its own code."""
+
+    def __init__(self, stream: Any):
+        self.stream = stream
+        self.closed_by_reader = False
+
+    def _broken(self) -> None:
+        self.closed_by_reader = True
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self.stream.fileno())
+            os.close(devnull)
+
+    def write(self, text: str) -> int:
+        if not self.closed_by_reader:
+            try:
+                return self.stream.write(text)
+            except BrokenPipeError:
+                self._broken()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.closed_by_reader:
+            try:
+                self.stream.flush()
+            except BrokenPipeError:
+                self._broken()
+
+    def isatty(self) -> bool:
+        return self.stream.isatty()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
 
 
 class ReportFiles:
@@ -7989,8 +8246,7 @@ def discover_endpoint_models(base_url: str, table: Sequence[ModelSpec], api_key:
         raise UsageError(f"--endpoint {base_url!r} is not a valid URL: use e.g. "
                          "http://127.0.0.1:8000") from None
     except httpx.HTTPError as exc:
-        raise UsageError(f"cannot reach {base_url} ({type(exc).__name__}): is the server running?"
-                         ) from None
+        raise UsageError(unreachable_message(base_url, exc)) from None
     listed = served_models(json_body(r))
     if r.status_code == 401:
         raise UsageError(f"{base_url} wants an API key: pass --api-key or set VLLM_API_KEY")
@@ -8014,6 +8270,17 @@ def discover_endpoint_models(base_url: str, table: Sequence[ModelSpec], api_key:
             out.append(ModelSpec(name=entry["id"], service=None, model_id=entry["id"],
                                  max_context_tokens=size))
     return out
+
+
+def unreachable_message(base_url: str, exc: BaseException) -> str:
+    """Why a server could not be reached, with the real reason: a TLS
+    certificate that failed verification says so, and how to trust it."""
+    why = str(exc) or type(exc).__name__
+    if "CERTIFICATE_VERIFY_FAILED" in why or "certificate verify failed" in why:
+        return (f"cannot reach {base_url}: TLS certificate verify failed ({why}): if you trust "
+                "this server, point SSL_CERT_FILE at its certificate or CA bundle "
+                "(SSL_CERT_FILE=/path/to/ca.pem)")
+    return f"cannot reach {base_url} ({type(exc).__name__}: {why}): is the server running?"
 
 
 def _thresholds(text: str) -> dict[str, float | None]:
@@ -8115,7 +8382,7 @@ def regression_gate(comparison: Comparison, code: int, err: Any, prefix: str) ->
     an earlier code stands (a failed model, an interrupt)."""
     if not comparison.regressions:
         return code
-    err.write(f"{prefix}{one_line(regression_message(comparison))}\n")  # names from a file
+    err.write(f"{prefix}{shown(regression_message(comparison))}\n")  # names from a file
     return code or ExitCode.REGRESSION
 
 
@@ -8426,7 +8693,9 @@ def start_report(plan: Plan, err: Any) -> tuple[Report, ReportFiles]:
         report_dir = prepare_report_dir(plan.report_dir)
         report = Report(plan.cfg, started.isoformat(), [ModelResult(m) for m in plan.models],
                         environment=environment, parts=[part])
-        return report, ReportFiles(report_dir, report_stem(started), err)
+        first = json.dumps(report_to_dict(report), indent=1) + "\n"  # the reserved name holds it
+        return report, ReportFiles(report_dir, reserve_stem(report_dir, report_stem(started), first),
+                                   err)
     old = plan.resumed
     parts = list(old.parts) or [RunPart(old.started_at, old.finished_at, old.interrupted,
                                         old.environment, first_part_models(old))]
@@ -8690,6 +8959,7 @@ def run_benchmark(plan: Plan, out: Any, err: Any, *, styled: bool = False,
     """The main job: every selected model in turn; exit OK, FAILED, REGRESSION,
     INTERRUPTED or TERMINATED (ExitCode)."""
     out, stdout = (err, out) if plan.exports.to_stdout else (out, out)  # '-' export owns stdout
+    ensure_descriptors(max(plan.cfg.concurrency, default=1))
     report, files = start_report(plan, err)
     progress = CampaignProgress(plan.steps or plan_campaign(plan.cfg, plan.models), report,
                                 managed=plan.compose is not None, history=plan.history)
@@ -8773,7 +9043,7 @@ def run_benchmark(plan: Plan, out: Any, err: Any, *, styled: bool = False,
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse, plan, run; every PerftestError becomes its one-line message and exit code."""
     args_list = list(sys.argv[1:] if argv is None else argv)
-    out, err = sys.stdout, sys.stderr
+    out, err = ClosedPipeSafe(sys.stdout), sys.stderr
     try:
         if args_list[:1] == ["compare"]:
             return compare_main(args_list[1:], out, err)

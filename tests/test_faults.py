@@ -1387,7 +1387,7 @@ def test_the_source_never_uses_a_shell_or_an_unsafe_yaml_loader():
         if (owner, name) in {("os", "system"), ("os", "popen"), ("subprocess", "getoutput"),
                              ("subprocess", "getstatusoutput"), ("os", "execl"), ("os", "spawnl")}:
             found.append(f"line {node.lineno}: {owner}.{name}")
-        if owner == "yaml" and name != "safe_load" and name not in ("YAMLError",):
+        if owner == "yaml" and name not in ("safe_load", "SafeLoader", "YAMLError"):
             found.append(f"line {node.lineno}: yaml.{name}")
         if owner == "subprocess" or name == "runner":  # the argv is a list, never a string
             first = node.args[0] if node.args else None

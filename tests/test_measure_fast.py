@@ -10,6 +10,8 @@ give exactly the same events and the same Sample.
 
 from __future__ import annotations
 
+import asyncio
+
 import json
 import sys
 from pathlib import Path
@@ -34,20 +36,17 @@ def split_sse(reads):
 
 
 def reference_split_sse(reads):
-    events = []
-    buf = b""
+    """The SSE spec's reading, slowly: a line ends at CRLF, LF or a lone CR;
+    an event is complete at the read that brought its blank line."""
+    events, raw, emitted = [], b"", 0
     for t, chunk in reads:
-        buf += chunk
-        if b"\r" in buf:
-            buf = buf.replace(b"\r\n", b"\n")
-        while True:
-            end = buf.find(b"\n\n")
-            if end < 0:
-                break
-            block, buf = buf[:end], buf[end + 2:]
+        raw += chunk
+        blocks = raw.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n\n")[:-1]
+        for block in blocks[emitted:]:
             data = [ln[5:].removeprefix(b" ") for ln in block.split(b"\n") if ln.startswith(b"data:")]
             if data:
                 events.append((t, b"\n".join(data).decode("utf-8", "replace")))
+        emitted = len(blocks)
     return events
 
 
@@ -346,6 +345,19 @@ def test_json_is_read_as_the_standard_library_reads_it(doc):
     assert repr(got) == repr(want)  # repr: NaN != NaN, and int vs float shows
 
 
+def _framed(head: bytes, pieces) -> pm._Connection:
+    """A response fed to one connection's parser in `pieces` (as network
+    reads), with no socket: what the connection made of it."""
+    conn = pm._Connection(asyncio.new_event_loop())
+    conn.start_response()
+    for piece in pieces:
+        conn.data_received(piece)
+    return conn
+
+
+CHUNKED_HEAD = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.binary(min_size=1, max_size=300), max_size=8), st.data())
 def test_chunked_decoding_gives_the_body_back_however_the_reads_are_cut(parts, data):
@@ -354,24 +366,23 @@ def test_chunked_decoding_gives_the_body_back_however_the_reads_are_cut(parts, d
         body = body.replace(b"\r\n", b";ext=1\r\n", 1) if parts else body
     body += b"0\r\n" + data.draw(st.sampled_from([b"", b"X-Trailer: 1\r\n"])) + b"\r\n"
     extra = data.draw(st.sampled_from([b"", b"HTTP/1.1 200 OK\r\n"]))
-    stream = body + extra
+    stream = CHUNKED_HEAD + body + extra
     cuts = sorted(data.draw(st.sets(st.integers(1, len(stream) - 1), max_size=20)))
-    dec = pm.ChunkedDecoder()
-    out = b""
-    for a, b in zip([0, *cuts], [*cuts, len(stream)]):
-        out += dec.feed(stream[a:b])
-    assert out == b"".join(parts)
-    assert dec.done
-    assert dec.extra == extra
+    conn = _framed(CHUNKED_HEAD, [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)])])
+    assert conn.take_body() == b"".join(parts)
+    assert conn.done and conn.broken is None
+    assert conn.reusable == (extra == b"")  # bytes after the response spoil the connection
 
 
 @pytest.mark.parametrize("bad", [b"zz\r\nab\r\n", b"2\r\nabXY", b"-1\r\n", b"2\r\nab\r\n" + b"1" * 5000])
 def test_a_malformed_chunked_body_is_an_error(bad):
-    with pytest.raises(ValueError):
-        pm.ChunkedDecoder().feed(bad)
+    conn = _framed(CHUNKED_HEAD, [CHUNKED_HEAD + bad])
+    assert conn.broken is not None and not conn.done and not conn.reusable
 
 
 def test_length_decoder_stops_at_the_length_and_keeps_the_rest():
-    dec = pm.LengthDecoder(5)
-    assert dec.feed(b"abc") == b"abc" and not dec.done
-    assert dec.feed(b"deXY") == b"de" and dec.done and dec.extra == b"XY"
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"
+    conn = _framed(head, [head + b"abc"])
+    assert conn.take_body() == b"abc" and not conn.done
+    conn.data_received(b"deXY")
+    assert conn.take_body() == b"de" and conn.done and conn.extra and not conn.reusable
