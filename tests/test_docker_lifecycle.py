@@ -18,8 +18,8 @@ import time
 
 import pytest
 
-from dockertools import (HERE, ROOT, compose_commands, docker_ready, free_port, new_project,
-                         project_containers, remove_project, require)
+from dockertools import (HERE, ROOT, any_compose, free_port, new_project, project_containers,
+                         remove_project, require_compose, require_docker)
 
 pytestmark = [pytest.mark.slow, pytest.mark.docker, pytest.mark.timeout(300)]
 
@@ -29,7 +29,7 @@ MODELS = HERE / "docker" / "models.yml"
 
 @pytest.fixture(scope="module")
 def base_image():
-    require(docker_ready(), "no Docker engine reachable here")
+    require_docker()
     from images import ensure_base_image
 
     return ensure_base_image()
@@ -37,14 +37,14 @@ def base_image():
 
 @pytest.fixture(params=["docker compose", "docker-compose"])
 def compose_cmd(request, base_image):
-    require(request.param in compose_commands(), f"{request.param} is not installed")
+    require_compose(request.param)
     return request.param
 
 
 class Run:
     """One invocation of ./perftest_models.py in its own project and port."""
 
-    def __init__(self, tmp_path, compose_cmd="docker compose"):
+    def __init__(self, tmp_path, compose_cmd):
         self.project = new_project("ptlc")
         self.port = free_port()
         self.report_dir = tmp_path / "reports"
@@ -81,10 +81,12 @@ class Run:
 
 @pytest.fixture
 def run(tmp_path, base_image):
+    """`run()` for a test that does not depend on the Compose version: the one
+    this machine has (dockertools.any_compose); `run(compose_cmd)` for one."""
     runs = []
 
-    def make(compose_cmd="docker compose"):
-        r = Run(tmp_path, compose_cmd)
+    def make(compose_cmd=None):
+        r = Run(tmp_path, compose_cmd or any_compose())
         runs.append(r)
         return r
 

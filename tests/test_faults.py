@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import importlib.util
 import io
 import json
 import os
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import pytest
 import standin as standin_module
+from dockertools import require
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -65,8 +67,9 @@ async def no_wait(seconds):  # asyncio.sleep on virtual time (a Retry-After: 1 c
 
 
 def one_request(srv, **kw) -> pm.Sample:
-    """One streaming chat request through the real client over a real socket."""
-    return asyncio.run(_one(srv.base_url, srv.config.model, **kw))
+    """One streaming chat request through the real client over a real socket,
+    on the tool's event loop (PERFTEST_LOOP, else uvloop when installed)."""
+    return pm.run_async(_one(srv.base_url, srv.config.model, **kw))
 
 
 def json_report(report_dir) -> dict:
@@ -149,7 +152,7 @@ def test_a_server_still_loading_answers_503_and_the_request_is_retried(standin):
 
 def test_a_refused_connection_is_retried_and_counted():
     url = f"http://127.0.0.1:{free_port()}"
-    s = asyncio.run(_one(url, max_retries=2))
+    s = pm.run_async(_one(url, max_retries=2))
     assert not s.ok and s.retries == 2 and s.error.startswith("cannot connect: ")
 
 
@@ -358,12 +361,16 @@ def test_a_tokenize_answer_without_a_count_fails_the_model_not_the_run(
 # ============================================================================
 
 SIGNALS = [("SIGINT", 130), ("SIGTERM", 143), ("SIGHUP", 143)]
+LOOPS = ["asyncio", "uvloop"]  # PERFTEST_LOOP: for the tests that depend on the loop
 
 # Runs main() with a hook that signals (or SIGKILLs) the process from inside
 # a call, deterministically: WHERE ".json"/".txt" is inside the rename of the
 # Nth report file of that kind ("while writing the report"; the signal comes
-# before the rename is done); WHERE "send" is inside the Nth socket send of a
-# chat request (deep in asyncio's transport code).
+# before the rename is done); WHERE "write" is inside the tool's own write of
+# the Nth chat request to its connection's transport (_Connection's
+# transport, so on either event loop); WHERE "send" is inside the Nth socket
+# send of a chat request, deep in asyncio's transport code (uvloop writes in
+# C and never calls socket.send: asyncio's loop only).
 DRIVER = """\
 import os, signal, socket, sys
 sys.path.insert(0, {root!r})
@@ -374,22 +381,52 @@ def hit():
     seen.append(1)
     if len(seen) == nth:
         os.kill(os.getpid(), sig)
+def chat(data):
+    return b"POST /v1/chat/completions" in bytes(data)
 real_replace, real_send = os.replace, socket.socket.send
 def replace(src, dst):
     if str(dst).endswith(where):
         hit()
     return real_replace(src, dst)
 def send(self, data, *flags):
-    if where == "send" and b"POST /v1/chat/completions" in bytes(data):
+    if where == "send" and chat(data):
         hit()
     return real_send(self, data, *flags)
+class HookedWrites:
+    def __init__(self, transport):
+        self.transport = transport
+    def __getattr__(self, name):
+        return getattr(self.transport, name)
+    def write(self, data):
+        if where == "write" and chat(data):
+            hit()
+        return self.transport.write(data)
+real_made = pm._Connection.connection_made
+def connection_made(self, transport):
+    real_made(self, HookedWrites(transport))
 os.replace, socket.socket.send = replace, send
-raise SystemExit(pm.main(sys.argv[4:]))
+pm._Connection.connection_made = connection_made
+rc = pm.main(sys.argv[4:])
+if len(seen) < nth:
+    print(f"driver: the hook at {{where!r}} ran {{len(seen)}} time(s), not {{nth}}", file=sys.stderr)
+    rc = 99
+raise SystemExit(rc)
 """
 
 
-def start_run(srv, report_dir, *args, cwd, driver=None):
-    """The tool as a subprocess against `srv`, with plain pipes."""
+def require_loop(loop):
+    """For a test that needs this event loop: skip where it is not installed
+    (fail under PERFTEST_REQUIRE_UVLOOP=1, as CI sets)."""
+    if loop == "uvloop":
+        require(importlib.util.find_spec("uvloop") is not None,
+                "uvloop is not installed (the `fast` extra: pip install -e '.[test,fast]'; "
+                ".ci/run installs it)", env="PERFTEST_REQUIRE_UVLOOP")
+    return loop
+
+
+def start_run(srv, report_dir, *args, cwd, driver=None, loop=None):
+    """The tool as a subprocess against `srv`, with plain pipes; on `loop`
+    (PERFTEST_LOOP) where given, else on the loop this test run has."""
     cmd = [sys.executable, str(SCRIPT)]
     if driver is not None:
         path = cwd / "driver.py"
@@ -397,6 +434,8 @@ def start_run(srv, report_dir, *args, cwd, driver=None):
         cmd = [sys.executable, str(path), *driver]
     argv = ["--endpoint", srv.base_url, "--report-dir", str(report_dir), *args]
     env = {k: v for k, v in os.environ.items() if k not in ("VLLM_API_KEY", "OPENAI_API_KEY")}
+    if loop is not None:
+        env["PERFTEST_LOOP"] = require_loop(loop)
     # As from a terminal: Ctrl-C at its default even where the test runner
     # was started with SIGINT ignored (a background job of a non-interactive
     # shell, as CI may be), which the child would otherwise inherit.
@@ -561,14 +600,33 @@ def test_a_signal_during_a_mid_run_save_leaves_no_temp_file_and_a_whole_report(
     assert [sc["name"] for sc in report["models"][0]["scenarios"]] == ["latency"]
 
 
+@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize("name, code", SIGNALS)
+def test_a_signal_inside_the_tools_request_write_saves_the_report_and_exits_with_its_code(
+        standin, report_dir, tmp_path, name, code, loop):
+    srv = standin()
+    proc = start_run(srv, report_dir, "--iterations", "1", "--context-sizes", "1k",
+                     cwd=tmp_path, driver=[name, "write", "2"], loop=loop)  # 1st latency request
+    rc, _, err = finish(proc)
+    assert rc == code, err
+    report, _ = assert_clean_report_dir(report_dir)
+    assert report["interrupted"] == name
+    (model,) = report["models"]
+    assert model["status"] == "interrupted" and model["error"] == f"interrupted by {name}"
+    assert [sc["name"] for sc in model["scenarios"]] == []  # the warm-up only had run
+    assert len(srv.records) == 1  # the interrupted request never reached the server
+
+
 @pytest.mark.parametrize("name, code", SIGNALS)
 def test_a_signal_inside_a_socket_write_is_not_swallowed_by_asyncio(
         standin, report_dir, tmp_path, name, code):
     # asyncio's transports catch BaseException around sock.send() and log it
     # as a "Fatal write error"; only KeyboardInterrupt and SystemExit go on.
+    # asyncio's own loop: uvloop writes in C, with no socket.send to hook.
     srv = standin()
     proc = start_run(srv, report_dir, "--iterations", "1", "--context-sizes", "1k",
-                     cwd=tmp_path, driver=[name, "send", "2"])  # the first latency request
+                     cwd=tmp_path, driver=[name, "send", "2"],  # the first latency request
+                     loop="asyncio")
     rc, _, err = finish(proc)
     assert rc == code and "Fatal write error" not in err
     report, _ = assert_clean_report_dir(report_dir)
