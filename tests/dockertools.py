@@ -1,8 +1,11 @@
-"""Helpers for the tests that need a real Docker engine (and Compose)."""
+"""Helpers for the tests that need a real part of the machine (a Docker engine,
+Compose v1/v2, uvloop): each finds it, or skips saying which part is missing
+and how .ci/run gets it (a failure instead under PERFTEST_REQUIRE_*=1)."""
 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 import shutil
 import socket
@@ -92,6 +95,16 @@ def any_compose() -> str:
     require(bool(found), "neither `docker compose` (v2) nor `docker-compose` (v1) works here; "
                          "bash .ci/setup-docker.sh (step 1 of .ci/run) installs both")
     return found[0]
+
+
+def require_loop(loop: str) -> str:
+    """For a test that needs this event loop (PERFTEST_LOOP): skip where it is
+    not installed (fail under PERFTEST_REQUIRE_UVLOOP=1, as CI sets)."""
+    if loop == "uvloop":
+        require(importlib.util.find_spec("uvloop") is not None,
+                "uvloop is not installed (the `fast` extra: pip install -e '.[test,fast]'; "
+                ".ci/run installs it)", env="PERFTEST_REQUIRE_UVLOOP")
+    return loop
 
 
 def free_port() -> int:

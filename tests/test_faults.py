@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import importlib.util
 import io
 import json
 import os
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import pytest
 import standin as standin_module
-from dockertools import require
+from dockertools import require_loop
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -412,16 +411,6 @@ if len(seen) < nth:
     rc = 99
 raise SystemExit(rc)
 """
-
-
-def require_loop(loop):
-    """For a test that needs this event loop: skip where it is not installed
-    (fail under PERFTEST_REQUIRE_UVLOOP=1, as CI sets)."""
-    if loop == "uvloop":
-        require(importlib.util.find_spec("uvloop") is not None,
-                "uvloop is not installed (the `fast` extra: pip install -e '.[test,fast]'; "
-                ".ci/run installs it)", env="PERFTEST_REQUIRE_UVLOOP")
-    return loop
 
 
 def start_run(srv, report_dir, *args, cwd, driver=None, loop=None):
