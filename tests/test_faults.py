@@ -400,6 +400,8 @@ class HookedWrites:
         if where == "write" and chat(data):
             hit()
         return self.transport.write(data)
+    def writelines(self, chunks):
+        return self.write(b"".join(chunks))
 real_made = pm._Connection.connection_made
 def connection_made(self, transport):
     real_made(self, HookedWrites(transport))
