@@ -202,11 +202,13 @@ def test_an_interrupt_mid_test_stops_the_container_and_keeps_the_report(run, sig
 def test_a_port_held_by_another_container_is_named_and_left_alone(run, base_image):
     r = run()
     name = f"not-ours-{r.project}"
-    subprocess.run(["docker", "run", "-d", "--name", name, "-p", f"127.0.0.1:{r.port}:8000",
-                    "-v", "/usr:/usr:ro", "-v", f"{HERE}:/app:ro", base_image, "/usr/bin/python3",
-                    "/app/standin.py", "--host", "0.0.0.0", "--port", "8000", "--quiet"],
-                   check=True, capture_output=True)
-    try:
+    try:  # a container whose start failed exists all the same: removed in `finally`
+        started = subprocess.run(
+            ["docker", "run", "-d", "--name", name, "-p", f"127.0.0.1:{r.port}:8000", "-v",
+             "/usr:/usr:ro", "-v", f"{HERE}:/app:ro", base_image, "/usr/bin/python3",
+             "/app/standin.py", "--host", "0.0.0.0", "--port", "8000", "--quiet"],
+            capture_output=True, text=True)
+        assert started.returncode == 0, f"docker run failed: {started.stderr.strip()}"
         for _ in range(100):
             if subprocess.run(["docker", "port", name], capture_output=True).returncode == 0:
                 break
