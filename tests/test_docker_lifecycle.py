@@ -203,11 +203,14 @@ def test_a_port_held_by_another_container_is_named_and_left_alone(run, base_imag
     r = run()
     name = f"not-ours-{r.project}"
     try:  # a container whose start failed exists all the same: removed in `finally`
+        # On a network of its own, as the services are: the engine's default
+        # bridge is not needed (and may be missing, as docker0 can be).
+        subprocess.run(["docker", "network", "create", name], capture_output=True, check=True)
         started = subprocess.run(
-            ["docker", "run", "-d", "--name", name, "-p", f"127.0.0.1:{r.port}:8000", "-v",
-             "/usr:/usr:ro", "-v", f"{HERE}:/app:ro", base_image, "/usr/bin/python3",
-             "/app/standin.py", "--host", "0.0.0.0", "--port", "8000", "--quiet"],
-            capture_output=True, text=True)
+            ["docker", "run", "-d", "--name", name, "--network", name, "-p",
+             f"127.0.0.1:{r.port}:8000", "-v", "/usr:/usr:ro", "-v", f"{HERE}:/app:ro",
+             base_image, "/usr/bin/python3", "/app/standin.py", "--host", "0.0.0.0", "--port",
+             "8000", "--quiet"], capture_output=True, text=True)
         assert started.returncode == 0, f"docker run failed: {started.stderr.strip()}"
         for _ in range(100):
             if subprocess.run(["docker", "port", name], capture_output=True).returncode == 0:
@@ -223,6 +226,7 @@ def test_a_port_held_by_another_container_is_named_and_left_alone(run, base_imag
         assert state == "true"  # never stop a container we do not manage
     finally:
         subprocess.run(["docker", "rm", "-f", name], capture_output=True)
+        subprocess.run(["docker", "network", "rm", name], capture_output=True)
 
 
 def test_a_port_held_by_a_plain_process_is_named(run):
