@@ -5870,7 +5870,18 @@ class SignalGuard:
         if self.holding:
             self.pending = signum
             return
-        self._raise(signum)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if loop is None or loop.is_closed():
+            self._raise(signum)
+        else:
+            # Raise from a callback of the loop's own: raised inside a protocol
+            # callback (data_received, where a streaming client spends its
+            # time), uvloop takes it for a transport error and the signal is
+            # lost; asyncio and uvloop both let it out of a callback.
+            loop.call_soon_threadsafe(self._raise, signum)
 
     @staticmethod
     def _raise(signum: int) -> None:

@@ -366,12 +366,15 @@ LOOPS = ["asyncio", "uvloop"]  # PERFTEST_LOOP: for the tests that depend on the
 # a call, deterministically: WHERE ".json"/".txt" is inside the rename of the
 # Nth report file of that kind ("while writing the report"; the signal comes
 # before the rename is done); WHERE "write" is inside the tool's own write of
-# the Nth chat request to its connection's transport (_Connection's
-# transport, so on either event loop); WHERE "send" is inside the Nth socket
-# send of a chat request, deep in asyncio's transport code (uvloop writes in
-# C and never calls socket.send: asyncio's loop only).
+# the Nth benchmark chat request (ignore_eos: the answer check's are not
+# counted) to its connection's transport (_Connection's, so on either event
+# loop); WHERE "send" is inside the Nth socket send of one, deep in asyncio's
+# transport code (uvloop writes in C and never calls socket.send: asyncio's
+# loop only); WHERE "read" is inside the tool's protocol callback
+# (_Connection.data_received) for the Nth read that carries SSE events.
+# The driver exits 99 where its hook ran fewer than N times.
 DRIVER = """\
-import os, signal, socket, sys
+import json, os, signal, socket, sys
 sys.path.insert(0, {root!r})
 import perftest_models as pm
 sig, where, nth = getattr(signal, sys.argv[1]), sys.argv[2], int(sys.argv[3])
@@ -380,8 +383,14 @@ def hit():
     seen.append(1)
     if len(seen) == nth:
         os.kill(os.getpid(), sig)
-def chat(data):
-    return b"POST /v1/chat/completions" in bytes(data)
+def chat(data):  # one of the benchmark's requests (ignore_eos), not the answer check's
+    head, _, body = bytes(data).partition(b"\\r\\n\\r\\n")
+    if not head.startswith(b"POST /v1/chat/completions "):
+        return False
+    try:
+        return json.loads(body).get("ignore_eos") is True
+    except ValueError:
+        return False
 real_replace, real_send = os.replace, socket.socket.send
 def replace(src, dst):
     if str(dst).endswith(where):
@@ -402,11 +411,16 @@ class HookedWrites:
         return self.transport.write(data)
     def writelines(self, chunks):
         return self.write(b"".join(chunks))
-real_made = pm._Connection.connection_made
+real_made, real_received = pm._Connection.connection_made, pm._Connection.data_received
 def connection_made(self, transport):
     real_made(self, HookedWrites(transport))
+def data_received(self, data):
+    if where == "read" and b"data: " in data:
+        hit()
+    return real_received(self, data)
 os.replace, socket.socket.send = replace, send
 pm._Connection.connection_made = connection_made
+pm._Connection.data_received = data_received
 rc = pm.main(sys.argv[4:])
 if len(seen) < nth:
     print(f"driver: the hook at {{where!r}} ran {{len(seen)}} time(s), not {{nth}}", file=sys.stderr)
@@ -605,7 +619,24 @@ def test_a_signal_inside_the_tools_request_write_saves_the_report_and_exits_with
     (model,) = report["models"]
     assert model["status"] == "interrupted" and model["error"] == f"interrupted by {name}"
     assert [sc["name"] for sc in model["scenarios"]] == []  # the warm-up only had run
-    assert len(srv.records) == 1  # the interrupted request never reached the server
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize("name, code", SIGNALS)
+def test_a_signal_inside_the_tools_read_callback_saves_the_report_and_exits_with_its_code(
+        standin, report_dir, tmp_path, name, code, loop):
+    # Raised inside a protocol callback, uvloop would log it as a "Fatal
+    # error on transport", close the connection and go on: the signal lost.
+    srv = standin(itl_s=0.01)
+    proc = start_run(srv, report_dir, "--iterations", "1", "--context-sizes", "1k",
+                     cwd=tmp_path, driver=[name, "read", "3"], loop=loop)  # mid warm-up
+    rc, _, err = finish(proc)
+    assert rc == code, err
+    assert "Fatal error" not in err
+    report, _ = assert_clean_report_dir(report_dir)
+    assert report["interrupted"] == name
+    (model,) = report["models"]
+    assert model["status"] == "interrupted" and model["scenarios"] == []
 
 
 @pytest.mark.parametrize("name, code", SIGNALS)
