@@ -618,7 +618,9 @@ def test_a_signal_inside_the_tools_request_write_saves_the_report_and_exits_with
     assert report["interrupted"] == name
     (model,) = report["models"]
     assert model["status"] == "interrupted" and model["error"] == f"interrupted by {name}"
-    assert [sc["name"] for sc in model["scenarios"]] == []  # the warm-up only had run
+    # The signal is raised on the loop's next turn: the one latency request
+    # may finish first, but context-1k never starts.
+    assert [sc["name"] for sc in model["scenarios"]] in ([], ["latency"])
 
 
 @pytest.mark.parametrize("loop", LOOPS)
