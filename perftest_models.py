@@ -832,6 +832,7 @@ class Environment:
     host: str | None = None
     python: str | None = None
     platform: str | None = None
+    event_loop: str | None = None  # "uvloop" | "asyncio" (PERFTEST_LOOP)
     gpu: str | None = None
     compose: str | None = None
 
@@ -2659,17 +2660,29 @@ def http_client(base_url: str, api_key: str | None, timeout_s: float, streams: i
         timeout=httpx.Timeout(timeout_s, connect=10.0), limits=limits, transport=transport)
 
 
-def _uvloop() -> Any:
+def _uvloop(environ: Mapping[str, str] = os.environ) -> Any:
+    """The uvloop module run_async runs on, or None for asyncio's own loop.
+    PERFTEST_LOOP=asyncio|uvloop picks one; unset, uvloop when installed."""
+    choice = environ.get("PERFTEST_LOOP", "")
+    if choice not in ("", "asyncio", "uvloop"):
+        raise UsageError(f"PERFTEST_LOOP={choice!r}: use 'asyncio' or 'uvloop' (or unset it)")
+    if choice == "asyncio":
+        return None
     try:
         import uvloop  # noqa: PLC0415 (optional: the `fast` extra; see README)
     except ImportError:
-        return None
-    return uvloop if hasattr(uvloop, "run") else None
+        uvloop = None
+    if uvloop is not None and hasattr(uvloop, "run"):
+        return uvloop
+    if choice:
+        raise SetupError("PERFTEST_LOOP=uvloop but uvloop (0.19 or later) is not installed: "
+                         "pip install 'perftest-models[fast]', or unset PERFTEST_LOOP")
+    return None
 
 
-def event_loop_name() -> str:
-    """The event loop run_async uses: "uvloop" or "asyncio"."""
-    return "uvloop" if _uvloop() else "asyncio"
+def event_loop_name(environ: Mapping[str, str] = os.environ) -> str:
+    """The event loop run_async uses: "uvloop" or "asyncio" (PERFTEST_LOOP)."""
+    return "uvloop" if _uvloop(environ) else "asyncio"
 
 
 def run_async(main: Any) -> Any:
@@ -7417,7 +7430,7 @@ def prepare_report_dir(path: Path) -> Path:
 
 
 def collect_environment(runner: Runner = subprocess.run) -> Environment:
-    """Host, Python, and the GPU from nvidia-smi when it is there."""
+    """Host, Python, the event loop, and the GPU from nvidia-smi when it is there."""
     gpu = None
     if shutil.which("nvidia-smi"):
         with contextlib.suppress(OSError, subprocess.SubprocessError):
@@ -7426,7 +7439,7 @@ def collect_environment(runner: Runner = subprocess.run) -> Environment:
             if proc.returncode == 0 and proc.stdout.strip():
                 gpu = proc.stdout.strip().splitlines()[0]
     return Environment(host=socket.gethostname(), python=sys.version.split()[0],
-                       platform=sys.platform, gpu=gpu)
+                       platform=sys.platform, event_loop=event_loop_name(), gpu=gpu)
 
 
 def _write_export(path: Path, data: bytes, what: str) -> None:
@@ -7509,7 +7522,18 @@ class SignalGuard:
         if self.holding:
             self.pending = signum
             return
-        self._raise(signum)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if loop is None or loop.is_closed():
+            self._raise(signum)
+        else:
+            # Raise from a callback of the loop's own: raised inside a protocol
+            # callback (data_received, where a streaming client spends its
+            # time), uvloop takes it for a transport error and the signal is
+            # lost; asyncio and uvloop both let it out of a callback.
+            loop.call_soon_threadsafe(self._raise, signum)
 
     @staticmethod
     def _raise(signum: int) -> None:
@@ -8079,6 +8103,7 @@ def make_plan(args: argparse.Namespace, environ: Mapping[str, str] = os.environ)
     """Validate the options and files into a Plan; UsageError on anything wrong."""
     check_campaign_options(args)
     baseline, exports = check_output_options(args)  # first: a wrong --baseline costs nothing
+    _uvloop(environ)  # a wrong PERFTEST_LOOP, too
     table = load_models_file(args.models, MODELS) if args.models else MODELS
     api_key = args.api_key or environ.get("VLLM_API_KEY") or environ.get("OPENAI_API_KEY") or None
     if args.max_failures < 0:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import importlib.util
 import json
 import socket
 import subprocess
@@ -11,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from dockertools import require_loop
 
 import perftest_models as pm
 
@@ -346,3 +349,53 @@ def test_the_inline_script_metadata_matches_pyproject():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
     assert script == {"requires-python": project["requires-python"],
                       "dependencies": project["dependencies"]}
+
+
+# ---------------------------------------------------------------------------
+# The event loop: PERFTEST_LOOP=asyncio|uvloop, else uvloop when installed
+# ---------------------------------------------------------------------------
+
+UVLOOP_INSTALLED = importlib.util.find_spec("uvloop") is not None
+
+
+async def _running_loop_module():
+    return type(asyncio.get_running_loop()).__module__.split(".")[0]
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_perftest_loop_picks_the_loop_that_runs_and_is_recorded(
+        loop, standin, report_dir, monkeypatch):
+    monkeypatch.setenv("PERFTEST_LOOP", require_loop(loop))
+    assert pm.run_async(_running_loop_module()) == loop
+    srv = standin()
+    rc = pm.main(["--endpoint", srv.base_url, "--iterations", "1", "--context-sizes", "1k",
+                  "--report-dir", str(report_dir)])
+    assert rc == 0
+    (js,), _ = reports(report_dir)
+    assert json.loads(js.read_text())["environment"]["event_loop"] == loop
+
+
+def test_without_perftest_loop_uvloop_runs_when_it_is_installed(monkeypatch):
+    monkeypatch.delenv("PERFTEST_LOOP", raising=False)
+    expected = "uvloop" if UVLOOP_INSTALLED else "asyncio"
+    assert pm.event_loop_name() == expected
+    assert pm.run_async(_running_loop_module()) == expected
+
+
+def test_an_unknown_perftest_loop_is_a_usage_error_before_anything_starts(
+        tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PERFTEST_LOOP", "trio")
+    rc = pm.main(["--endpoint", "http://127.0.0.1:9", "--report-dir", str(tmp_path / "r")])
+    assert (rc, capsys.readouterr().err) == (2, "perftest-models: error: PERFTEST_LOOP='trio': "
+                                                "use 'asyncio' or 'uvloop' (or unset it)\n")
+    assert not (tmp_path / "r").exists()
+
+
+def test_perftest_loop_uvloop_without_uvloop_says_how_to_get_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # as if not installed: import fails
+    monkeypatch.setenv("PERFTEST_LOOP", "uvloop")
+    rc = pm.main(["--endpoint", "http://127.0.0.1:9", "--report-dir", str(tmp_path / "r")])
+    assert (rc, capsys.readouterr().err) == (
+        1, "perftest-models: error: PERFTEST_LOOP=uvloop but uvloop (0.19 or later) is not "
+           "installed: pip install 'perftest-models[fast]', or unset PERFTEST_LOOP\n")
+    assert not (tmp_path / "r").exists()

@@ -11,7 +11,7 @@ import perftest_models as pm
 
 
 def run(coro):
-    return asyncio.run(coro)
+    return pm.run_async(coro)  # the tool's loop: PERFTEST_LOOP, else uvloop when installed
 
 
 async def one_request(srv, tokens_out=20, kwargs=None, nonce="n1", api_key=None,

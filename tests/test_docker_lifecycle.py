@@ -18,8 +18,8 @@ import time
 
 import pytest
 
-from dockertools import (HERE, ROOT, compose_commands, docker_ready, free_port, new_project,
-                         project_containers, remove_project, require)
+from dockertools import (HERE, ROOT, any_compose, free_port, new_project, project_containers,
+                         remove_project, require_compose, require_docker)
 
 pytestmark = [pytest.mark.slow, pytest.mark.docker, pytest.mark.timeout(300)]
 
@@ -29,7 +29,7 @@ MODELS = HERE / "docker" / "models.yml"
 
 @pytest.fixture(scope="module")
 def base_image():
-    require(docker_ready(), "no Docker engine reachable here")
+    require_docker()
     from images import ensure_base_image
 
     return ensure_base_image()
@@ -37,14 +37,14 @@ def base_image():
 
 @pytest.fixture(params=["docker compose", "docker-compose"])
 def compose_cmd(request, base_image):
-    require(request.param in compose_commands(), f"{request.param} is not installed")
+    require_compose(request.param)
     return request.param
 
 
 class Run:
     """One invocation of ./perftest_models.py in its own project and port."""
 
-    def __init__(self, tmp_path, compose_cmd="docker compose"):
+    def __init__(self, tmp_path, compose_cmd):
         self.project = new_project("ptlc")
         self.port = free_port()
         self.report_dir = tmp_path / "reports"
@@ -81,10 +81,12 @@ class Run:
 
 @pytest.fixture
 def run(tmp_path, base_image):
+    """`run()` for a test that does not depend on the Compose version: the one
+    this machine has (dockertools.any_compose); `run(compose_cmd)` for one."""
     runs = []
 
-    def make(compose_cmd="docker compose"):
-        r = Run(tmp_path, compose_cmd)
+    def make(compose_cmd=None):
+        r = Run(tmp_path, compose_cmd or any_compose())
         runs.append(r)
         return r
 
@@ -200,11 +202,16 @@ def test_an_interrupt_mid_test_stops_the_container_and_keeps_the_report(run, sig
 def test_a_port_held_by_another_container_is_named_and_left_alone(run, base_image):
     r = run()
     name = f"not-ours-{r.project}"
-    subprocess.run(["docker", "run", "-d", "--name", name, "-p", f"127.0.0.1:{r.port}:8000",
-                    "-v", "/usr:/usr:ro", "-v", f"{HERE}:/app:ro", base_image, "/usr/bin/python3",
-                    "/app/standin.py", "--host", "0.0.0.0", "--port", "8000", "--quiet"],
-                   check=True, capture_output=True)
-    try:
+    try:  # a container whose start failed exists all the same: removed in `finally`
+        # On a network of its own, as the services are: the engine's default
+        # bridge is not needed (and may be missing, as docker0 can be).
+        subprocess.run(["docker", "network", "create", name], capture_output=True, check=True)
+        started = subprocess.run(
+            ["docker", "run", "-d", "--name", name, "--network", name, "-p",
+             f"127.0.0.1:{r.port}:8000", "-v", "/usr:/usr:ro", "-v", f"{HERE}:/app:ro",
+             base_image, "/usr/bin/python3", "/app/standin.py", "--host", "0.0.0.0", "--port",
+             "8000", "--quiet"], capture_output=True, text=True)
+        assert started.returncode == 0, f"docker run failed: {started.stderr.strip()}"
         for _ in range(100):
             if subprocess.run(["docker", "port", name], capture_output=True).returncode == 0:
                 break
@@ -219,6 +226,7 @@ def test_a_port_held_by_another_container_is_named_and_left_alone(run, base_imag
         assert state == "true"  # never stop a container we do not manage
     finally:
         subprocess.run(["docker", "rm", "-f", name], capture_output=True)
+        subprocess.run(["docker", "network", "rm", name], capture_output=True)
 
 
 def test_a_port_held_by_a_plain_process_is_named(run):

@@ -48,8 +48,8 @@ from typing import Any
 
 import pytest
 
-from dockertools import (HERE, ROOT, compose_commands, docker_ready, free_port, new_project,
-                         project_containers, remove_project, require)
+from dockertools import (HERE, ROOT, any_compose, free_port, new_project, project_containers,
+                         remove_project, require, require_docker)
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
@@ -68,8 +68,9 @@ THROUGHPUT_IN, THROUGHPUT_OUT = 512, 256
 
 def require_vllm() -> None:
     require((VENV / "bin" / "vllm").exists() and (TINY_MODEL / "config.json").exists(),
-            f"no vLLM venv at {VENV} or no tiny model at {TINY_MODEL} "
-            "(.ci/setup-vllm.sh, tests/support/make_tiny_model.py)", env="PERFTEST_REQUIRE_VLLM")
+            f"no vLLM venv at {VENV} or no tiny model at {TINY_MODEL} (steps 2-3 of "
+            ".ci/run: .ci/setup-vllm.sh, tests/support/make_tiny_model.py)",
+            env="PERFTEST_REQUIRE_VLLM")
 
 
 def http_json(url: str, body: Any = None, timeout: float = 30) -> Any:
@@ -267,8 +268,8 @@ def compose_project(tmp_path):
     """A Compose project and port of its own; its containers and network are
     removed at the end whatever happened."""
     require_vllm()
-    require(docker_ready(), "no Docker engine reachable here")
-    require(bool(compose_commands()), "neither docker compose nor docker-compose is installed")
+    require_docker()
+    any_compose()
     from images import ensure_base_image
 
     image = ensure_base_image()
@@ -283,7 +284,7 @@ def compose_project(tmp_path):
 
 
 def compose_logs(env: dict[str, str], project: str) -> str:
-    cmd = compose_commands()[0].split()
+    cmd = any_compose().split()
     logs = subprocess.run([*cmd, "-f", str(COMPOSE), "-p", project, "logs", "--no-color",
                            "--tail", "30"], capture_output=True, text=True, check=False,
                           env={**os.environ, **env}, timeout=60)
@@ -369,7 +370,7 @@ def test_the_caching_service_would_flatter_a_repeated_prompt_but_not_a_new_head_
     import perftest_models as pm
 
     project, port, env = compose_project
-    cmd = compose_commands()[0].split()
+    cmd = any_compose().split()
     up = subprocess.run([*cmd, "-f", str(COMPOSE), "-p", project, "up", "-d", "vllm-tiny-a"],
                         capture_output=True, text=True, env={**os.environ, **env}, timeout=300,
                         check=False)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import standin as standin_module
+from dockertools import require_loop
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -65,8 +66,9 @@ async def no_wait(seconds):  # asyncio.sleep on virtual time (a Retry-After: 1 c
 
 
 def one_request(srv, **kw) -> pm.Sample:
-    """One streaming chat request through the real client over a real socket."""
-    return asyncio.run(_one(srv.base_url, srv.config.model, **kw))
+    """One streaming chat request through the real client over a real socket,
+    on the tool's event loop (PERFTEST_LOOP, else uvloop when installed)."""
+    return pm.run_async(_one(srv.base_url, srv.config.model, **kw))
 
 
 def json_report(report_dir) -> dict:
@@ -149,7 +151,7 @@ def test_a_server_still_loading_answers_503_and_the_request_is_retried(standin):
 
 def test_a_refused_connection_is_retried_and_counted():
     url = f"http://127.0.0.1:{free_port()}"
-    s = asyncio.run(_one(url, max_retries=2))
+    s = pm.run_async(_one(url, max_retries=2))
     assert not s.ok and s.retries == 2 and s.error.startswith("cannot connect: ")
 
 
@@ -378,14 +380,21 @@ def test_a_tokenize_answer_without_a_count_fails_the_model_not_the_run(
 # ============================================================================
 
 SIGNALS = [("SIGINT", 130), ("SIGTERM", 143), ("SIGHUP", 143)]
+LOOPS = ["asyncio", "uvloop"]  # PERFTEST_LOOP: for the tests that depend on the loop
 
 # Runs main() with a hook that signals (or SIGKILLs) the process from inside
 # a call, deterministically: WHERE ".json"/".txt" is inside the rename of the
 # Nth report file of that kind ("while writing the report"; the signal comes
-# before the rename is done); WHERE "send" is inside the Nth socket send of a
-# chat request (deep in asyncio's transport code).
+# before the rename is done); WHERE "write" is inside the tool's own write of
+# the Nth benchmark chat request (ignore_eos: the answer check's are not
+# counted) to its connection's transport (_Connection's, so on either event
+# loop); WHERE "send" is inside the Nth socket send of one, deep in asyncio's
+# transport code (uvloop writes in C and never calls socket.send: asyncio's
+# loop only); WHERE "read" is inside the tool's protocol callback
+# (_Connection.data_received) for the Nth read that carries SSE events.
+# The driver exits 99 where its hook ran fewer than N times.
 DRIVER = """\
-import os, signal, socket, sys
+import json, os, signal, socket, sys
 sys.path.insert(0, {root!r})
 import perftest_models as pm
 sig, where, nth = getattr(signal, sys.argv[1]), sys.argv[2], int(sys.argv[3])
@@ -394,22 +403,55 @@ def hit():
     seen.append(1)
     if len(seen) == nth:
         os.kill(os.getpid(), sig)
+def chat(data):  # one of the benchmark's requests (ignore_eos), not the answer check's
+    head, _, body = bytes(data).partition(b"\\r\\n\\r\\n")
+    if not head.startswith(b"POST /v1/chat/completions "):
+        return False
+    try:
+        return json.loads(body).get("ignore_eos") is True
+    except ValueError:
+        return False
 real_replace, real_send = os.replace, socket.socket.send
 def replace(src, dst):
     if str(dst).endswith(where):
         hit()
     return real_replace(src, dst)
 def send(self, data, *flags):
-    if where == "send" and b"POST /v1/chat/completions" in bytes(data):
+    if where == "send" and chat(data):
         hit()
     return real_send(self, data, *flags)
+class HookedWrites:
+    def __init__(self, transport):
+        self.transport = transport
+    def __getattr__(self, name):
+        return getattr(self.transport, name)
+    def write(self, data):
+        if where == "write" and chat(data):
+            hit()
+        return self.transport.write(data)
+    def writelines(self, chunks):
+        return self.write(b"".join(chunks))
+real_made, real_received = pm._Connection.connection_made, pm._Connection.data_received
+def connection_made(self, transport):
+    real_made(self, HookedWrites(transport))
+def data_received(self, data):
+    if where == "read" and b"data: " in data:
+        hit()
+    return real_received(self, data)
 os.replace, socket.socket.send = replace, send
-raise SystemExit(pm.main(sys.argv[4:]))
+pm._Connection.connection_made = connection_made
+pm._Connection.data_received = data_received
+rc = pm.main(sys.argv[4:])
+if len(seen) < nth:
+    print(f"driver: the hook at {{where!r}} ran {{len(seen)}} time(s), not {{nth}}", file=sys.stderr)
+    rc = 99
+raise SystemExit(rc)
 """
 
 
-def start_run(srv, report_dir, *args, cwd, driver=None):
-    """The tool as a subprocess against `srv`, with plain pipes."""
+def start_run(srv, report_dir, *args, cwd, driver=None, loop=None):
+    """The tool as a subprocess against `srv`, with plain pipes; on `loop`
+    (PERFTEST_LOOP) where given, else on the loop this test run has."""
     cmd = [sys.executable, str(SCRIPT)]
     if driver is not None:
         path = cwd / "driver.py"
@@ -417,6 +459,8 @@ def start_run(srv, report_dir, *args, cwd, driver=None):
         cmd = [sys.executable, str(path), *driver]
     argv = ["--endpoint", srv.base_url, "--report-dir", str(report_dir), *args]
     env = {k: v for k, v in os.environ.items() if k not in ("VLLM_API_KEY", "OPENAI_API_KEY")}
+    if loop is not None:
+        env["PERFTEST_LOOP"] = require_loop(loop)
     # As from a terminal: Ctrl-C at its default even where the test runner
     # was started with SIGINT ignored (a background job of a non-interactive
     # shell, as CI may be), which the child would otherwise inherit.
@@ -581,14 +625,52 @@ def test_a_signal_during_a_mid_run_save_leaves_no_temp_file_and_a_whole_report(
     assert [sc["name"] for sc in report["models"][0]["scenarios"]] == ["latency"]
 
 
+@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize("name, code", SIGNALS)
+def test_a_signal_inside_the_tools_request_write_saves_the_report_and_exits_with_its_code(
+        standin, report_dir, tmp_path, name, code, loop):
+    srv = standin()
+    proc = start_run(srv, report_dir, "--iterations", "1", "--context-sizes", "1k",
+                     cwd=tmp_path, driver=[name, "write", "2"], loop=loop)  # 1st latency request
+    rc, _, err = finish(proc)
+    assert rc == code, err
+    report, _ = assert_clean_report_dir(report_dir)
+    assert report["interrupted"] == name
+    (model,) = report["models"]
+    assert model["status"] == "interrupted" and model["error"] == f"interrupted by {name}"
+    # The signal is raised on the loop's next turn: the one latency request
+    # may finish first, but context-1k never starts.
+    assert [sc["name"] for sc in model["scenarios"]] in ([], ["latency"])
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize("name, code", SIGNALS)
+def test_a_signal_inside_the_tools_read_callback_saves_the_report_and_exits_with_its_code(
+        standin, report_dir, tmp_path, name, code, loop):
+    # Raised inside a protocol callback, uvloop would log it as a "Fatal
+    # error on transport", close the connection and go on: the signal lost.
+    srv = standin(itl_s=0.01)
+    proc = start_run(srv, report_dir, "--iterations", "1", "--context-sizes", "1k",
+                     cwd=tmp_path, driver=[name, "read", "3"], loop=loop)  # mid warm-up
+    rc, _, err = finish(proc)
+    assert rc == code, err
+    assert "Fatal error" not in err
+    report, _ = assert_clean_report_dir(report_dir)
+    assert report["interrupted"] == name
+    (model,) = report["models"]
+    assert model["status"] == "interrupted" and model["scenarios"] == []
+
+
 @pytest.mark.parametrize("name, code", SIGNALS)
 def test_a_signal_inside_a_socket_write_is_not_swallowed_by_asyncio(
         standin, report_dir, tmp_path, name, code):
     # asyncio's transports catch BaseException around sock.send() and log it
     # as a "Fatal write error"; only KeyboardInterrupt and SystemExit go on.
+    # asyncio's own loop: uvloop writes in C, with no socket.send to hook.
     srv = standin()
     proc = start_run(srv, report_dir, "--iterations", "1", "--context-sizes", "1k",
-                     cwd=tmp_path, driver=[name, "send", "2"])  # the first latency request
+                     cwd=tmp_path, driver=[name, "send", "2"],  # the first latency request
+                     loop="asyncio")
     rc, _, err = finish(proc)
     assert rc == code and "Fatal write error" not in err
     report, _ = assert_clean_report_dir(report_dir)

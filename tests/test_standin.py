@@ -427,8 +427,11 @@ def test_first_token_time_and_itl(server: StandinServer) -> None:
     assert reply.t_headers - reply.t_sent < 0.09
     sent = [c["x_sent"] for c in reply.token_chunks]
     assert sent[0] - reply.chunks[0]["x_sent"] < 0.05  # role chunk came with the first token
-    assert 4 * 0.02 - 0.002 <= sent[-1] - sent[0] < 4 * 0.02 + 0.2  # 4 ITLs, no drift
     record = server.records[-1]
+    # 4 ITLs on a fixed schedule from arrival: a first chunk sent late (a busy
+    # machine) shortens the next gap, so the schedule, not the gaps, is the bound
+    assert 0.1 + 4 * 0.02 - 0.002 <= sent[-1] - record.arrival
+    assert sent[-1] - sent[0] < 4 * 0.02 + 0.2  # no drift
     assert record.first_token_at is not None
     assert 0.1 <= record.first_token_at - record.arrival < 0.3
 
