@@ -2205,7 +2205,15 @@ class StreamTransport:
                 conn = await self._connect(key, timeouts.get("connect"), request)
             conn.start_response()
             t_sent = clock() if clock is not None else None
-            conn.transport.write(head + body)
+            try:
+                conn.transport.write(head + body)
+            except RuntimeError:  # uvloop: the server closed it under us (asyncio ignores it)
+                self._release(conn, key, False)
+                if reused:
+                    continue
+                raise httpx.RemoteProtocolError(
+                    "server closed the connection before the request was sent",
+                    request=request) from None
             try:
                 status, reason, headers = await conn.read_head(timeouts.get("read"), request)
             except _StaleConnection:

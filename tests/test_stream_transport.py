@@ -333,3 +333,35 @@ def test_a_cookie_the_server_sets_is_sent_back_like_httpx_does():
     assert all(s.ok for s in run(main()))
     assert b"\r\ncookie: route=r7\r\n" not in srv.heads[0].lower()
     assert b"\r\ncookie: route=r7\r\n" in srv.heads[1].lower()
+
+
+def test_a_kept_alive_connection_the_loop_refuses_to_write_to_is_replaced():
+    """uvloop raises RuntimeError when the request is written to a transport
+    the server closed after the pool's check (asyncio drops the write and the
+    read finds the connection stale): either way the request goes out on a new
+    connection, as a resend of nothing measured, not a failed sample. The
+    refusing transport stands in for uvloop's, whose timing cannot be forced."""
+    srv = Server(streaming())
+
+    class ClosedUnderUs:
+        def __init__(self, real):
+            self.real = real
+
+        def write(self, data):
+            raise RuntimeError("unable to perform operation on <TCPTransport closed=True>; "
+                               "the handler is closed")
+
+        def __getattr__(self, name):
+            return getattr(self.real, name)
+
+    async def main():
+        async with srv as url, pm.http_client(url, "sk-test", 30.0) as client:
+            first = await pm.send_chat(client, payload(), 2, retry_wait_s=0.01)
+            (idle,) = [conns for conns in client._transport._idle.values() if conns]
+            idle[-1].transport = ClosedUnderUs(idle[-1].transport)
+            second = await pm.send_chat(client, payload(), 2, retry_wait_s=0.01)
+            return first, second
+
+    first, second = run(main())
+    assert first.ok and second.ok, second.error
+    assert second.retries == 0 and srv.connections == 2
