@@ -28,6 +28,7 @@ SOCK="/run/$NAME.sock"
 DATA_ROOT="/var/lib/$NAME"
 EXEC_ROOT="/run/$NAME"
 PIDFILE="/run/$NAME.pid"
+BRIDGE="${PERFTEST_DOCKER2_BRIDGE:-ptdocker2}"  # its own bridge interface (see start)
 LOG="/var/log/$NAME.log"
 CGROUP="/$NAME"
 export DOCKER_HOST="unix://$SOCK"
@@ -46,9 +47,14 @@ start() {
   else
     if ! alive; then rm -f "$PIDFILE"; fi
     mkdir -p "$DATA_ROOT" "$EXEC_ROOT"
+    # A bridge of its own, never `--bridge none`: a dockerd started with no
+    # bridge deletes the host's docker0 at start-up (libnetwork's
+    # removeDefaultBridgeInterface), which breaks the main engine's default
+    # network for everyone on the machine. Its containers use host networking.
+    ip link show "$BRIDGE" >/dev/null 2>&1 || ip link add "$BRIDGE" type bridge
     log "starting dockerd at $DOCKER_HOST; log: $LOG"
     setsid nohup dockerd --host "$DOCKER_HOST" --data-root "$DATA_ROOT" --exec-root "$EXEC_ROOT" \
-      --pidfile "$PIDFILE" --bridge none --iptables=false --ip-masq=false --ip-forward=false \
+      --pidfile "$PIDFILE" --bridge "$BRIDGE" --iptables=false --ip-masq=false --ip-forward=false \
       --cgroup-parent "$CGROUP" >>"$LOG" 2>&1 </dev/null &
     local pid=$! i
     for ((i = 0; i < 120; i++)); do
