@@ -2483,7 +2483,10 @@ class _Connection(asyncio.Protocol):
             if self.broken is not None:
                 raise httpx.RemoteProtocolError(f"{self.broken} (in the head)", request=request)
             if self.eof:
-                if self.head_bytes == 0 and self.error is None:
+                # Nothing of a response came: the server had closed the
+                # connection (a reset is how a closed socket answers a write).
+                if self.head_bytes == 0 and (self.error is None
+                                             or isinstance(self.error, ConnectionResetError)):
                     raise _StaleConnection()
                 raise self.protocol_error(request, "inside the response head")
             try:
