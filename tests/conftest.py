@@ -31,5 +31,18 @@ def standin():
 
 
 @pytest.fixture
+def run_main(capsys):
+    """pm.main(argv) -> (exit code, stdout, stderr), with no traceback on stderr."""
+    import perftest_models as pm
+
+    def run(argv):
+        rc = pm.main(argv)
+        out, err = capsys.readouterr()
+        assert "Traceback" not in err
+        return rc, out, err
+    return run
+
+
+@pytest.fixture
 def report_dir(tmp_path):
     return tmp_path / "reports"

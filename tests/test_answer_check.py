@@ -15,17 +15,6 @@ import perftest_models as pm
 from standin import STANDIN_ANSWERS, canned_answer
 
 
-@pytest.fixture
-def run_main(capsys):
-    """pm.main(argv) -> (exit code, stdout, stderr), with no traceback on stderr."""
-    def run(argv):
-        rc = pm.main(argv)
-        out, err = capsys.readouterr()
-        assert "Traceback" not in err
-        return rc, out, err
-    return run
-
-
 def report_of(report_dir):
     (path,) = report_dir.glob("*.json")
     return json.loads(path.read_text())

@@ -23,16 +23,6 @@ HARDWARE = ROOT / "tests" / "fixtures" / "history-hardware"
 STEP_FILE = sorted(SERIES.glob("*.json"))[3].name  # the fourth run
 
 
-@pytest.fixture
-def run_main(capsys):
-    def run(argv):
-        rc = pm.main(argv)
-        out, err = capsys.readouterr()
-        assert "Traceback" not in err
-        return rc, out, err
-    return run
-
-
 def stat(mean: float, half: float | None = 1.0) -> pm.Stat:
     ci = None if half is None else (mean - half, mean + half)
     return pm.Stat(n=3, mean=mean, stddev=None if half is None else half, min=mean, max=mean,
