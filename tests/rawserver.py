@@ -117,10 +117,13 @@ class RawServer:
 
     def stop(self) -> None:
         self._stopping = True
+        # close() alone does not wake a thread blocked in accept() on Linux
+        # (it waited out the 5 s join below); shutdown() does.
         try:
-            self._sock.close()
+            self._sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+        self._sock.close()
         with self._lock:
             for s in list(self._open):
                 try:
