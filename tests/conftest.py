@@ -11,7 +11,14 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
+import property_budget  # noqa: E402
 from standin import StandinConfig, StandinServer  # noqa: E402
+
+
+def pytest_configure(config):
+    """-m "not slow" is the quick run: property tests draw fewer examples
+    there (see property_budget.py); the full run draws them all."""
+    property_budget.QUICK = "not slow" in (config.getoption("markexpr") or "")
 
 
 @pytest.fixture

@@ -92,8 +92,8 @@ def test_a_model_that_answers_right_is_checked_and_says_so(standin, report_dir, 
 
 def test_a_garbage_model_is_never_crowned_even_when_it_is_faster(
         standin, report_dir, tmp_path, run_main):
-    good = standin(model="good", itl_s=0.004)
-    bad = standin(model="bad", itl_s=0.001, answers="garbage")  # four times as fast
+    good = standin(model="good", itl_s=0.001)
+    bad = standin(model="bad", itl_s=0.00025, answers="garbage")  # four times as fast
     models = models_file(tmp_path, ("good", "good"), ("bad", "bad"))
     # one endpoint serves one model: run each, then compare them in one report
     rc1, _, _ = run_main(["--endpoint", good.base_url, "--models", str(models), "--only", "good",

@@ -28,6 +28,7 @@ import standin as standin_module
 from dockertools import require_loop
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from property_budget import examples
 
 import perftest_models as pm
 
@@ -379,7 +380,10 @@ def test_a_tokenize_answer_without_a_count_fails_the_model_not_the_run(
 # Signals: the tool as a subprocess, interrupted at every point
 # ============================================================================
 
-SIGNALS = [("SIGINT", 130), ("SIGTERM", 143), ("SIGHUP", 143)]
+# SIGHUP takes SIGTERM's handler and exit code: the full run tries it at every
+# point, the quick run (-m "not slow") only SIGINT and SIGTERM.
+SIGNALS = [("SIGINT", 130), ("SIGTERM", 143),
+           pytest.param("SIGHUP", 143, marks=pytest.mark.slow, id="SIGHUP-143")]
 LOOPS = ["asyncio", "uvloop"]  # PERFTEST_LOOP: for the tests that depend on the loop
 
 # Runs main() with a hook that signals (or SIGKILLs) the process from inside
@@ -1168,13 +1172,14 @@ def test_a_server_with_a_nonsense_context_length_gets_the_default(capsys):
 # Fuzzing: the SSE parser, the YAML files, the command line
 # ============================================================================
 
-# Fixed seed and a bounded count, so CI is fast and repeatable; for a deeper
-# random search: PERFTEST_FUZZ_EXAMPLES=20000 python3 -m pytest --timeout 0 -k "fuzz or sse"
+# Fixed seed and a bounded count (fewer in the quick run: property_budget.py),
+# so CI is fast and repeatable; for a deeper random search:
+# PERFTEST_FUZZ_EXAMPLES=20000 python3 -m pytest --timeout 0 -k "fuzz or sse"
 _FUZZ_EXAMPLES = os.environ.get("PERFTEST_FUZZ_EXAMPLES")
 
 
-def fuzz(examples: int):
-    return settings(max_examples=int(_FUZZ_EXAMPLES or examples), deadline=None,
+def fuzz(full: int):
+    return settings(max_examples=examples(full), deadline=None,
                     derandomize=_FUZZ_EXAMPLES is None, database=None,
                     suppress_health_check=[HealthCheck.too_slow,
                                            HealthCheck.function_scoped_fixture])
@@ -1635,6 +1640,7 @@ def test_report_file_names_stay_inside_the_report_folder(when, tmp_path):
 # ============================================================================
 
 
+@pytest.mark.slow  # a soak: seconds of real traffic
 def test_the_soak_script_loses_no_sample_and_leaks_no_descriptor():
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "soak.py"), "--requests", "192",
                            "--concurrency", "32", "--per-stream", "2", "--tokens-out", "8",

@@ -589,7 +589,7 @@ def test_a_throughput_level_builds_its_payloads_as_it_goes_not_all_up_front(serv
     spec = pm.ModelSpec(name="raw-model", service=None, model_id="raw-model",
                         max_context_tokens=4096)
     cfg = pm.RunConfig(throughput_tokens_in=20, throughput_tokens_out=4)
-    scenario = pm.Scenario("throughput-c2", "throughput", 20, 4, 200, concurrency=2)
+    scenario = pm.Scenario("throughput-c2", "throughput", 20, 4, 40, concurrency=2)
 
     async def go():
         async with pm.http_client(srv.base_url, None, 10.0, 2) as client:
@@ -598,8 +598,8 @@ def test_a_throughput_level_builds_its_payloads_as_it_goes_not_all_up_front(serv
                                          failures_left=4)
 
     result = asyncio.run(go())
-    assert len(result.samples) == 200 and all(s.ok for s in result.samples)
-    assert at_first_chat[0] <= 4, at_first_chat  # not 200
+    assert len(result.samples) == 40 and all(s.ok for s in result.samples)
+    assert at_first_chat[0] <= 4, at_first_chat  # not 40
 
 
 # ============================================================================
@@ -641,6 +641,7 @@ def test_retry_after_as_an_http_date_is_honoured(server):
     when = math.ceil(time.time()) + 2  # an HTTP date has whole seconds
     date = email.utils.formatdate(when, usegmt=True)
     arrived: list[float] = []
+    slept: list[float] = []
 
     def reply(req):
         arrived.append(time.time())
@@ -648,10 +649,14 @@ def test_retry_after_as_an_http_date_is_honoured(server):
             return [raw.json_response({"error": {"message": "busy"}}, 429, [("Retry-After", date)])]
         return sse_reply(4)
 
+    async def sleep(seconds: float) -> None:  # virtual: the wait asked for, not waited
+        slept.append(seconds)
+
     srv = server(reply)
-    s = chat(srv, retry_wait_s=0.0)
-    assert s.ok and s.retries == 1
-    assert arrived[1] >= when - 0.05  # the server's date, not our 0 s default
+    s = chat(srv, retry_wait_s=0.0, sleep=sleep)
+    assert s.ok and s.retries == 1 and len(arrived) == 2
+    # the server's date, not our 0 s default: the wait ends at `when`
+    assert slept == [pytest.approx(when - arrived[0], abs=0.25)]
 
 
 def test_server_bytes_in_a_failed_sample_are_exact_in_the_sample():

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import perftest_models as pm  # noqa: E402
+from property_budget import examples  # noqa: E402
 
 
 def split_sse(reads):
@@ -249,7 +250,7 @@ def streams_and_reads(draw):
     return body, draw(chunkings(body))
 
 
-SETTINGS = settings(max_examples=400, deadline=None,
+SETTINGS = settings(max_examples=examples(400), deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
@@ -358,7 +359,7 @@ def _framed(head: bytes, pieces) -> pm._Connection:
 CHUNKED_HEAD = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(st.lists(st.binary(min_size=1, max_size=300), max_size=8), st.data())
 def test_chunked_decoding_gives_the_body_back_however_the_reads_are_cut(parts, data):
     body = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in parts)
