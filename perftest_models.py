@@ -77,6 +77,7 @@ import dataclasses
 import datetime as dt
 import enum
 import errno
+import functools
 import json
 import math
 import os
@@ -1941,70 +1942,28 @@ def measure_stream(t_sent: float, reads: Sequence[Read], target_tokens_out: int 
     """
     t0 = t_sent if t_scheduled is None else t_scheduled
     queued_ms = (t_sent - t0) * 1000
-    fail = lambda why: Sample(ok=False, error=why, retries=retries, queued_ms=queued_ms)  # noqa: E731
-    token_times: list[float] = []
-    token_counts: list[int | None] = []  # per chunk, when the server says (continuous usage)
-    first_answer: float | None = None
-    usage: Mapping[str, Any] | None = None
-    done = False
-    for t, raw in sse_payloads(reads):
-        if raw == b"[DONE]":
-            done = True
-            break
-        try:
-            chunk = _json_loads(raw)
-        except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
-            chunk = None
-        if not isinstance(chunk, dict):
-            return fail(f"malformed SSE event: {raw.decode('utf-8', 'replace')[:80]!r}")
-        if "error" in chunk:
-            err = chunk["error"]
-            msg = err.get("message") if isinstance(err, dict) else err
-            return fail(f"error event in stream: {str(msg)[:200]}")
-        token, answer = _delta_tokens(chunk)
-        chunk_usage = chunk.get("usage")
-        if token:
-            token_times.append(t)
-            if chunk_usage is None:  # the common case: no continuous usage
-                token_counts.append(None)
-            else:
-                prev = (usage or {}).get("completion_tokens", 0) if usage else 0
-                now = chunk_usage.get("completion_tokens") if isinstance(chunk_usage, dict) else None
-                token_counts.append(now - prev if isinstance(now, int) and isinstance(prev, int)
-                                    else None)
-            if answer and first_answer is None:
-                first_answer = t
-        if isinstance(chunk_usage, dict):
-            usage = chunk_usage
-    if not done:
-        return fail(f"stream ended before [DONE] after {len(token_times)} token chunk(s)"
-                    + _what_came(reads, token_times))
-    if not token_times:
-        return fail("stream finished without any generated token")
-    if usage is None and usage_fallback is None:
-        return fail(f"{NO_USAGE_ERROR}: the server ignored stream_options.include_usage")
-    usage = usage if usage is not None else usage_fallback
-    tokens_out, tokens_in = usage.get("completion_tokens"), usage.get("prompt_tokens")
-    if not _count(tokens_out) or not _count(tokens_in) or tokens_out < 1:
-        return fail(f"usage without valid token counts: {json.dumps(usage)[:120]}")
-    if (why := _beyond_the_chunks(tokens_out, len(token_times))) is not None:
-        return fail(why)
-    details = usage.get("prompt_tokens_details")
-    cached = details.get("cached_tokens") if isinstance(details, dict) else None
-
-    ttft_s = token_times[0] - t0
-    latency_s = token_times[-1] - t0
-    arrivals = count_arrivals(token_times)
+    tokens = stream_tokens(reads)
+    if isinstance(tokens, str):
+        return Sample(ok=False, error=tokens, retries=retries, queued_ms=queued_ms)
+    counts = _usage_counts(tokens.usage if tokens.usage is not None else usage_fallback,
+                           len(tokens.times))
+    if isinstance(counts, str):
+        return Sample(ok=False, error=counts, retries=retries, queued_ms=queued_ms)
+    tokens_out, tokens_in, cached = counts
+    times = tokens.times
+    ttft_s = times[0] - t0
+    latency_s = times[-1] - t0
+    arrivals = count_arrivals(times)
     # no rate is better than one of millions of tokens/s (see SAME_READ_S)
-    decode_s = token_times[-1] - token_times[0] if has_decode_time(arrivals) else 0.0
+    decode_s = times[-1] - times[0] if has_decode_time(arrivals) else 0.0
     # too few tokens for a rate (a server that ignored ignore_eos): none at all
     short = target_tokens_out is not None and tokens_out < min(target_tokens_out, MIN_DECODE_TOKENS)
     decode_s = 0.0 if short else decode_s
-    itl = [] if short else spread_gaps(token_times, token_counts, tokens_out)
+    itl = [] if short else spread_gaps(times, tokens.counts, tokens_out)
     return Sample(
         ok=True,
         ttft_ms=ttft_s * 1000,
-        ttfo_ms=(first_answer - t0) * 1000 if first_answer is not None else None,
+        ttfo_ms=(tokens.first_answer - t0) * 1000 if tokens.first_answer is not None else None,
         tps=(tokens_out - 1) / decode_s if tokens_out > 1 and decode_s > 0 else None,
         tpot_ms=decode_s * 1000 / (tokens_out - 1) if tokens_out > 1 and decode_s > 0 else None,
         e2e_tps=tokens_out / latency_s if latency_s > 0 else None,
@@ -2013,12 +1972,83 @@ def measure_stream(t_sent: float, reads: Sequence[Read], target_tokens_out: int 
         tokens_in=tokens_in,
         tokens_out=tokens_out,
         tokens_out_exact=None if target_tokens_out is None else tokens_out == target_tokens_out,
-        cached_tokens=cached if isinstance(cached, int) else None,
+        cached_tokens=cached,
         retries=retries,
         queued_ms=queued_ms,
         token_reads=arrivals,
         itl_ms=tuple(itl),
     )
+
+
+@dataclass(frozen=True)
+class StreamTokens:
+    """What a complete stream's events say: when each token chunk arrived,
+    the tokens it carried where the server says so per chunk (continuous
+    usage; None: not said), when the first answer token came, the usage."""
+
+    times: list[float]
+    counts: list[int | None]
+    first_answer: float | None
+    usage: Mapping[str, Any] | None
+
+
+def stream_tokens(reads: Sequence[Read]) -> StreamTokens | str:
+    """The token chunks of a stream, or why it is not a complete one (an
+    error event, a malformed event, no [DONE], no token at all)."""
+    times: list[float] = []
+    counts: list[int | None] = []
+    first_answer: float | None = None
+    usage: Mapping[str, Any] | None = None
+    for t, raw in sse_payloads(reads):
+        if raw == b"[DONE]":
+            break
+        try:
+            chunk = _json_loads(raw)
+        except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
+            chunk = None
+        if not isinstance(chunk, dict):
+            return f"malformed SSE event: {raw.decode('utf-8', 'replace')[:80]!r}"
+        if "error" in chunk:
+            err = chunk["error"]
+            msg = err.get("message") if isinstance(err, dict) else err
+            return f"error event in stream: {str(msg)[:200]}"
+        token, answer = _delta_tokens(chunk)
+        chunk_usage = chunk.get("usage")
+        if token:
+            times.append(t)
+            if chunk_usage is None:  # the common case: no continuous usage
+                counts.append(None)
+            else:
+                prev = (usage or {}).get("completion_tokens", 0) if usage else 0
+                now = chunk_usage.get("completion_tokens") if isinstance(chunk_usage, dict) else None
+                counts.append(now - prev if isinstance(now, int) and isinstance(prev, int)
+                              else None)
+            if answer and first_answer is None:
+                first_answer = t
+        if isinstance(chunk_usage, dict):
+            usage = chunk_usage
+    else:
+        return (f"stream ended before [DONE] after {len(times)} token chunk(s)"
+                + _what_came(reads, times))
+    if not times:
+        return "stream finished without any generated token"
+    return StreamTokens(times, counts, first_answer, usage)
+
+
+def _usage_counts(usage: Mapping[str, Any] | None, token_chunks: int
+                  ) -> tuple[int, int, int | None] | str:
+    """(tokens out, tokens in, cached tokens or None) from a stream's usage,
+    or why they cannot be trusted."""
+    if usage is None:
+        return f"{NO_USAGE_ERROR}: the server ignored stream_options.include_usage"
+    tokens_out, tokens_in = usage.get("completion_tokens"), usage.get("prompt_tokens")
+    if not _count(tokens_out) or not _count(tokens_in) or tokens_out < 1:
+        return f"usage without valid token counts: {json.dumps(usage)[:120]}"
+    if (why := _beyond_the_chunks(tokens_out, token_chunks)) is not None:
+        return why
+    details = usage.get("prompt_tokens_details")
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    return tokens_out, tokens_in, cached if isinstance(cached, int) else None
 
 
 # A sample shorter than asked and than this has no decode rate: from a 3-token
@@ -2561,80 +2591,80 @@ def _time_out(waiter: asyncio.Future[None]) -> None:
         waiter.set_exception(TimeoutError())
 
 
-_BODY_STREAM: list[type] = []  # the class, once made
+class _BodyStream:
+    """A response body from StreamTransport; the connection goes back to the
+    pool when the body ended cleanly and the response allows it. Its httpx
+    type (an httpx.AsyncByteStream, which httpx requires) is made by
+    _body_stream_class, since httpx is imported lazily."""
 
+    def __init__(self, owner: StreamTransport, conn: _Connection, key: tuple[str, str, int],
+                 timeout_s: float | None, request: Any):
+        self.owner, self.conn, self.key = owner, conn, key
+        self.timeout_s, self.request = timeout_s, request
+        self.finished = False
 
-def _body_stream_class() -> type:
-    """The response body stream: a class made on first use, because it must
-    subclass httpx.AsyncByteStream and httpx is imported lazily."""
-    if _BODY_STREAM:
-        return _BODY_STREAM[0]
-    import httpx  # noqa: PLC0415
+    def _done(self) -> None:
+        self.finished = True
+        self.owner._release(self.conn, self.key, self.conn.reusable)
 
-    class BodyStream(httpx.AsyncByteStream):
-        """The response body; the connection goes back to the pool when the
-        body ended cleanly and the response allows it."""
+    async def __aiter__(self) -> Any:
+        import httpx  # noqa: PLC0415 (imported already: this class is made from it)
 
-        def __init__(self, owner: StreamTransport, conn: _Connection,
-                     key: tuple[str, str, int], timeout_s: float | None, request: Any):
-            self.owner, self.conn, self.key = owner, conn, key
-            self.timeout_s, self.request = timeout_s, request
-            self.finished = False
-
-        def _done(self) -> None:
-            self.finished = True
-            self.owner._release(self.conn, self.key, self.conn.reusable)
-
-        async def __aiter__(self) -> Any:
-            conn, request = self.conn, self.request
-            total = 0
-            while True:
-                if conn.body:
-                    data = conn.take_body()
-                    total += len(data)
-                    if total > BODY_MAX_BYTES:
-                        raise httpx.RemoteProtocolError(
-                            f"response body over {BODY_MAX_BYTES} bytes", request=request)
-                    yield data
-                    continue
-                if conn.broken is not None or (conn.eof and not conn.done):
-                    raise conn.protocol_error(request, "without sending complete message body")
-                if conn.done:
-                    break
-                try:
-                    await conn.wait(self.timeout_s)
-                except TimeoutError:
-                    raise httpx.ReadTimeout(f"no bytes for {self.timeout_s} s",
-                                            request=request) from None
-            self._done()
-
-        async def record(self, reads: list[Read], clock: Clock,
-                         max_bytes: int = BODY_MAX_BYTES) -> None:
-            """Append (clock(), payload) per network read until the body ends
-            (see StreamTransport); RemoteProtocolError past `max_bytes`."""
-            request = self.request
+        conn, request = self.conn, self.request
+        total = 0
+        while True:
+            if conn.body:
+                data = conn.take_body()
+                total += len(data)
+                if total > BODY_MAX_BYTES:
+                    raise httpx.RemoteProtocolError(
+                        f"response body over {BODY_MAX_BYTES} bytes", request=request)
+                yield data
+                continue
+            if conn.broken is not None or (conn.eof and not conn.done):
+                raise conn.protocol_error(request, "without sending complete message body")
+            if conn.done:
+                break
             try:
-                await self.conn.record(reads, clock, self.timeout_s, max_bytes)
+                await conn.wait(self.timeout_s)
             except TimeoutError:
                 raise httpx.ReadTimeout(f"no bytes for {self.timeout_s} s",
                                         request=request) from None
-            except EOFError:
-                raise httpx.RemoteProtocolError(
-                    "peer closed connection without sending complete message body",
-                    request=request) from None
-            except ValueError as exc:
-                raise httpx.RemoteProtocolError(str(exc), request=request) from None
-            except OSError as exc:
-                raise httpx.ReadError(str(exc) or type(exc).__name__, request=request) from exc
-            self._done()
+        self._done()
 
-        async def aclose(self) -> None:
-            if not self.finished:  # closed early: the rest of the body is unread
-                self.finished = True
-                self.owner._release(self.conn, self.key, False)
+    async def record(self, reads: list[Read], clock: Clock,
+                     max_bytes: int = BODY_MAX_BYTES) -> None:
+        """Append (clock(), payload) per network read until the body ends
+        (see StreamTransport); RemoteProtocolError past `max_bytes`."""
+        import httpx  # noqa: PLC0415
 
-    _BODY_STREAM.append(BodyStream)
-    return BodyStream
+        request = self.request
+        try:
+            await self.conn.record(reads, clock, self.timeout_s, max_bytes)
+        except TimeoutError:
+            raise httpx.ReadTimeout(f"no bytes for {self.timeout_s} s", request=request) from None
+        except EOFError:
+            raise httpx.RemoteProtocolError(
+                "peer closed connection without sending complete message body",
+                request=request) from None
+        except ValueError as exc:
+            raise httpx.RemoteProtocolError(str(exc), request=request) from None
+        except OSError as exc:
+            raise httpx.ReadError(str(exc) or type(exc).__name__, request=request) from exc
+        self._done()
+
+    async def aclose(self) -> None:
+        if not self.finished:  # closed early: the rest of the body is unread
+            self.finished = True
+            self.owner._release(self.conn, self.key, False)
+
+
+@functools.cache
+def _body_stream_class() -> type:
+    """_BodyStream as the httpx.AsyncByteStream that httpx's Response requires."""
+    import httpx  # noqa: PLC0415
+
+    return type("BodyStream", (_BodyStream, httpx.AsyncByteStream), {})
 
 
 # ============================================================================
@@ -2766,49 +2796,69 @@ async def stream_chat(client: Any, payload: bytes, target_tokens_out: int | None
         if (live := _LIVE_READS.get()) is not None:
             live.append(reads)
         t_sent = clock()
-        retry_in_s: float | None = None  # refused before anything was generated: resend
+        outcome: Sample | float | None  # failed, resend after this many seconds, or recorded
         try:
             response = await _send_streaming(client, request)
             if (t_written := response.extensions.get("perftest.t_sent")) is not None:
                 t_sent = t_written  # after any reconnect: the write that really sent it
             try:
-                if response.status_code != 200:
-                    body = await _read_at_most(response, ERROR_BODY_MAX_BYTES)
-                    if response.status_code not in RETRYABLE_STATUS or retries >= max_retries:
-                        return Sample(ok=False, error=_error_message(response.status_code, body),
-                                      retries=retries)
-                    retry_in_s = _retry_after_s(response, retry_wait_s)
-                elif (why := _encoded(response)) is not None:
-                    return Sample(ok=False, retries=retries, error=why)
-                elif (record := response.extensions.get("perftest.record")) is not None:
-                    # StreamTransport stamps each read as it returns
-                    await record(reads, clock, stream_bytes_limit(target_tokens_out))
-                else:
-                    async for chunk in response.aiter_raw():
-                        reads.append((clock(), chunk))
+                outcome = await _record_answer(response, reads, clock, target_tokens_out,
+                                               retries >= max_retries, retry_wait_s)
             finally:
                 await response.aclose()
-        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:  # nothing was sent: safe
-            if (client_side := _client_limit(exc)) is not None:  # ours, not the server's refusal
-                return Sample(ok=False, error=client_side, retries=retries)
-            if retries >= max_retries:
-                return Sample(ok=False, error=f"cannot connect: {str(exc) or type(exc).__name__}",
-                              retries=retries)
-            retry_in_s = retry_wait_s
-        except httpx.TimeoutException:
-            return Sample(ok=False, retries=retries, error=(
-                f"stalled: no bytes for {client.timeout.read:g} s "
-                f"after {len(reads)} read(s) (raise --request-timeout if the server is just slow)"))
-        except httpx.TransportError as exc:  # reset, closed mid-stream, protocol errors, ...
-            # A failed request is data: any transport error must become a sample,
-            # or it would end the whole run with a traceback.
-            why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-            return Sample(ok=False, retries=retries,
-                          error=f"connection broken after {len(reads)} read(s): {why}")
-        if retry_in_s is None:
+        except httpx.TransportError as exc:
+            outcome = _transport_failure(exc, client.timeout.read, len(reads),
+                                         retries >= max_retries, retry_wait_s)
+        if outcome is None:
             return RawStream(t_sent, reads, target_tokens_out, t_scheduled, retries)
+        if isinstance(outcome, Sample):
+            return dataclasses.replace(outcome, retries=retries)
         retries += 1  # the one retry path: a refusal (429, 503) or no connection
-        await sleep(retry_in_s)
+        await sleep(outcome)
+
+
+async def _record_answer(response: Any, reads: list[Read], clock: Clock,
+                         target_tokens_out: int | None, last_try: bool, retry_wait_s: float
+                         ) -> Sample | float | None:
+    """Record a streamed answer's timed reads into `reads` (None), or say
+    why there is none: the failed Sample, or the seconds to wait before
+    sending a refused request again."""
+    if response.status_code != 200:
+        body = await _read_at_most(response, ERROR_BODY_MAX_BYTES)
+        if response.status_code not in RETRYABLE_STATUS or last_try:
+            return Sample(ok=False, error=_error_message(response.status_code, body))
+        return _retry_after_s(response, retry_wait_s)
+    if (why := _encoded(response)) is not None:
+        return Sample(ok=False, error=why)
+    if (record := response.extensions.get("perftest.record")) is not None:
+        # StreamTransport stamps each read as it returns
+        await record(reads, clock, stream_bytes_limit(target_tokens_out))
+    else:
+        async for chunk in response.aiter_raw():
+            reads.append((clock(), chunk))
+    return None
+
+
+def _transport_failure(exc: Exception, read_timeout_s: float | None, reads: int, last_try: bool,
+                       retry_wait_s: float) -> Sample | float:
+    """A request that failed in the transport: the failed Sample, or the
+    seconds to wait before sending it again when nothing was sent."""
+    import httpx  # noqa: PLC0415
+
+    if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):  # nothing was sent: safe
+        if (client_side := _client_limit(exc)) is not None:  # ours, not the server's refusal
+            return Sample(ok=False, error=client_side)
+        if last_try:
+            return Sample(ok=False, error=f"cannot connect: {str(exc) or type(exc).__name__}")
+        return retry_wait_s
+    if isinstance(exc, httpx.TimeoutException):
+        return Sample(ok=False, error=(
+            f"stalled: no bytes for {read_timeout_s:g} s after {reads} read(s) "
+            "(raise --request-timeout if the server is just slow)"))
+    # reset, closed mid-stream, protocol errors, ...: a failed request is
+    # data, and must become a sample, or it would end the run with a traceback
+    why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return Sample(ok=False, error=f"connection broken after {reads} read(s): {why}")
 
 
 def _encoded(response: Any) -> str | None:
@@ -4323,41 +4373,14 @@ async def run_scenario(client: Any, spec: ModelSpec, scenario: Scenario, cfg: Ru
     before = await scrape_metrics(client)
     samples: list[Sample] = [] if measured is None else measured
     aggregate: Aggregate | None = None
-    failure: ModelFailed | None = None
     if scenario.concurrency == 1 and scenario.kind != "throughput":
-        for i in range(scenario.requests):
-            try:
-                body = await payload()
-            except ModelFailed as exc:  # the server broke between requests: keep what we have
-                failure = exc
-                break
-            sample = await send_measured(client, body, scenario.target_tokens_out, builder,
-                                         clock=clock, sleep=sleep)
-            samples.append(sample)
-            events.sample(spec.name, scenario, i, sample)
-            if not sample.ok:
-                failure = await _after_failure(sample, check_alive, failures_left)
-                failures_left -= 1
-                if failure:
-                    break
+        failure = await _requests_in_turn(client, spec, scenario, builder, events, payload,
+                                          samples, failures_left=failures_left,
+                                          check_alive=check_alive, clock=clock, sleep=sleep)
     else:
-        payloads = LazyPayloads(payload, scenario.requests)
-        await payloads.prebuild(PREBUILT_PAYLOADS)
-        stop = asyncio.Event()
-        peak_task = asyncio.create_task(_peak_metrics(client, stop))
-        done, duration_s = await run_level(client, payloads, scenario, cfg, clock=clock,
-                                           sleep=sleep, measured=samples)
-        samples[:] = done  # payload order, not completion order
-        stop.set()
-        peak = await peak_task
-        for i, s in enumerate(samples):
-            events.sample(spec.name, scenario, i, s)
-        aggregate = level_aggregate(samples, duration_s, scenario, cfg, peak)
-        if all(not s.ok for s in samples) and check_alive is not None:
-            try:
-                await asyncio.to_thread(check_alive)
-            except ModelFailed as exc:
-                failure = exc
+        aggregate, failure = await _requests_at_once(client, spec, scenario, cfg, events,
+                                                     payload, samples, check_alive=check_alive,
+                                                     clock=clock, sleep=sleep)
     after = await scrape_metrics(client)
     result = ScenarioResult(scenario, tuple(samples), summarize_samples(samples),
                             aggregate, metrics_delta(before, after),
@@ -4366,6 +4389,57 @@ async def run_scenario(client: Any, spec: ModelSpec, scenario: Scenario, cfg: Ru
     if failure is not None:
         raise ScenarioAborted(result, failure)
     return result
+
+
+async def _requests_in_turn(client: Any, spec: ModelSpec, scenario: Scenario,
+                            builder: PromptBuilder, events: Events,
+                            payload: Callable[[], Awaitable[bytes]], samples: list[Sample], *,
+                            failures_left: int, check_alive: Callable[[], None] | None,
+                            clock: Clock, sleep: Sleep) -> ModelFailed | None:
+    """A sequential scenario's requests, one after the other, into `samples`;
+    what ended the model early, if anything did."""
+    for i in range(scenario.requests):
+        try:
+            body = await payload()
+        except ModelFailed as exc:  # the server broke between requests: keep what we have
+            return exc
+        sample = await send_measured(client, body, scenario.target_tokens_out, builder,
+                                     clock=clock, sleep=sleep)
+        samples.append(sample)
+        events.sample(spec.name, scenario, i, sample)
+        if not sample.ok:
+            failure = await _after_failure(sample, check_alive, failures_left)
+            failures_left -= 1
+            if failure:
+                return failure
+    return None
+
+
+async def _requests_at_once(client: Any, spec: ModelSpec, scenario: Scenario, cfg: RunConfig,
+                            events: Events, payload: Callable[[], Awaitable[bytes]],
+                            samples: list[Sample], *, check_alive: Callable[[], None] | None,
+                            clock: Clock, sleep: Sleep) -> tuple[Aggregate, ModelFailed | None]:
+    """A level's requests, `concurrency` streams (or open-loop arrivals) at a
+    time, into `samples`: its whole-level figures, and a dead server if
+    every request failed because of one."""
+    payloads = LazyPayloads(payload, scenario.requests)
+    await payloads.prebuild(PREBUILT_PAYLOADS)
+    stop = asyncio.Event()
+    peak_task = asyncio.create_task(_peak_metrics(client, stop))
+    done, duration_s = await run_level(client, payloads, scenario, cfg, clock=clock,
+                                       sleep=sleep, measured=samples)
+    samples[:] = done  # payload order, not completion order
+    stop.set()
+    peak = await peak_task
+    for i, s in enumerate(samples):
+        events.sample(spec.name, scenario, i, s)
+    failure = None
+    if all(not s.ok for s in samples) and check_alive is not None:
+        try:
+            await asyncio.to_thread(check_alive)
+        except ModelFailed as exc:
+            failure = exc
+    return level_aggregate(samples, duration_s, scenario, cfg, peak), failure
 
 
 async def _after_failure(sample: Sample, check_alive: Callable[[], None] | None,
@@ -5972,99 +6046,148 @@ def retry_notes(model: str, sr: ScenarioResult) -> list[str]:
 def scenario_table(models: Sequence[ModelResult], winners: ScenarioWinners,
                    bandwidth_gbs: float) -> TextTable:
     """One scenario as a table: a row per model, a trophy per ranked metric."""
-    name, kind = winners.scenario, winners.kind
+    name = winners.scenario
     results = {mr.spec.name: sr for mr in models for sr in mr.scenarios if sr.scenario.name == name}
-    thinking = any(_answers_late(scenario_stat(mr, name, "ttft_ms"), scenario_stat(mr, name, "ttfo_ms"))
-                   for mr in models)
-    goodput = any(sr.aggregate is not None and sr.aggregate.good_requests is not None
-                  for sr in results.values())
-    if kind == "throughput":
-        headers = ("Model", "Streams", "Output (tok/s)", "Req/s",
-                   *(("Goodput (req/s)",) if goodput else ()), "Decode/stream (tok/s)",
-                   "TTFT p50 (ms)", "p90", "p99", "Server queue (ms)", "Peak KV", "Errors")
-    elif kind == "context":
-        headers = ("Model", "Tokens in", "TTFT (ms)", "Server TTFT (ms)", "Prefill (tok/s)",
-                   "Decode (tok/s)", "Tokens out", "Total (s)", "Failed")
-    else:
-        headers = ("Model", "TTFT (ms)", "Server TTFT (ms)", *(("TTFO (ms)",) if thinking else ()),
-                   "Decode (tok/s)",
-                   "ITL p50/p99 (ms)", "Tokens in", "Tokens out", "Total (s)", "Roofline", "Failed")
+    columns = _Columns(
+        kind=winners.kind,
+        thinking=any(_answers_late(scenario_stat(mr, name, "ttft_ms"),
+                                   scenario_stat(mr, name, "ttfo_ms")) for mr in models),
+        goodput=any(sr.aggregate is not None and sr.aggregate.good_requests is not None
+                    for sr in results.values()))
+    headers = columns.headers()
     rows: list[tuple[str, ...]] = []
     notes: list[str] = []
     for mr in models:
         sr = results.get(mr.spec.name)
-        label = mr.spec.name if mr.ranked else f"{mr.spec.name} (w)"
-        if sr is None:
-            if mr.status in ("failed", "interrupted"):
-                rows.append((mr.spec.name, f"{mr.status.upper()}: {mr.error or ''}"[:70],
-                             *[""] * (len(headers) - 2)))
-            continue
-        cell = lambda metric: _cell(mr, metric, winners)  # noqa: E731,B023
-        if not mr.ranked and mr.answer_check is not None:
-            notes.append(f"(w) {mr.spec.name}: {describe_answer_check(mr.answer_check)}")
-        failed = str(sr.failed) if sr.failed else ""
-        server = sr.server or ServerDelta()
-        server_ttft = fmt_num(server.ttft_mean_ms)
-        tokens_out = fmt_stat(sr.summary.get("tokens_out"))
-        bursty = sum(s.bursty for s in sr.samples)
-        if bursty:
-            notes.append(f"(b) {mr.spec.name}: in {bursty} of {len(sr.samples)} requests the tokens "
-                         "arrived in bursts (over 4 per network read): decode and ITL show how "
-                         "the server flushed its output, not how fast it decoded")
-        decode = cell("tps") + (" (b)" if bursty else "")
-        if any(s.ok and s.tokens_out_exact is False for s in sr.samples):
-            tokens_out += " (!)"
-            notes.append(output_note(mr, sr))
-        in_mark, out_mark, marks = measured_as_asked(mr, sr)
-        tokens_out += out_mark
-        notes.extend(marks)
-        if kind == "throughput":
-            agg = sr.aggregate or Aggregate()
-            ttft = sr.summary.get("ttft_ms")
-            late = _late_note(mr.spec.name, sr)
-            if late:
-                notes.append(late)
-            streams = (f"open, {sr.scenario.request_rate:g}/s" if sr.scenario.request_rate
-                       else str(sr.scenario.concurrency))
-            rows.append((label, streams, fmt_num(agg.output_tps, 1),
-                         fmt_num(agg.requests_per_s, 2),
-                         *((fmt_num(agg.goodput_rps, 2),) if goodput else ()), decode,
-                         fmt_num(ttft.median if ttft else None) + (" (late)" if late else ""),
-                         fmt_num(ttft.p90 if ttft else None),
-                         fmt_num(ttft.p99 if ttft else None), fmt_num(server.queue_mean_ms),
-                         fmt_pct(agg.peak_kv_cache_usage_perc), str(agg.errors or 0)))
-        elif kind == "context":
-            tin = fmt_stat(sr.summary.get("tokens_in")) + in_mark
-            if sr.scenario.clamped:
-                tin += " (c)"
-                notes.append(f"(c) {mr.spec.name}: {sr.scenario.requested_tokens_in} tokens do not "
-                             f"fit its {mr.spec.max_context_tokens}-token context; clamped to "
-                             f"{sr.scenario.target_tokens_in}")
-            rows.append((label, tin, cell("ttft_ms"), server_ttft, cell("prefill_tps"),
-                         decode, tokens_out, cell("total_s"), failed))
-        else:
-            ceiling = roofline_tps(mr.spec, bandwidth_gbs)
-            tps = sr.summary.get("tps")
-            roof = f"{tps.mean / ceiling:.0%} of {ceiling:,.1f}" if ceiling and tps else "-"
-            itl = sr.summary.get("itl_ms")
-            rows.append((label, cell("ttft_ms"), server_ttft,
-                         *((cell("ttfo_ms"),) if thinking else ()),
-                         decode, f"{fmt_num(itl.median, 1)} / {fmt_num(itl.p99, 1)}" if itl else "-",
-                         fmt_stat(sr.summary.get("tokens_in")), tokens_out, cell("total_s"), roof,
-                         failed))
-        if sr.gpu:  # NVML: mark a throttled GPU on the model's row, the figures below
-            if sr.gpu.throttled:
-                rows[-1] = (f"{rows[-1][0]} (t)", *rows[-1][1:])
-            notes.append(format_gpu_note(mr.spec.name, sr.gpu))
-        if server.prefix_cache_hits and kind != "throughput":
-            notes.append(f"warning: {mr.spec.name}: the server reports {server.prefix_cache_hits} "
-                         "prefix-cache hit tokens during this cold scenario")
-        notes.extend(retry_notes(mr.spec.name, sr))
+        if sr is not None:
+            row, row_notes = scenario_row(mr, sr, winners, columns, bandwidth_gbs)
+            rows.append(row)
+            notes.extend(row_notes)
+        elif mr.status in ("failed", "interrupted"):
+            rows.append((mr.spec.name, f"{mr.status.upper()}: {mr.error or ''}"[:70],
+                         *[""] * (len(headers) - 2)))
     notes.extend(format_ranking(r) for r in winners.rankings)
     notes.extend(format_unranked(u) for u in winners.unranked)
     sc = next(sr.scenario for sr in results.values()) if results else None
     title = scenario_title(sc, list(results.values())) if sc else name
     return TextTable(title, headers, tuple(rows), tuple(dict.fromkeys(notes)))
+
+
+@dataclass(frozen=True)
+class _Columns:
+    """Which columns a scenario's table has: by its kind, a TTFO column when
+    a thinking model answers after its first token, a goodput column under --slo."""
+
+    kind: str
+    thinking: bool
+    goodput: bool
+
+    def headers(self) -> tuple[str, ...]:
+        if self.kind == "throughput":
+            return ("Model", "Streams", "Output (tok/s)", "Req/s",
+                    *(("Goodput (req/s)",) if self.goodput else ()), "Decode/stream (tok/s)",
+                    "TTFT p50 (ms)", "p90", "p99", "Server queue (ms)", "Peak KV", "Errors")
+        if self.kind == "context":
+            return ("Model", "Tokens in", "TTFT (ms)", "Server TTFT (ms)", "Prefill (tok/s)",
+                    "Decode (tok/s)", "Tokens out", "Total (s)", "Failed")
+        return ("Model", "TTFT (ms)", "Server TTFT (ms)",
+                *(("TTFO (ms)",) if self.thinking else ()), "Decode (tok/s)", "ITL p50/p99 (ms)",
+                "Tokens in", "Tokens out", "Total (s)", "Roofline", "Failed")
+
+
+@dataclass(frozen=True)
+class _RowCells:
+    """The cells every kind of row shares, with their marks already on."""
+
+    label: str
+    decode: str
+    tokens_out: str
+    in_mark: str
+    failed: str
+    server: ServerDelta
+
+
+def scenario_row(mr: ModelResult, sr: ScenarioResult, winners: ScenarioWinners,
+                 columns: _Columns, bandwidth_gbs: float) -> tuple[tuple[str, ...], list[str]]:
+    """A model's row of one scenario, and the notes that its marks refer to."""
+    notes: list[str] = []
+    if not mr.ranked and mr.answer_check is not None:
+        notes.append(f"(w) {mr.spec.name}: {describe_answer_check(mr.answer_check)}")
+    bursty = sum(s.bursty for s in sr.samples)
+    if bursty:
+        notes.append(f"(b) {mr.spec.name}: in {bursty} of {len(sr.samples)} requests the tokens "
+                     "arrived in bursts (over 4 per network read): decode and ITL show how "
+                     "the server flushed its output, not how fast it decoded")
+    tokens_out = fmt_stat(sr.summary.get("tokens_out"))
+    if any(s.ok and s.tokens_out_exact is False for s in sr.samples):
+        tokens_out += " (!)"
+        notes.append(output_note(mr, sr))
+    in_mark, out_mark, marks = measured_as_asked(mr, sr)
+    notes.extend(marks)
+    cells = _RowCells(label=mr.spec.name if mr.ranked else f"{mr.spec.name} (w)",
+                      decode=_cell(mr, "tps", winners) + (" (b)" if bursty else ""),
+                      tokens_out=tokens_out + out_mark, in_mark=in_mark,
+                      failed=str(sr.failed) if sr.failed else "",
+                      server=sr.server or ServerDelta())
+    if columns.kind == "throughput":
+        row = _throughput_row(mr, sr, cells, columns, notes)
+    elif columns.kind == "context":
+        row = _context_row(mr, sr, cells, winners, notes)
+    else:
+        row = _latency_row(mr, sr, cells, winners, columns, bandwidth_gbs)
+    if sr.gpu:  # NVML: mark a throttled GPU on the model's row, the figures below
+        if sr.gpu.throttled:
+            row = (f"{row[0]} (t)", *row[1:])
+        notes.append(format_gpu_note(mr.spec.name, sr.gpu))
+    if cells.server.prefix_cache_hits and columns.kind != "throughput":
+        notes.append(f"warning: {mr.spec.name}: the server reports "
+                     f"{cells.server.prefix_cache_hits} prefix-cache hit tokens during this "
+                     "cold scenario")
+    notes.extend(retry_notes(mr.spec.name, sr))
+    return row, notes
+
+
+def _throughput_row(mr: ModelResult, sr: ScenarioResult, cells: _RowCells, columns: _Columns,
+                    notes: list[str]) -> tuple[str, ...]:
+    agg = sr.aggregate or Aggregate()
+    ttft = sr.summary.get("ttft_ms")
+    late = _late_note(mr.spec.name, sr)
+    if late:
+        notes.append(late)
+    streams = (f"open, {sr.scenario.request_rate:g}/s" if sr.scenario.request_rate
+               else str(sr.scenario.concurrency))
+    return (cells.label, streams, fmt_num(agg.output_tps, 1), fmt_num(agg.requests_per_s, 2),
+            *((fmt_num(agg.goodput_rps, 2),) if columns.goodput else ()), cells.decode,
+            fmt_num(ttft.median if ttft else None) + (" (late)" if late else ""),
+            fmt_num(ttft.p90 if ttft else None), fmt_num(ttft.p99 if ttft else None),
+            fmt_num(cells.server.queue_mean_ms), fmt_pct(agg.peak_kv_cache_usage_perc),
+            str(agg.errors or 0))
+
+
+def _context_row(mr: ModelResult, sr: ScenarioResult, cells: _RowCells,
+                 winners: ScenarioWinners, notes: list[str]) -> tuple[str, ...]:
+    tokens_in = fmt_stat(sr.summary.get("tokens_in")) + cells.in_mark
+    if sr.scenario.clamped:
+        tokens_in += " (c)"
+        notes.append(f"(c) {mr.spec.name}: {sr.scenario.requested_tokens_in} tokens do not "
+                     f"fit its {mr.spec.max_context_tokens}-token context; clamped to "
+                     f"{sr.scenario.target_tokens_in}")
+    return (cells.label, tokens_in, _cell(mr, "ttft_ms", winners),
+            fmt_num(cells.server.ttft_mean_ms), _cell(mr, "prefill_tps", winners), cells.decode,
+            cells.tokens_out, _cell(mr, "total_s", winners), cells.failed)
+
+
+def _latency_row(mr: ModelResult, sr: ScenarioResult, cells: _RowCells, winners: ScenarioWinners,
+                 columns: _Columns, bandwidth_gbs: float) -> tuple[str, ...]:
+    ceiling = roofline_tps(mr.spec, bandwidth_gbs)
+    tps = sr.summary.get("tps")
+    roof = f"{tps.mean / ceiling:.0%} of {ceiling:,.1f}" if ceiling and tps else "-"
+    itl = sr.summary.get("itl_ms")
+    return (cells.label, _cell(mr, "ttft_ms", winners), fmt_num(cells.server.ttft_mean_ms),
+            *((_cell(mr, "ttfo_ms", winners),) if columns.thinking else ()), cells.decode,
+            f"{fmt_num(itl.median, 1)} / {fmt_num(itl.p99, 1)}" if itl else "-",
+            fmt_stat(sr.summary.get("tokens_in")), cells.tokens_out,
+            _cell(mr, "total_s", winners), roof, cells.failed)
 
 
 def _late_note(model: str, sr: ScenarioResult) -> str | None:
@@ -7978,6 +8101,16 @@ def build_parser() -> argparse.ArgumentParser:
         + f"\n\nhardware profiles for --hardware: {', '.join(HARDWARE_BANDWIDTH_GBS)}",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"{TOOL_NAME} {__version__}")
+    add_selection_options(p)
+    add_measure_options(p)
+    add_slo_options(p)
+    add_service_options(p)
+    add_campaign_options(p)
+    add_output_options(p, run=True)
+    return p
+
+
+def add_selection_options(p: argparse.ArgumentParser) -> None:
     sel = p.add_argument_group("which models")
     sel.add_argument("--skip", action="append", default=[], metavar="NAME",
                      help="skip this model (repeatable)")
@@ -7992,6 +8125,9 @@ def build_parser() -> argparse.ArgumentParser:
     sel.add_argument("--api-key", metavar="KEY",
                      help="bearer token for the server (default: $VLLM_API_KEY or $OPENAI_API_KEY); "
                           "never written to reports")
+
+
+def add_measure_options(p: argparse.ArgumentParser) -> None:
     what = p.add_argument_group("what to measure")
     what.add_argument("--iterations", type=_positive_int, default=3, metavar="N",
                       help="runs per scenario (default 3)")
@@ -8020,7 +8156,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "(exit 1), instead of showing its figures unranked")
     check.add_argument("--no-answer-check", action="store_true",
                        help="skip the known-answer check at warm-up (recorded in the report)")
-    add_slo_options(p)
+
+
+def add_service_options(p: argparse.ArgumentParser) -> None:
     env = p.add_argument_group("where and how long")
     env.add_argument("--compose-file", type=Path, default=Path("docker-compose.yml"), metavar="PATH",
                      help="compose file with the model services (default docker-compose.yml)")
@@ -8042,9 +8180,6 @@ def build_parser() -> argparse.ArgumentParser:
     env.add_argument("--parallel", action="store_true",
                      help="run models on different Docker hosts (docker_host: in the --models "
                           "file) at the same time, one at a time per host")
-    add_campaign_options(p)
-    add_output_options(p, run=True)
-    return p
 
 
 @dataclass(frozen=True)
@@ -9002,18 +9137,7 @@ def run_benchmark(plan: Plan, out: Any, err: Any, *, styled: bool = False,
     save = lambda: files.save_json(record_part(report, progress))  # noqa: E731
     events = ConsoleEvents(err, err_tty, on_scenario=save, progress=progress)
     signals = SignalGuard()
-    services = None
-    if plan.compose is not None:
-        compose = Compose(plan.compose, find_compose_command())
-        docker_client()  # a clear error now if the daemon is down
-        events.info(f"using {compose.version_label} with {plan.compose.path}")
-        if report.environment.compose is None:  # a resumed report keeps its first part's
-            report.environment = dataclasses.replace(report.environment,
-                                                     compose=compose.version_label)
-        report.parts[-1] = dataclasses.replace(report.parts[-1], environment=dataclasses.replace(
-            report.parts[-1].environment, compose=compose.version_label))
-        services = ServiceLifecycle(compose, inference_services(plan), plan.cfg.port, events.info,
-                                    hold=signals.held)
+    services = managed_services(plan, report, events, signals)
     err.write(format_plan(progress.steps, plan.cfg, managed=plan.compose is not None,
                           resumed_from=str(plan.resume) if plan.resume else None))
     code: int = ExitCode.OK
@@ -9022,49 +9146,17 @@ def run_benchmark(plan: Plan, out: Any, err: Any, *, styled: bool = False,
         if plan.cfg.parallel:
             run_in_parallel(plan, report, err, services, lambda: files.save_json(report), signals,
                             keep=[step.keep_whole for step in progress.steps])
-        for i, mr in enumerate(report.models):
-            if plan.cfg.parallel or progress.steps[i].keep_whole:  # run above / kept by a resume
-                continue
-            events.model_started(i, mr.spec)
-            mr.status = "running"
-            events.info(f"=== {mr.spec.name} ({mr.spec.model_id})")
-            try:
-                run_model(plan, mr, events, services)
-                mr.status = "ok"
-            except ModelFailed as exc:
-                mr.status, mr.error, mr.failure = "failed", str(exc), exc.details
-                events.info(f"{mr.spec.name}: FAILED: {exc}")
-            except SetupError as exc:
-                mr.status, mr.error = "failed", str(exc)
-                events.info(f"{mr.spec.name}: FAILED: {exc}")
-            events.phase(mr.spec.name, "done")
-            save()
+        else:
+            run_models_in_turn(plan, report, progress, events, services, save)
         code = ExitCode.FAILED if any(m.status == "failed" for m in report.models) else ExitCode.OK
     except (KeyboardInterrupt, Interrupted) as exc:
-        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
-        report.interrupted = signal.Signals(signum).name
-        for mr in report.models:
-            if mr.status == "running":
-                mr.status, mr.error = "interrupted", f"interrupted by {report.interrupted}"
-            elif mr.status == "pending":
-                mr.status = "skipped"
-        code = interrupted_exit_code(exc)
+        code = mark_interrupted(report, exc)
     finally:
         winners: Sequence[ScenarioWinners] | None = None  # ranked once the run is over
         try:
             with signals.held():
-                report.finished_at = _now().isoformat()
                 winners = rank_scenarios(report.models)  # once, for every output
-                progress.close()
-                record_part(report, progress, finished_at=report.finished_at)
-                plain = format_results(report, styled=False, winners=winners)
-                saved = files.save_json(report) & files.save_text(plain)
-                out.write(format_results(report, styled=True, winners=winners) if styled else plain)
-                if not saved:
-                    out.write("\n" + json.dumps(report_to_dict(report), indent=1) + "\n")
-                out.flush()
-                where = f"{files.txt_path} and {files.json_path}" if saved else "stdout only"
-                err.write(f"report: {where}\n")
+                write_final_report(report, progress, files, winners, out, err, styled=styled)
         except (KeyboardInterrupt, Interrupted) as exc:
             # A signal held back while the report was written: the report is
             # complete, so exit as interrupted (a first signal's code stands).
@@ -9074,6 +9166,78 @@ def run_benchmark(plan: Plan, out: Any, err: Any, *, styled: bool = False,
             signals.restore()
     return finish_run(plan, report, code, out=out, stdout=stdout, err=err, styled=styled,
                       winners=winners)
+
+
+def managed_services(plan: Plan, report: Report, events: ConsoleEvents,
+                     signals: SignalGuard) -> ServiceLifecycle | None:
+    """The Compose services' lifecycle (None for --endpoint), with the
+    Compose version recorded in the report's environment."""
+    if plan.compose is None:
+        return None
+    compose = Compose(plan.compose, find_compose_command())
+    docker_client()  # a clear error now if the daemon is down
+    events.info(f"using {compose.version_label} with {plan.compose.path}")
+    if report.environment.compose is None:  # a resumed report keeps its first part's
+        report.environment = dataclasses.replace(report.environment, compose=compose.version_label)
+    report.parts[-1] = dataclasses.replace(report.parts[-1], environment=dataclasses.replace(
+        report.parts[-1].environment, compose=compose.version_label))
+    return ServiceLifecycle(compose, inference_services(plan), plan.cfg.port, events.info,
+                            hold=signals.held)
+
+
+def run_models_in_turn(plan: Plan, report: Report, progress: CampaignProgress,
+                       events: ConsoleEvents, services: ServiceLifecycle | None,
+                       save: Callable[[], object]) -> None:
+    """Each model not kept whole by a resume, one after the other; a failed
+    model is recorded and the run goes on; the report is saved after each."""
+    for i, mr in enumerate(report.models):
+        if progress.steps[i].keep_whole:
+            continue
+        events.model_started(i, mr.spec)
+        mr.status = "running"
+        events.info(f"=== {mr.spec.name} ({mr.spec.model_id})")
+        try:
+            run_model(plan, mr, events, services)
+            mr.status = "ok"
+        except ModelFailed as exc:
+            mr.status, mr.error, mr.failure = "failed", str(exc), exc.details
+            events.info(f"{mr.spec.name}: FAILED: {exc}")
+        except SetupError as exc:
+            mr.status, mr.error = "failed", str(exc)
+            events.info(f"{mr.spec.name}: FAILED: {exc}")
+        events.phase(mr.spec.name, "done")
+        save()
+
+
+def mark_interrupted(report: Report, exc: BaseException) -> int:
+    """Record a signal in the report: the running model interrupted, those
+    not started skipped; its exit code."""
+    signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+    report.interrupted = signal.Signals(signum).name
+    for mr in report.models:
+        if mr.status == "running":
+            mr.status, mr.error = "interrupted", f"interrupted by {report.interrupted}"
+        elif mr.status == "pending":
+            mr.status = "skipped"
+    return interrupted_exit_code(exc)
+
+
+def write_final_report(report: Report, progress: CampaignProgress, files: ReportFiles,
+                       winners: Sequence[ScenarioWinners], out: Any, err: Any, *,
+                       styled: bool) -> None:
+    """The finished report: the JSON and the text files, the results on
+    `out` (and the JSON itself when no file could be written), where it went on `err`."""
+    report.finished_at = _now().isoformat()
+    progress.close()
+    record_part(report, progress, finished_at=report.finished_at)
+    plain = format_results(report, styled=False, winners=winners)
+    saved = files.save_json(report) & files.save_text(plain)
+    out.write(format_results(report, styled=True, winners=winners) if styled else plain)
+    if not saved:
+        out.write("\n" + json.dumps(report_to_dict(report), indent=1) + "\n")
+    out.flush()
+    where = f"{files.txt_path} and {files.json_path}" if saved else "stdout only"
+    err.write(f"report: {where}\n")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
