@@ -373,15 +373,6 @@ class Scenario:
         return self.requested_tokens_in is not None
 
 
-def with_gpu_summary(sr: ScenarioResult, gpu: GpuSampler | None, t0: float) -> ScenarioResult:
-    """The scenario with what NVML saw from `t0` to now (unchanged without NVML)."""
-    if gpu is None:
-        return sr
-    tokens = sum(s.tokens_out or 0 for s in sr.samples if s.ok)
-    summary = gpu_summary(gpu.window(t0, gpu.clock()), tokens)
-    return dataclasses.replace(sr, gpu=summary) if summary else sr
-
-
 def describe_scenario(s: Scenario) -> str:
     tin = "~50-token prompt" if s.target_tokens_in is None else f"{s.target_tokens_in} tokens in"
     clamp = f" (clamped from {s.requested_tokens_in} to fit the context)" if s.clamped else ""
@@ -3671,6 +3662,15 @@ def gpu_summary(readings: Sequence[GpuReading], tokens: int) -> PowerSummary | N
         sm_clock_max_mhz=max(clocks) if clocks else None,
         peak_temp_c=max(temps) if temps else None,
         throttled=bool(throttle_names(bits)), throttle_reasons=tuple(throttle_names(bits)))
+
+
+def with_gpu_summary(sr: ScenarioResult, gpu: GpuSampler | None, t0: float) -> ScenarioResult:
+    """The scenario with what NVML saw from `t0` to now (unchanged without NVML)."""
+    if gpu is None:
+        return sr
+    tokens = sum(s.tokens_out or 0 for s in sr.samples if s.ok)
+    summary = gpu_summary(gpu.window(t0, gpu.clock()), tokens)
+    return dataclasses.replace(sr, gpu=summary) if summary else sr
 
 
 # --- memory given back --------------------------------------------------------

@@ -399,3 +399,67 @@ def test_perftest_loop_uvloop_without_uvloop_says_how_to_get_it(tmp_path, monkey
         1, "perftest-models: error: PERFTEST_LOOP=uvloop but uvloop (0.19 or later) is not "
            "installed: pip install 'perftest-models[fast]', or unset PERFTEST_LOOP\n")
     assert not (tmp_path / "r").exists()
+
+
+def sections_and_uses(source: str) -> tuple[list[str], list[tuple[str, str, str, str]]]:
+    """The module's banner sections in order, and every (section, definition,
+    global name, that name's section) where a top-level function or class
+    uses a module-level name inside a function body. Only function bodies
+    can use a name defined further down (anything else runs at import and
+    would fail); symtable tells globals from locals of the same name, and
+    under `from __future__ import annotations` it leaves type hints out."""
+    import ast
+    import symtable
+
+    lines = source.splitlines()
+    banners = [(i + 2, lines[i + 1][2:].strip()) for i in range(len(lines) - 2)
+               if lines[i].startswith("# ====") and lines[i + 2].startswith("# ====")]
+
+    def section(lineno: int) -> str:
+        return next((name for start, name in reversed(banners) if start <= lineno), "(top)")
+
+    defined: dict[str, str] = {}
+    owners: dict[str, str] = {}
+    for node in ast.parse(source).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            defined[node.name] = owners[node.name] = section(node.lineno)
+        for target in getattr(node, "targets", [getattr(node, "target", None)]):
+            if isinstance(target, ast.Name):
+                defined.setdefault(target.id, section(node.lineno))
+    uses = []
+
+    def walk(scope: symtable.SymbolTable, owner: str) -> None:
+        if scope.get_type() == "function":
+            uses.extend((owners[owner], owner, sym.get_name(), defined[sym.get_name()])
+                        for sym in scope.get_symbols()
+                        if sym.is_global() and sym.is_referenced() and sym.get_name() in defined)
+        for child in scope.get_children():
+            walk(child, owner)
+
+    for child in symtable.symtable(source, "perftest_models.py", "exec").get_children():
+        if child.get_name() in owners:
+            walk(child, child.get_name())
+    return ["(top)", *(name for _, name in banners)], uses
+
+
+def test_no_name_is_used_before_the_section_that_defines_it():
+    # The module reads top to bottom in pipeline order: a definition uses
+    # only what its own section or an earlier one defines (type hints aside).
+    order, uses = sections_and_uses((ROOT / "perftest_models.py").read_text(encoding="utf-8"))
+    rank = {name: i for i, name in enumerate(order)}
+    assert len(order) >= 15 and len(uses) > 500  # the check sees the module, not nothing
+    later = sorted({(sec, owner, name, where) for sec, owner, name, where in uses
+                    if rank[where] > rank[sec]})
+    assert later == []
+
+
+def test_the_section_check_sees_a_name_used_before_its_section():
+    source = ("# ====\n# First\n# ====\n\ndef early():\n    return late()\n\n\n"
+              "def fine(x: Later) -> Later:\n    return x\n\n\n"
+              "# ====\n# Second\n# ====\n\ndef late():\n    return early()\n\n\n"
+              "class Later:\n    pass\n")
+    order, uses = sections_and_uses("from __future__ import annotations\n" + source)
+    assert order == ["(top)", "First", "Second"]
+    assert ("First", "early", "late", "Second") in uses
+    assert ("Second", "late", "early", "First") in uses
+    assert not [u for u in uses if u[1] == "fine"]  # type hints are not uses
