@@ -1786,10 +1786,15 @@ def pull_image(image: str, timeout_s: float, on_progress: Callable[[PullProgress
     return tracker.progress(clock() - t0)
 
 
-def _pull_client(read_timeout_s: float) -> Any:
+def _pull_client(read_timeout_s: float, host: DockerHost | None = None) -> Any:
+    """A Docker SDK client for one pull, on `host` (None: the local engine)."""
     import docker  # noqa: PLC0415
 
-    return docker.from_env(timeout=max(30, int(read_timeout_s)))
+    timeout = max(30, int(read_timeout_s))
+    if host is None or host.url is None:
+        return docker.from_env(timeout=timeout)
+    return docker.from_env(timeout=timeout, environment=host.environ(),
+                           use_ssh_client=host.url.startswith("ssh://"))
 
 
 def image_present(client: Any, image: str) -> bool:
@@ -8788,25 +8793,31 @@ def inference_services(plan: Plan) -> list[str]:
 
 
 def ensure_image(plan: Plan, compose: Compose, docker: Any, result: ModelResult,
-                 events: Events) -> PullRecord | None:
-    """The image step before `up`, by --pull: pull a missing image (or any,
-    with `always`) with progress; with `never`, a missing image fails the
-    model. Recorded in `lifecycle.pull`, apart from the load."""
+                 events: Events, *, service: str | None = None,
+                 host: DockerHost | None = None) -> PullRecord | None:
+    """The image step before `up`, by --pull, on the engine `docker` that
+    will run `service` (default: the model's; `host` None: the local engine):
+    pull a missing image (or any, with `always`) with progress; with `never`,
+    a missing image fails the model. Recorded in `lifecycle.pull`, apart from
+    the load; for a model of several services, the last one's."""
     name, policy = result.spec.name, plan.cfg.pull or "missing"
-    image = service_image(compose.config(), result.spec.service or "")
+    image = service_image(compose.config(), service or result.spec.service or "")
     if image is None:  # built by Compose, or no image: nothing to pull
         return None
+    remote = host is not None and host.url is not None
     present = image_present(docker, image)
     if present and policy != "always":
         record = PullRecord(image, policy, skipped=True)
     elif policy == "never":
-        raise ModelFailed(f"image {image} is not on this machine and --pull never forbids "
-                          "pulling it: pull it by hand, or use --pull missing")
+        raise ModelFailed(f"image {image} is not on {host.label if remote else 'this machine'} "
+                          "and --pull never forbids pulling it: pull it by hand, or use "
+                          "--pull missing")
     else:
-        events.info(f"{name}: pulling {image}")
+        events.info(f"{name}: pulling {image}" + (f" on {host.label}" if remote else ""))
         try:
             done = pull_image(image, plan.cfg.pull_timeout_s or PULL_TIMEOUT_S,
-                              lambda p: events.pulling(name, p))
+                              lambda p: events.pulling(name, p),
+                              connect=lambda timeout_s: _pull_client(timeout_s, host))
         except PullFailed as exc:  # how far it got is recorded too
             result.lifecycle = dataclasses.replace(result.lifecycle, pull=PullRecord(
                 image, policy, skipped=False, pull_s=round(exc.progress.elapsed_s, 2),
@@ -8958,7 +8969,8 @@ def start_services(result: ModelResult, url: str, placed: Sequence[Placement], e
         _compose_step(p, p.compose.up, p.ref.service)
         wait_running(p)
     with contextlib.suppress(Exception):  # the server's image and command: the last service's
-        result.lifecycle = placed[-1].watch.image()
+        result.lifecycle = dataclasses.replace(placed[-1].watch.image(),
+                                               pull=result.lifecycle.pull)
     record_hosts(result, url, placed)
 
 
@@ -9001,9 +9013,12 @@ def run_hosted_model(plan: Plan, result: ModelResult, events: Events, command: S
     measure at its url, and always stop them in reverse order (under `hold`)."""
     url = plan.hosting.urls[result.spec.name]
     started: list[Placement] = []
-    started_s = clock()  # the load time runs from the first `up` to healthy
     try:
         placed = place_services(plan, result.spec, command)
+        for p in placed:  # each image on its own engine, before any `up`
+            ensure_image(plan, p.compose, p.watch.client, result, events, service=p.ref.service,
+                         host=p.host)
+        started_s = clock()  # the load time runs from the first `up` to healthy
         start_services(result, url, placed, events, started)
         group = GroupWatch(started)
         running = RunningService(" + ".join(p.ref.service for p in placed), group,  # type: ignore[arg-type]

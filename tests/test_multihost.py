@@ -160,6 +160,57 @@ def test_a_model_over_both_engines_starts_in_order_and_stops_in_reverse(run, com
     assert project_containers(r.project) == [] and second_engine.containers(r.project) == []
 
 
+BASE_IMAGE = os.environ.get("PERFTEST_BASE_IMAGE", "perftest-base:local")
+
+
+def test_the_image_step_asks_the_models_own_host(run):
+    """--pull never looks for the image on the engine the service runs on: an
+    image only the second engine has is there; one neither has fails the
+    model naming that host, before anything is created there."""
+    r = run()
+    far_only = f"{r.project}-far-only:1"
+    second_engine.docker2("tag", BASE_IMAGE, far_only)
+    try:
+        r.env["PERFTEST_BASE_IMAGE"] = far_only
+        proc = r("model-far", extra=("--pull", "never"))
+        assert proc.returncode == 0, proc.stderr
+        pull = r.model("model-far")["lifecycle"]["pull"]
+        assert pull["image"] == far_only and pull["skipped"] is True and pull["policy"] == "never"
+    finally:
+        second_engine.docker2("image", "rm", "-f", far_only, check=False)
+    r2 = run()
+    r2.env["PERFTEST_BASE_IMAGE"] = f"{r2.project}-absent:1"
+    proc = r2("model-far", extra=("--pull", "never"))
+    assert proc.returncode == 1
+    m = r2.model("model-far")
+    assert m["status"] == "failed"
+    assert f"image {r2.project}-absent:1 is not on {HOST2}" in m["error"], m["error"]
+    assert second_engine.containers(r2.project, running_only=False) == []  # nothing created
+
+
+def test_a_missing_image_is_pulled_on_the_models_own_host_with_progress(run, tmp_path):
+    from registry import LocalRegistry, push_test_image, registry_available
+
+    require(registry_available(), "no docker-registry here (.ci/setup-docker.sh installs it)")
+    r = run()
+    with LocalRegistry(tmp_path / "registry") as reg:
+        name = push_test_image(reg.port, f"{r.project}-pulled", size_mb=6, layers=2)
+        ref = f"127.0.0.1:{reg.port}/{name}"
+        try:
+            r.env["PERFTEST_BASE_IMAGE"] = ref
+            proc = r("model-far")  # --pull missing, the default
+            assert proc.returncode == 0, proc.stderr
+            assert f"model-far: pulling {ref} on {HOST2}" in proc.stderr
+            pull = r.model("model-far")["lifecycle"]["pull"]
+            assert pull["image"] == ref and pull["skipped"] is False
+            assert pull["bytes"] >= 6 * 2**20 and pull["pull_s"] > 0  # random layers: no gzip gain
+            assert second_engine.docker2("image", "inspect", ref, check=False).returncode == 0
+            assert subprocess.run(["docker", "image", "inspect", ref], capture_output=True,
+                                  check=False).returncode != 0  # never on the main engine
+        finally:
+            second_engine.docker2("image", "rm", "-f", ref, check=False)
+
+
 def test_the_head_alone_never_becomes_healthy(run):
     """The counter-proof of the test above: without its worker the head stays
     unhealthy, so the two-engine model's health really needed both engines."""
