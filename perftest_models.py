@@ -5532,13 +5532,18 @@ def load_report(path: Path, what: str = "report") -> Report:
 # Comparison of saved reports (pure)
 # ============================================================================
 
+# A model's capacity under --slo, compared as the row "capacity" of each model.
+CAPACITY_METRIC = Metric("capacity_streams", "Capacity", "streams", True)
+CAPACITY_ROW = "capacity"
 # Every metric with a direction can be compared; token counts cannot.
 COMPARED_METRICS: dict[str, Metric] = {
-    k: m for k, m in {**METRICS, **AGGREGATE_METRICS}.items() if m.higher_is_better is not None}
+    k: m for k, m in {**METRICS, **AGGREGATE_METRICS, CAPACITY_METRIC.key: CAPACITY_METRIC}.items()
+    if m.higher_is_better is not None}
 # A change of more than this many percent, in the worse direction, regresses.
 # Metrics without a threshold are listed but not judged (--threshold adds one).
 DEFAULT_THRESHOLDS_PCT: dict[str, float] = {
-    "ttft_ms": 10.0, "tps": 5.0, "prefill_tps": 10.0, "total_s": 10.0, "output_tps": 5.0}
+    "ttft_ms": 10.0, "tps": 5.0, "prefill_tps": 10.0, "total_s": 10.0, "output_tps": 5.0,
+    "capacity_streams": 10.0}
 
 REGRESSED, IMPROVED, NOISE, UNCHANGED = "regressed", "improved", "noise", "unchanged"
 NOT_GATED = "not gated"
@@ -5708,6 +5713,11 @@ def compare_reports(baseline: Report, candidate: Report, thresholds_pct: Mapping
                 verdict, change, tested = judge_change(metric, b, c, threshold)
                 changes.append(MetricChange(model, scenario, metric, b, c, change, threshold,
                                             verdict, tested))
+        capacity = capacity_change(model, base_models.get(model), cand_models.get(model),
+                                   thresholds_pct.get(CAPACITY_METRIC.key))
+        if capacity is not None:
+            changes.append(capacity[0])
+            notes.extend(capacity[1])
     if any(not c.tested and c.verdict in (REGRESSED, IMPROVED) for c in changes):
         notes.append("(untested) a single run on one side: no spread to tell noise from a "
                      "change, so the threshold alone decided (use --iterations 3 or more)")
@@ -5717,6 +5727,44 @@ def compare_reports(baseline: Report, candidate: Report, thresholds_pct: Mapping
                      f"the candidate on {gpus[1] or 'an unknown GPU'}")
     notes.extend(hardware_changes(baseline, candidate))
     return Comparison(tuple(changes), dict(thresholds_pct), tuple(dict.fromkeys(notes)))
+
+
+def capacity_change(model: str, base: ModelResult | None, cand: ModelResult | None,
+                    threshold_pct: float | None) -> tuple[MetricChange, list[str]] | None:
+    """A model's capacity under its SLO in both reports, judged, and notes
+    on why it was not (None: neither side searched one).
+
+    A capacity is known to one probe step (Capacity.step): a change within
+    the larger step of the two, or within the threshold, is unchanged. It is
+    not judged when the service levels differ, or when a side's search ran
+    out of its time budget (its capacity is then a lower bound)."""
+    b = base.capacity if base is not None else None
+    c = cand.capacity if cand is not None else None
+    if b is None and c is None:
+        return None
+    stat = lambda cap: summarize([float(cap.streams)]) if cap is not None else None  # noqa: E731
+    if b is None or c is None:
+        verdict = MISSING_IN_BASELINE if b is None else MISSING_IN_CANDIDATE
+        return MetricChange(model, CAPACITY_ROW, CAPACITY_METRIC.key, stat(b), stat(c), None,
+                            threshold_pct, verdict, False), []
+    change = (c.streams - b.streams) / b.streams * 100 if b.streams else None
+    notes: list[str] = []
+    if b.slo != c.slo:
+        notes.append(f"note: {model} capacity: the baseline searched under {b.slo}, the "
+                     f"candidate under {c.slo}: not the same service levels, not judged")
+    elif "budget" in (b.limited_by, c.limited_by):
+        notes.append(f"note: {model} capacity: a search ran out of its --capacity-budget, so "
+                     "its capacity is only a lower bound: not judged")
+    if notes or threshold_pct is None:
+        verdict = NOT_GATED
+    elif abs(c.streams - b.streams) <= max(b.step, c.step, 1) or (
+            change is not None and abs(change) - threshold_pct <= 1e-9):
+        verdict = UNCHANGED
+    else:
+        verdict = IMPROVED if c.streams > b.streams else REGRESSED
+    # tested: the probe step, not an interval, tells a change from the search's resolution
+    return MetricChange(model, CAPACITY_ROW, CAPACITY_METRIC.key, stat(b), stat(c), change,
+                        threshold_pct, verdict, True), notes
 
 
 def hardware_changes(baseline: Report, candidate: Report) -> list[str]:

@@ -286,7 +286,7 @@ def test_thresholds_parse_pytest_benchmark_style_rules():
     assert pm.parse_thresholds(" ttft_ms : 7.5% , ttfo_ms:OFF ,") == {"ttft_ms": 7.5, "ttfo_ms": None}
     merged = pm.effective_thresholds({"ttft_ms": 7.5, "tps": None, "itl_ms": 20.0})
     assert merged == {"ttft_ms": 7.5, "prefill_tps": 10.0, "total_s": 10.0, "output_tps": 5.0,
-                      "itl_ms": 20.0}
+                      "capacity_streams": 10.0, "itl_ms": 20.0}
 
 
 @pytest.mark.parametrize("text, message", [
@@ -584,3 +584,59 @@ def test_the_regression_gate_of_both_paths_keeps_an_earlier_code_and_names_each_
     same = pm.compare_reports(pm.load_report(BASE), pm.load_report(BASE), pm.effective_thresholds({}))
     err = io.StringIO()
     assert pm.regression_gate(same, pm.ExitCode.OK, err, "x: ") == pm.ExitCode.OK and err.getvalue() == ""
+
+
+# --- capacity under --slo -----------------------------------------------------
+
+
+def with_capacity(streams: int, *, step: int = 1, slo: str = "tpot_p99_ms<=50",
+                  limited_by: str = "tpot_p99_ms") -> pm.ModelResult:
+    mr = pm.ModelResult(pm.ModelSpec("alpha", None, "alpha", 40960), status="ok")
+    mr.capacity = pm.Capacity(slo, streams, 1.0, 100.0, limited_by, streams + step, step, ())
+    return mr
+
+
+def capacity_verdict(base: pm.ModelResult, cand: pm.ModelResult,
+                     threshold: float | None = 10.0) -> tuple[str, list[str]]:
+    change, notes = pm.capacity_change("alpha", base, cand, threshold)
+    assert change.scenario == "capacity" and change.metric == "capacity_streams"
+    return change.verdict, notes
+
+
+@pytest.mark.parametrize("base, cand, verdict", [
+    (with_capacity(12), with_capacity(10), "regressed"),           # -16.7%, two steps
+    (with_capacity(12), with_capacity(11), "unchanged"),           # one step: not told apart
+    (with_capacity(64, step=16), with_capacity(48, step=16), "unchanged"),  # within the step
+    (with_capacity(64, step=16), with_capacity(32, step=16), "regressed"),
+    (with_capacity(40), with_capacity(38), "unchanged"),           # two steps, but only -5%
+    (with_capacity(10), with_capacity(14), "improved"),
+])
+def test_a_capacity_is_judged_beyond_one_probe_step_and_the_threshold(base, cand, verdict):
+    assert capacity_verdict(base, cand) == (verdict, [])
+
+
+def test_a_capacity_is_not_judged_under_other_service_levels_or_a_cut_search():
+    assert capacity_verdict(with_capacity(12), with_capacity(4, slo="tpot_p99_ms<=25")) == (
+        "not gated", ["note: alpha capacity: the baseline searched under tpot_p99_ms<=50, the "
+                      "candidate under tpot_p99_ms<=25: not the same service levels, not judged"])
+    verdict, notes = capacity_verdict(with_capacity(12), with_capacity(4, limited_by="budget"))
+    assert verdict == "not gated" and "only a lower bound" in notes[0]
+    assert capacity_verdict(with_capacity(12), with_capacity(4), threshold=None) == (
+        "not gated", [])
+    none = pm.ModelResult(pm.ModelSpec("alpha", None, "alpha", 40960), status="ok")
+    assert pm.capacity_change("alpha", none, none, 10.0) is None
+    assert capacity_verdict(with_capacity(12), none)[0] == "missing in candidate"
+
+
+def test_compare_exits_3_when_a_capacity_fell_and_names_it(tmp_path, capsys):
+    base, cand = (pm.load_report(BASE), pm.load_report(BASE))
+    base.models[0].capacity = with_capacity(12).capacity
+    cand.models[0].capacity = with_capacity(8).capacity
+    paths = [_write(tmp_path, f"{n}.json", pm.report_to_dict(r))
+             for n, r in (("base", base), ("cand", cand))]
+    assert pm.main(["compare", *map(str, paths)]) == 3
+    out, err = capsys.readouterr()
+    assert "alpha capacity capacity_streams -33.3% (limit 10%)" in err
+    assert ("alpha", "Capacity (streams)", "12", "8", "-33.3%", "10%", "regressed") \
+        in table_rows(out)
+    assert pm.main(["compare", *map(str, paths), "--threshold", "capacity_streams:off"]) == 0
