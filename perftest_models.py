@@ -42,30 +42,40 @@ exit codes: 0 all models ok, 1 a model failed, 2 usage error,
             what was measured before a failure or interrupt is saved.
 """
 
-# Sections, in the order the data flows (each banner reads "# <name>"):
-#   Model table          ModelSpec, the default models, hardware, fixed workload
+# Sections, in the order the data flows (each banner reads "# <name>"; "# --- " marks a part):
+#   Model table          ModelSpec, ServiceRef, the default models, hardware, fixed workload
 #   Errors               ExitCode, PerftestError and its subclasses (only main() catches)
 #   Records              Metric, Scenario, Sample (and what a burst is), Stat, Aggregate,
-#                        ServerDelta, ScenarioResult, Failure, ServerInfo, Lifecycle,
-#                        ModelResult, RunConfig, Environment, Report: records, one way
-#   Model files          --models YAML: load and validate into ModelSpec
-#   Services             Compose, DockerWatch; ServiceLifecycle.running(): start, watch,
-#                        always stop a model's service
+#                        ServerDelta, ScenarioResult, Failure, ServerInfo, Lifecycle (pull,
+#                        load facts, memory), AnswerCheck, Capacity, ModelResult, RunConfig,
+#                        Environment, Report; SloRule/parse_slo: records, one way
+#   Model files          --models YAML: load and validate into ModelSpec (docker_host, url)
+#   Services             Compose, DockerWatch, DockerHost (several engines);
+#                        ServiceLifecycle.running(): start, watch, always stop; pull_image
 #   Measurement          pure: reads of one stream -> Sample (TTFT, ITL, tokens)
-#   Transport            lean HTTP/1.1 transport; stamps reads in the socket callback
-#   Client               thin: send a streaming chat request, retries, JSON calls
-#   Prompts              prompts of exact token counts (the server's /tokenize)
-#   Server metrics       vLLM's /metrics deltas, GPU power
-#   Statistics           pure: percentiles, Student-t intervals, the roofline
-#   Benchmark            plan scenarios, wait for readiness, warm up, run scenarios
-#   Winners              pure: rank_scenarios -> a ScenarioWinners per scenario
+#   Transport            lean HTTP/1.1 transport (httptools); stamps reads in the socket callback
+#   Client               thin: send a streaming chat request, retries, JSON calls, engine detection
+#   Prompts              prompts of exact token counts (the server's /tokenize), known answers
+#   Server metrics       /metrics deltas (vLLM, llama.cpp, SGLang), NVML power and clocks, memory
+#   Statistics           pure: percentiles, Student-t intervals, SLOs and goodput, the roofline
+#   Benchmark            what a model runs and the campaign (plan, resume, ETA); readiness;
+#                        warm-up and the known-answer check; scenarios (in turn, at once, open
+#                        loop); the capacity search; benchmark_model, one model from ready to end
+#   Winners              pure: rank_scenarios -> a ScenarioWinners per scenario; rank_capacity
 #   Saved reports        the JSON edge, the only dicts: Report <-> dict, load_report
-#   Comparison           pure: baseline vs candidate, verdicts, thresholds
+#   Comparison           pure: baseline vs candidate, verdicts, thresholds, capacity
 #   History              pure: many reports over time, step changes, hardware groups
 #   Rendering            pure: tables and summaries as text
 #   Exports              pure: Markdown, CSV, charts, HTML
-#   Output               files, progress on stderr, signals
-#   Command line         argument parsing, the run per model, main()
+#   Output               files, progress and ETA on stderr, signals
+#   Command line         options; the plan; one model's run (image, start, measure, stop);
+#                        models on named hosts and --parallel; run_benchmark; main, compare, history
+#
+# One latency scenario, read top to bottom (each name defined below the one before):
+#   measure_stream -> StreamTransport -> stream_chat -> PromptBuilder -> summarize_samples
+#   -> plan_scenarios -> send_measured -> run_scenario -> benchmark_model -> rank_scenarios
+#   -> report_to_dict -> scenario_table -> format_results -> measure_model -> run_model
+#   -> run_models_in_turn -> run_benchmark -> main
 
 from __future__ import annotations
 
@@ -284,7 +294,6 @@ class ModelFailed(PerftestError):
     def __init__(self, message: str, details: Failure | None = None):
         super().__init__(message)
         self.details = details
-
 
 
 class Interrupted(KeyboardInterrupt):
@@ -1924,58 +1933,6 @@ def _delta_tokens(chunk: Mapping[str, Any]) -> tuple[bool, bool]:
     return token, answer
 
 
-def measure_stream(t_sent: float, reads: Sequence[Read], target_tokens_out: int | None,
-                   t_scheduled: float | None = None, retries: int = 0,
-                   usage_fallback: Mapping[str, Any] | None = None) -> Sample:
-    """Turn a finished stream's timed reads into a Sample (pure).
-
-    TTFT runs from `t_scheduled` (when the request was meant to go; defaults
-    to `t_sent`) to the first chunk that carries a generated token, reasoning
-    included (see _delta_tokens); the role chunk does not count. Latency ends
-    at the last token chunk. Token counts come from the usage trailer only,
-    or from `usage_fallback` (counted by the caller) when the stream had none.
-    An answer shorter than asked and than MIN_DECODE_TOKENS has no decode rate.
-    """
-    t0 = t_sent if t_scheduled is None else t_scheduled
-    queued_ms = (t_sent - t0) * 1000
-    tokens = stream_tokens(reads)
-    if isinstance(tokens, str):
-        return Sample(ok=False, error=tokens, retries=retries, queued_ms=queued_ms)
-    counts = _usage_counts(tokens.usage if tokens.usage is not None else usage_fallback,
-                           len(tokens.times))
-    if isinstance(counts, str):
-        return Sample(ok=False, error=counts, retries=retries, queued_ms=queued_ms)
-    tokens_out, tokens_in, cached = counts
-    times = tokens.times
-    ttft_s = times[0] - t0
-    latency_s = times[-1] - t0
-    arrivals = count_arrivals(times)
-    # no rate is better than one of millions of tokens/s (see SAME_READ_S)
-    decode_s = times[-1] - times[0] if has_decode_time(arrivals) else 0.0
-    # too few tokens for a rate (a server that ignored ignore_eos): none at all
-    short = target_tokens_out is not None and tokens_out < min(target_tokens_out, MIN_DECODE_TOKENS)
-    decode_s = 0.0 if short else decode_s
-    itl = [] if short else spread_gaps(times, tokens.counts, tokens_out)
-    return Sample(
-        ok=True,
-        ttft_ms=ttft_s * 1000,
-        ttfo_ms=(tokens.first_answer - t0) * 1000 if tokens.first_answer is not None else None,
-        tps=(tokens_out - 1) / decode_s if tokens_out > 1 and decode_s > 0 else None,
-        tpot_ms=decode_s * 1000 / (tokens_out - 1) if tokens_out > 1 and decode_s > 0 else None,
-        e2e_tps=tokens_out / latency_s if latency_s > 0 else None,
-        prefill_tps=tokens_in / ttft_s if ttft_s > 0 else None,
-        total_s=latency_s,
-        tokens_in=tokens_in,
-        tokens_out=tokens_out,
-        tokens_out_exact=None if target_tokens_out is None else tokens_out == target_tokens_out,
-        cached_tokens=cached,
-        retries=retries,
-        queued_ms=queued_ms,
-        token_reads=arrivals,
-        itl_ms=tuple(itl),
-    )
-
-
 @dataclass(frozen=True)
 class StreamTokens:
     """What a complete stream's events say: when each token chunk arrived,
@@ -2045,6 +2002,58 @@ def _usage_counts(usage: Mapping[str, Any] | None, token_chunks: int
     details = usage.get("prompt_tokens_details")
     cached = details.get("cached_tokens") if isinstance(details, dict) else None
     return tokens_out, tokens_in, cached if isinstance(cached, int) else None
+
+
+def measure_stream(t_sent: float, reads: Sequence[Read], target_tokens_out: int | None,
+                   t_scheduled: float | None = None, retries: int = 0,
+                   usage_fallback: Mapping[str, Any] | None = None) -> Sample:
+    """Turn a finished stream's timed reads into a Sample (pure).
+
+    TTFT runs from `t_scheduled` (when the request was meant to go; defaults
+    to `t_sent`) to the first chunk that carries a generated token, reasoning
+    included (see _delta_tokens); the role chunk does not count. Latency ends
+    at the last token chunk. Token counts come from the usage trailer only,
+    or from `usage_fallback` (counted by the caller) when the stream had none.
+    An answer shorter than asked and than MIN_DECODE_TOKENS has no decode rate.
+    """
+    t0 = t_sent if t_scheduled is None else t_scheduled
+    queued_ms = (t_sent - t0) * 1000
+    tokens = stream_tokens(reads)
+    if isinstance(tokens, str):
+        return Sample(ok=False, error=tokens, retries=retries, queued_ms=queued_ms)
+    counts = _usage_counts(tokens.usage if tokens.usage is not None else usage_fallback,
+                           len(tokens.times))
+    if isinstance(counts, str):
+        return Sample(ok=False, error=counts, retries=retries, queued_ms=queued_ms)
+    tokens_out, tokens_in, cached = counts
+    times = tokens.times
+    ttft_s = times[0] - t0
+    latency_s = times[-1] - t0
+    arrivals = count_arrivals(times)
+    # no rate is better than one of millions of tokens/s (see SAME_READ_S)
+    decode_s = times[-1] - times[0] if has_decode_time(arrivals) else 0.0
+    # too few tokens for a rate (a server that ignored ignore_eos): none at all
+    short = target_tokens_out is not None and tokens_out < min(target_tokens_out, MIN_DECODE_TOKENS)
+    decode_s = 0.0 if short else decode_s
+    itl = [] if short else spread_gaps(times, tokens.counts, tokens_out)
+    return Sample(
+        ok=True,
+        ttft_ms=ttft_s * 1000,
+        ttfo_ms=(tokens.first_answer - t0) * 1000 if tokens.first_answer is not None else None,
+        tps=(tokens_out - 1) / decode_s if tokens_out > 1 and decode_s > 0 else None,
+        tpot_ms=decode_s * 1000 / (tokens_out - 1) if tokens_out > 1 and decode_s > 0 else None,
+        e2e_tps=tokens_out / latency_s if latency_s > 0 else None,
+        prefill_tps=tokens_in / ttft_s if ttft_s > 0 else None,
+        total_s=latency_s,
+        tokens_in=tokens_in,
+        tokens_out=tokens_out,
+        tokens_out_exact=None if target_tokens_out is None else tokens_out == target_tokens_out,
+        cached_tokens=cached,
+        retries=retries,
+        queued_ms=queued_ms,
+        token_reads=arrivals,
+        itl_ms=tuple(itl),
+    )
 
 
 # A sample shorter than asked and than this has no decode rate: from a 3-token
@@ -2758,15 +2767,48 @@ class RawStream:
         return sample
 
 
-async def send_chat(client: Any, payload: bytes, target_tokens_out: int | None, *,
-                    clock: Clock = time.perf_counter, t_scheduled: float | None = None,
-                    max_retries: int = 2, retry_wait_s: float = 1.0,
-                    on_stream: StreamObserver | None = None, sleep: Sleep = asyncio.sleep) -> Sample:
-    """POST one streaming chat completion and measure it (see stream_chat)."""
-    got = await stream_chat(client, payload, target_tokens_out, clock=clock,
-                            t_scheduled=t_scheduled, max_retries=max_retries,
-                            retry_wait_s=retry_wait_s, sleep=sleep)
-    return got if isinstance(got, Sample) else got.measure(on_stream)
+async def _record_answer(response: Any, reads: list[Read], clock: Clock,
+                         target_tokens_out: int | None, last_try: bool, retry_wait_s: float
+                         ) -> Sample | float | None:
+    """Record a streamed answer's timed reads into `reads` (None), or say
+    why there is none: the failed Sample, or the seconds to wait before
+    sending a refused request again."""
+    if response.status_code != 200:
+        body = await _read_at_most(response, ERROR_BODY_MAX_BYTES)
+        if response.status_code not in RETRYABLE_STATUS or last_try:
+            return Sample(ok=False, error=_error_message(response.status_code, body))
+        return _retry_after_s(response, retry_wait_s)
+    if (why := _encoded(response)) is not None:
+        return Sample(ok=False, error=why)
+    if (record := response.extensions.get("perftest.record")) is not None:
+        # StreamTransport stamps each read as it returns
+        await record(reads, clock, stream_bytes_limit(target_tokens_out))
+    else:
+        async for chunk in response.aiter_raw():
+            reads.append((clock(), chunk))
+    return None
+
+
+def _transport_failure(exc: Exception, read_timeout_s: float | None, reads: int, last_try: bool,
+                       retry_wait_s: float) -> Sample | float:
+    """A request that failed in the transport: the failed Sample, or the
+    seconds to wait before sending it again when nothing was sent."""
+    import httpx  # noqa: PLC0415
+
+    if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):  # nothing was sent: safe
+        if (client_side := _client_limit(exc)) is not None:  # ours, not the server's refusal
+            return Sample(ok=False, error=client_side)
+        if last_try:
+            return Sample(ok=False, error=f"cannot connect: {str(exc) or type(exc).__name__}")
+        return retry_wait_s
+    if isinstance(exc, httpx.TimeoutException):
+        return Sample(ok=False, error=(
+            f"stalled: no bytes for {read_timeout_s:g} s after {reads} read(s) "
+            "(raise --request-timeout if the server is just slow)"))
+    # reset, closed mid-stream, protocol errors, ...: a failed request is
+    # data, and must become a sample, or it would end the run with a traceback
+    why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return Sample(ok=False, error=f"connection broken after {reads} read(s): {why}")
 
 
 async def stream_chat(client: Any, payload: bytes, target_tokens_out: int | None, *,
@@ -2813,48 +2855,15 @@ async def stream_chat(client: Any, payload: bytes, target_tokens_out: int | None
         await sleep(outcome)
 
 
-async def _record_answer(response: Any, reads: list[Read], clock: Clock,
-                         target_tokens_out: int | None, last_try: bool, retry_wait_s: float
-                         ) -> Sample | float | None:
-    """Record a streamed answer's timed reads into `reads` (None), or say
-    why there is none: the failed Sample, or the seconds to wait before
-    sending a refused request again."""
-    if response.status_code != 200:
-        body = await _read_at_most(response, ERROR_BODY_MAX_BYTES)
-        if response.status_code not in RETRYABLE_STATUS or last_try:
-            return Sample(ok=False, error=_error_message(response.status_code, body))
-        return _retry_after_s(response, retry_wait_s)
-    if (why := _encoded(response)) is not None:
-        return Sample(ok=False, error=why)
-    if (record := response.extensions.get("perftest.record")) is not None:
-        # StreamTransport stamps each read as it returns
-        await record(reads, clock, stream_bytes_limit(target_tokens_out))
-    else:
-        async for chunk in response.aiter_raw():
-            reads.append((clock(), chunk))
-    return None
-
-
-def _transport_failure(exc: Exception, read_timeout_s: float | None, reads: int, last_try: bool,
-                       retry_wait_s: float) -> Sample | float:
-    """A request that failed in the transport: the failed Sample, or the
-    seconds to wait before sending it again when nothing was sent."""
-    import httpx  # noqa: PLC0415
-
-    if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):  # nothing was sent: safe
-        if (client_side := _client_limit(exc)) is not None:  # ours, not the server's refusal
-            return Sample(ok=False, error=client_side)
-        if last_try:
-            return Sample(ok=False, error=f"cannot connect: {str(exc) or type(exc).__name__}")
-        return retry_wait_s
-    if isinstance(exc, httpx.TimeoutException):
-        return Sample(ok=False, error=(
-            f"stalled: no bytes for {read_timeout_s:g} s after {reads} read(s) "
-            "(raise --request-timeout if the server is just slow)"))
-    # reset, closed mid-stream, protocol errors, ...: a failed request is
-    # data, and must become a sample, or it would end the run with a traceback
-    why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-    return Sample(ok=False, error=f"connection broken after {reads} read(s): {why}")
+async def send_chat(client: Any, payload: bytes, target_tokens_out: int | None, *,
+                    clock: Clock = time.perf_counter, t_scheduled: float | None = None,
+                    max_retries: int = 2, retry_wait_s: float = 1.0,
+                    on_stream: StreamObserver | None = None, sleep: Sleep = asyncio.sleep) -> Sample:
+    """POST one streaming chat completion and measure it (see stream_chat)."""
+    got = await stream_chat(client, payload, target_tokens_out, clock=clock,
+                            t_scheduled=t_scheduled, max_retries=max_retries,
+                            retry_wait_s=retry_wait_s, sleep=sleep)
+    return got if isinstance(got, Sample) else got.measure(on_stream)
 
 
 def _encoded(response: Any) -> str | None:
@@ -3998,6 +4007,9 @@ def roofline_tps(spec: ModelSpec, bandwidth_gbs: float) -> float | None:
 # ============================================================================
 
 
+# --- What a model runs, and the campaign: plan, resume, time left (pure) ------
+
+
 def plan_scenarios(cfg: RunConfig, spec: ModelSpec) -> list[Scenario]:
     """The scenarios one model runs, with context sizes clamped to fit
     (max context - output tokens) and marked as clamped."""
@@ -4016,8 +4028,6 @@ def plan_scenarios(cfg: RunConfig, spec: ModelSpec) -> list[Scenario]:
                              n, concurrency=c))
     return plan + rate_scenarios(cfg, tin)
 
-
-# --- A campaign: the plan, a resume, the time left (pure) -------------------
 
 # The options that decide the numbers: a resumed run must have the report's.
 # Options named slo* (service-level objectives) count too, when present.
@@ -4266,6 +4276,9 @@ def _scenario_left_s(t: ModelTimes, s: Scenario, pos: CampaignPosition) -> float
     return max(0.0, left * one - pos.request_s) if left > 0 else 0.0
 
 
+# --- Readiness: the server up, listing the model ------------------------------
+
+
 class Events:
     """What the benchmark tells the command layer as it goes. The command
     layer decides what to print; this base class prints nothing (tests)."""
@@ -4329,206 +4342,86 @@ async def server_info(client: Any, spec: ModelSpec) -> ServerInfo:
     return ServerInfo(version, max_len, dict(spec.chat_template_kwargs or {}) or None)
 
 
-async def _peak_metrics(client: Any, stop: asyncio.Event, interval_s: float = 0.5
-                        ) -> dict[str, float]:
-    """Peak KV-cache usage and queue length while a load level runs."""
-    peak: dict[str, float] = {}
-    while not stop.is_set():
-        m = await scrape_metrics(client)
-        for key, name in (("peak_kv_cache_usage_perc", "vllm:kv_cache_usage_perc"),
-                          ("peak_requests_waiting", "vllm:num_requests_waiting")):
-            if m and name in m:
-                peak[key] = max(peak.get(key, 0.0), m[name])
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(stop.wait(), interval_s)
-    return peak
+# --- Warm-up and the known-answer check ---------------------------------------
 
 
-class ScenarioAborted(Exception):
-    """The model's failure budget ran out, or its container died, mid-scenario."""
+def engine_facts(server: ServerInfo, engine: EngineInfo, knobs: RequestKnobs,
+                 ignored: Sequence[str]) -> ServerInfo:
+    """What the report records of a model's engine (its version where
+    /version had none: llama.cpp's build, SGLang's and TGI's own)."""
+    return dataclasses.replace(server, engine=engine.name, engine_forced=engine.forced,
+                               version=server.version or engine.version,
+                               context_tokens=engine.context_tokens,
+                               knobs_refused=tuple(knobs.refused), knobs_ignored=tuple(ignored))
 
-    def __init__(self, result: ScenarioResult, failure: ModelFailed):
-        super().__init__(str(failure))
-        self.result = result
-        self.failure = failure
+
+def fit_context(spec: ModelSpec, context_tokens: int | None) -> ModelSpec:
+    """The spec with the server's context window where it is smaller than
+    the table's: scenarios are then clamped to what the server takes."""
+    if context_tokens is None or context_tokens >= spec.max_context_tokens:
+        return spec
+    return dataclasses.replace(spec, max_context_tokens=context_tokens)
 
 
-async def run_scenario(client: Any, spec: ModelSpec, scenario: Scenario, cfg: RunConfig,
-                       builder: PromptBuilder, events: Events, *, failures_left: int,
-                       check_alive: Callable[[], None] | None = None,
-                       clock: Clock = time.perf_counter, sleep: Sleep = asyncio.sleep,
-                       measured: list[Sample] | None = None) -> ScenarioResult:
-    """Send a scenario's requests (sequentially, or `concurrency` at a time)
-    and summarize them. Every request has a unique prompt head. Each sample
-    is also appended to `measured` as it completes, so that a caller that is
-    interrupted mid-scenario still holds what was measured."""
-    kwargs = spec.chat_template_kwargs
-    exact: list[bool] = []  # per prompt: its size was counted, not calibrated
+MAX_REFUSED_FIELDS = 8  # more than the tool sends beyond OpenAI's fields
 
-    async def payload() -> bytes:
+
+# What a chat request cannot do without: a server that refuses one of these
+# fails the warm-up instead of being sent something else.
+CORE_FIELDS = frozenset({"model", "messages", "stream", "max_tokens", "stream_options",
+                         "stream_options.include_usage"})
+
+
+async def warm_up(client: Any, spec: ModelSpec, cfg: RunConfig, builder: PromptBuilder, *,
+                  clock: Clock = time.perf_counter, sleep: Sleep = asyncio.sleep
+                  ) -> tuple[RequestKnobs, tuple[str, ...]]:
+    """The warm-up request, which also learns what the server does with the
+    fields beyond OpenAI's own: each it refuses as unknown (400
+    "Unrecognized request argument supplied: X") is dropped and the request
+    sent again; one it accepts but ignores shows in the answer (see
+    ignored_knobs). Tried WARMUP_TRIES times: a server just out of loading
+    may fail one request. Returns the knobs (also set on `builder`) and the
+    names of those ignored."""
+    knobs = builder.knobs = RequestKnobs(extra=ENGINE_EXTRA_FIELDS.get(builder.engine))
+    tries = 0
+    while True:
         nonce = new_nonce()
-        if scenario.target_tokens_in is None:
-            messages = latency_messages(nonce)
-        else:
-            messages, n = await builder.build(scenario.target_tokens_in, nonce)
-            exact.append(n is not None)
-        return chat_payload(spec.model_id, messages, scenario.target_tokens_out, cfg.temperature,
-                            kwargs, nonce, builder.knobs)
-
-    before = await scrape_metrics(client)
-    samples: list[Sample] = [] if measured is None else measured
-    aggregate: Aggregate | None = None
-    if scenario.concurrency == 1 and scenario.kind != "throughput":
-        failure = await _requests_in_turn(client, spec, scenario, builder, events, payload,
-                                          samples, failures_left=failures_left,
-                                          check_alive=check_alive, clock=clock, sleep=sleep)
-    else:
-        aggregate, failure = await _requests_at_once(client, spec, scenario, cfg, events,
-                                                     payload, samples, check_alive=check_alive,
-                                                     clock=clock, sleep=sleep)
-    after = await scrape_metrics(client)
-    result = ScenarioResult(scenario, tuple(samples), summarize_samples(samples),
-                            aggregate, metrics_delta(before, after),
-                            all(exact) if exact else None,
-                            output_forced(samples, scenario.target_tokens_out))
-    if failure is not None:
-        raise ScenarioAborted(result, failure)
-    return result
+        payload = chat_payload(spec.model_id, latency_messages(nonce), cfg.warmup_tokens,
+                               cfg.temperature, spec.chat_template_kwargs, nonce, knobs)
+        got = await stream_chat(client, payload, cfg.warmup_tokens, clock=clock, sleep=sleep)
+        warm = got if isinstance(got, Sample) else await measure_counted(got, payload, builder)
+        refused = refused_argument(warm.error)
+        if refused and refused not in knobs.refused and refused not in CORE_FIELDS \
+                and len(knobs.refused) < MAX_REFUSED_FIELDS:
+            knobs = builder.knobs = dataclasses.replace(knobs, refused=(*knobs.refused, refused))
+            continue
+        if warm.ok:
+            break
+        tries += 1
+        if tries >= WARMUP_TRIES:
+            raise ModelFailed(f"warm-up request failed {WARMUP_TRIES} times: {warm.error}")
+    chunk_usage = isinstance(got, RawStream) and chunk_usage_seen(got.reads)
+    builder.usage_less = bool(warm.tokens_counted)
+    return knobs, ignored_knobs(knobs, warm, cfg.warmup_tokens, chunk_usage)
 
 
-async def _requests_in_turn(client: Any, spec: ModelSpec, scenario: Scenario,
-                            builder: PromptBuilder, events: Events,
-                            payload: Callable[[], Awaitable[bytes]], samples: list[Sample], *,
-                            failures_left: int, check_alive: Callable[[], None] | None,
-                            clock: Clock, sleep: Sleep) -> ModelFailed | None:
-    """A sequential scenario's requests, one after the other, into `samples`;
-    what ended the model early, if anything did."""
-    for i in range(scenario.requests):
-        try:
-            body = await payload()
-        except ModelFailed as exc:  # the server broke between requests: keep what we have
-            return exc
-        sample = await send_measured(client, body, scenario.target_tokens_out, builder,
-                                     clock=clock, sleep=sleep)
-        samples.append(sample)
-        events.sample(spec.name, scenario, i, sample)
-        if not sample.ok:
-            failure = await _after_failure(sample, check_alive, failures_left)
-            failures_left -= 1
-            if failure:
-                return failure
-    return None
-
-
-async def _requests_at_once(client: Any, spec: ModelSpec, scenario: Scenario, cfg: RunConfig,
-                            events: Events, payload: Callable[[], Awaitable[bytes]],
-                            samples: list[Sample], *, check_alive: Callable[[], None] | None,
-                            clock: Clock, sleep: Sleep) -> tuple[Aggregate, ModelFailed | None]:
-    """A level's requests, `concurrency` streams (or open-loop arrivals) at a
-    time, into `samples`: its whole-level figures, and a dead server if
-    every request failed because of one."""
-    payloads = LazyPayloads(payload, scenario.requests)
-    await payloads.prebuild(PREBUILT_PAYLOADS)
-    stop = asyncio.Event()
-    peak_task = asyncio.create_task(_peak_metrics(client, stop))
-    done, duration_s = await run_level(client, payloads, scenario, cfg, clock=clock,
-                                       sleep=sleep, measured=samples)
-    samples[:] = done  # payload order, not completion order
-    stop.set()
-    peak = await peak_task
-    for i, s in enumerate(samples):
-        events.sample(spec.name, scenario, i, s)
-    failure = None
-    if all(not s.ok for s in samples) and check_alive is not None:
-        try:
-            await asyncio.to_thread(check_alive)
-        except ModelFailed as exc:
-            failure = exc
-    return level_aggregate(samples, duration_s, scenario, cfg, peak), failure
-
-
-async def _after_failure(sample: Sample, check_alive: Callable[[], None] | None,
-                         failures_left: int) -> ModelFailed | None:
-    """After a failed request: a dead container or an exhausted budget ends the model."""
-    if check_alive is not None:
-        try:
-            await asyncio.to_thread(check_alive)
-        except ModelFailed as exc:
-            return exc
-    if failures_left <= 1:
-        return ModelFailed(f"too many failed requests (limit --max-failures); last: {sample.error}")
-    return None
-
-
-PREBUILT_PAYLOADS = 2048  # built before a level starts; the rest as its streams ask
-
-
-class LazyPayloads:
-    """A level's request bodies: the first ones built before it starts (so
-    building costs the measured streams nothing), the rest one at a time as
-    a stream asks, so that `--throughput-requests 1000000000` neither builds
-    a billion bodies before the first request nor holds them."""
-
-    def __init__(self, make: Callable[[], Awaitable[bytes]], count: int):
-        self.make, self.count = make, count
-        self.ready: dict[int, bytes] = {}
-
-    def __len__(self) -> int:
-        return self.count
-
-    async def prebuild(self, n: int) -> None:
-        for i in range(min(n, self.count)):
-            self.ready[i] = await self.make()
-
-    async def get(self, i: int) -> bytes:
-        body = self.ready.pop(i, None)
-        return body if body is not None else await self.make()
-
-
-async def run_concurrent(client: Any, payloads: Sequence[bytes] | LazyPayloads,
-                         scenario: Scenario, *,
-                         clock: Clock = time.perf_counter, on_stream: StreamObserver | None = None,
-                         sleep: Sleep = asyncio.sleep,
-                         measured: list[Sample] | None = None) -> tuple[list[Sample], float]:
-    """`scenario.concurrency` streams at once until every payload is sent.
-
-    Each sample's TTFT counts from the moment its stream was free to send
-    (`t_scheduled`), so any delay inside the client is counted, not hidden.
-    Streams are measured (parsed) after the last one ended: parsing one while
-    others run would delay their timestamps (their reads wait for the event
-    loop). Returns the samples in payload order and the level's wall time;
-    they are also appended to `measured`, even when the level is interrupted.
-    """
-    got: dict[int, tuple[RawStream | Sample, float]] = {}
-    todo = iter(range(len(payloads)))
-    t_start = clock()
-
-    async def stream() -> None:
-        for i in todo:
-            body = await payloads.get(i) if isinstance(payloads, LazyPayloads) else payloads[i]
-            t_scheduled = clock()
-            got[i] = (await stream_chat(client, body, scenario.target_tokens_out,
-                                        clock=clock, t_scheduled=t_scheduled, sleep=sleep),
-                      t_scheduled - t_start)
-
-    try:
-        await asyncio.gather(*(stream() for _ in range(scenario.concurrency)))
-    finally:  # an interrupt keeps the streams that finished
-        done = [dataclasses.replace(r if isinstance(r, Sample) else r.measure(on_stream),
-                                    start_s=start_s) for r, start_s in (got[i] for i in sorted(got))]
-        if measured is not None:
-            measured.extend(done)
-    ends = [s.start_s + (s.total_s or 0.0) for s in done if s.ok]
-    return done, (max(ends) if ends else clock() - t_start)
-
-
-def throughput_aggregate(samples: Sequence[Sample], duration_s: float) -> Aggregate:
-    """Whole-level figures: output tokens/s and requests/s over the wall time."""
-    ok = [s for s in samples if s.ok]
-    tokens = sum(s.tokens_out or 0 for s in ok)
-    return Aggregate(duration_s=duration_s, requests_ok=len(ok), errors=len(samples) - len(ok),
-                     output_tps=tokens / duration_s if duration_s > 0 else None,
-                     requests_per_s=len(ok) / duration_s if duration_s > 0 else None)
+def ignored_knobs(knobs: RequestKnobs, warm: Sample, asked: int, chunk_usage: bool
+                  ) -> tuple[str, ...]:
+    """The fields sent and accepted that had no effect on the warm-up answer
+    (pure): an answer shorter than asked ignored min_tokens and ignore_eos
+    (whichever was sent); a stream without usage ignored include_usage; usage
+    only in the trailer ignored continuous_usage_stats. (cache_salt leaves
+    no trace in an answer: it is not judged.)"""
+    sent = lambda name: name not in knobs.refused and name.rpartition(".")[2] not in knobs.refused  # noqa: E731
+    out: list[str] = []
+    if warm.tokens_counted:
+        out.append("stream_options.include_usage")
+    elif warm.ok and (warm.tokens_out or 0) > 1 and not chunk_usage \
+            and sent("stream_options.continuous_usage_stats"):
+        out.append("stream_options.continuous_usage_stats")
+    if warm.ok and warm.tokens_out is not None and warm.tokens_out < asked:
+        out.extend(k for k in ("min_tokens", "ignore_eos") if sent(k))
+    return tuple(out)
 
 
 def answer_text(message: Any) -> str | None:
@@ -4636,6 +4529,329 @@ async def check_answers(client: Any, result: ModelResult, cfg: RunConfig, events
                           + " and --require-correct-answers is set")
 
 
+# --- Scenarios: requests in turn, at once, or arriving open-loop --------------
+
+
+async def measure_counted(raw: RawStream, payload: bytes, builder: PromptBuilder | None) -> Sample:
+    """raw.measure(); a stream that came without usage is counted with the
+    server's tokenizer instead (the prompt's chat template, the received
+    text) and marked `tokens_counted`; without a tokenizer it stays failed."""
+    sample = raw.measure()
+    if sample.ok or builder is None or not (sample.error or "").startswith(NO_USAGE_ERROR):
+        return sample
+    body = json.loads(payload)
+    tokens_in = await builder.count(body.get("messages") or [])
+    tokens_out = await builder.count_text(stream_text(raw.reads))
+    if tokens_in is None or tokens_out is None:
+        return sample
+    counted = measure_stream(raw.t_sent, raw.reads, raw.target_tokens_out, raw.t_scheduled,
+                             raw.retries, usage_fallback={"prompt_tokens": tokens_in,
+                                                          "completion_tokens": tokens_out})
+    return dataclasses.replace(counted, tokens_counted=True) if counted.ok else counted
+
+
+async def send_measured(client: Any, payload: bytes, target_tokens_out: int | None,
+                        builder: PromptBuilder | None, *, clock: Clock = time.perf_counter,
+                        sleep: Sleep = asyncio.sleep) -> Sample:
+    """send_chat; when the warm-up found that the server never sends usage,
+    its streams are counted (see measure_counted). (A stream without usage
+    from a server that sends it is a failed sample.)"""
+    got = await stream_chat(client, payload, target_tokens_out, clock=clock, sleep=sleep)
+    if isinstance(got, Sample):
+        return got
+    return await measure_counted(got, payload, builder if builder and builder.usage_less else None)
+
+
+async def _peak_metrics(client: Any, stop: asyncio.Event, interval_s: float = 0.5
+                        ) -> dict[str, float]:
+    """Peak KV-cache usage and queue length while a load level runs."""
+    peak: dict[str, float] = {}
+    while not stop.is_set():
+        m = await scrape_metrics(client)
+        for key, name in (("peak_kv_cache_usage_perc", "vllm:kv_cache_usage_perc"),
+                          ("peak_requests_waiting", "vllm:num_requests_waiting")):
+            if m and name in m:
+                peak[key] = max(peak.get(key, 0.0), m[name])
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval_s)
+    return peak
+
+
+class ScenarioAborted(Exception):
+    """The model's failure budget ran out, or its container died, mid-scenario."""
+
+    def __init__(self, result: ScenarioResult, failure: ModelFailed):
+        super().__init__(str(failure))
+        self.result = result
+        self.failure = failure
+
+
+async def _after_failure(sample: Sample, check_alive: Callable[[], None] | None,
+                         failures_left: int) -> ModelFailed | None:
+    """After a failed request: a dead container or an exhausted budget ends the model."""
+    if check_alive is not None:
+        try:
+            await asyncio.to_thread(check_alive)
+        except ModelFailed as exc:
+            return exc
+    if failures_left <= 1:
+        return ModelFailed(f"too many failed requests (limit --max-failures); last: {sample.error}")
+    return None
+
+
+async def _requests_in_turn(client: Any, spec: ModelSpec, scenario: Scenario,
+                            builder: PromptBuilder, events: Events,
+                            payload: Callable[[], Awaitable[bytes]], samples: list[Sample], *,
+                            failures_left: int, check_alive: Callable[[], None] | None,
+                            clock: Clock, sleep: Sleep) -> ModelFailed | None:
+    """A sequential scenario's requests, one after the other, into `samples`;
+    what ended the model early, if anything did."""
+    for i in range(scenario.requests):
+        try:
+            body = await payload()
+        except ModelFailed as exc:  # the server broke between requests: keep what we have
+            return exc
+        sample = await send_measured(client, body, scenario.target_tokens_out, builder,
+                                     clock=clock, sleep=sleep)
+        samples.append(sample)
+        events.sample(spec.name, scenario, i, sample)
+        if not sample.ok:
+            failure = await _after_failure(sample, check_alive, failures_left)
+            failures_left -= 1
+            if failure:
+                return failure
+    return None
+
+
+PREBUILT_PAYLOADS = 2048  # built before a level starts; the rest as its streams ask
+
+
+class LazyPayloads:
+    """A level's request bodies: the first ones built before it starts (so
+    building costs the measured streams nothing), the rest one at a time as
+    a stream asks, so that `--throughput-requests 1000000000` neither builds
+    a billion bodies before the first request nor holds them."""
+
+    def __init__(self, make: Callable[[], Awaitable[bytes]], count: int):
+        self.make, self.count = make, count
+        self.ready: dict[int, bytes] = {}
+
+    def __len__(self) -> int:
+        return self.count
+
+    async def prebuild(self, n: int) -> None:
+        for i in range(min(n, self.count)):
+            self.ready[i] = await self.make()
+
+    async def get(self, i: int) -> bytes:
+        body = self.ready.pop(i, None)
+        return body if body is not None else await self.make()
+
+
+async def run_concurrent(client: Any, payloads: Sequence[bytes] | LazyPayloads,
+                         scenario: Scenario, *,
+                         clock: Clock = time.perf_counter, on_stream: StreamObserver | None = None,
+                         sleep: Sleep = asyncio.sleep,
+                         measured: list[Sample] | None = None) -> tuple[list[Sample], float]:
+    """`scenario.concurrency` streams at once until every payload is sent.
+
+    Each sample's TTFT counts from the moment its stream was free to send
+    (`t_scheduled`), so any delay inside the client is counted, not hidden.
+    Streams are measured (parsed) after the last one ended: parsing one while
+    others run would delay their timestamps (their reads wait for the event
+    loop). Returns the samples in payload order and the level's wall time;
+    they are also appended to `measured`, even when the level is interrupted.
+    """
+    got: dict[int, tuple[RawStream | Sample, float]] = {}
+    todo = iter(range(len(payloads)))
+    t_start = clock()
+
+    async def stream() -> None:
+        for i in todo:
+            body = await payloads.get(i) if isinstance(payloads, LazyPayloads) else payloads[i]
+            t_scheduled = clock()
+            got[i] = (await stream_chat(client, body, scenario.target_tokens_out,
+                                        clock=clock, t_scheduled=t_scheduled, sleep=sleep),
+                      t_scheduled - t_start)
+
+    try:
+        await asyncio.gather(*(stream() for _ in range(scenario.concurrency)))
+    finally:  # an interrupt keeps the streams that finished
+        done = [dataclasses.replace(r if isinstance(r, Sample) else r.measure(on_stream),
+                                    start_s=start_s) for r, start_s in (got[i] for i in sorted(got))]
+        if measured is not None:
+            measured.extend(done)
+    ends = [s.start_s + (s.total_s or 0.0) for s in done if s.ok]
+    return done, (max(ends) if ends else clock() - t_start)
+
+
+def throughput_aggregate(samples: Sequence[Sample], duration_s: float) -> Aggregate:
+    """Whole-level figures: output tokens/s and requests/s over the wall time."""
+    ok = [s for s in samples if s.ok]
+    tokens = sum(s.tokens_out or 0 for s in ok)
+    return Aggregate(duration_s=duration_s, requests_ok=len(ok), errors=len(samples) - len(ok),
+                     output_tps=tokens / duration_s if duration_s > 0 else None,
+                     requests_per_s=len(ok) / duration_s if duration_s > 0 else None)
+
+
+def client_streams(cfg: RunConfig) -> int:
+    """Connections the client must be able to hold at once: the largest
+    throughput level, capacity probe, or open-loop level (whose requests may
+    all be in flight), so that no request waits for a connection."""
+    rates = [sc.requests for sc in rate_scenarios(cfg, 1)]
+    return max(1, *cfg.concurrency, *rates, cfg.max_concurrency if cfg.slo else 1)
+
+
+def rate_scenarios(cfg: RunConfig, tokens_in: int) -> list[Scenario]:
+    """Open-loop levels: about 20 s of arrivals each (at least 16 requests)."""
+    out = []
+    for rate in cfg.request_rates or ():
+        n = cfg.throughput_requests or max(level_requests(cfg, 1), 16, math.ceil(20 * rate))
+        out.append(Scenario(f"rate-{rate:g}", "throughput", tokens_in, cfg.throughput_tokens_out,
+                            n, concurrency=n, request_rate=rate))
+    return out
+
+
+async def run_open_loop(client: Any, payloads: Sequence[bytes], scenario: Scenario,
+                        arrivals_s: Sequence[float], *, clock: Clock = time.perf_counter,
+                        sleep: Sleep = asyncio.sleep,
+                        measured: list[Sample] | None = None) -> tuple[list[Sample], float]:
+    """Send payload i at `arrivals_s[i]` after the start, whatever the server
+    is doing (open loop). TTFT counts from the scheduled arrival, so a server
+    that falls behind shows it; a request the client itself sent late has the
+    lag in its `queued_ms`. Returns the samples in payload order and the wall time."""
+    got: list[tuple[RawStream | Sample, float] | None] = [None] * len(payloads)
+    t_start = clock()
+
+    async def one(i: int) -> None:
+        t_scheduled = t_start + arrivals_s[i]
+        if (wait := t_scheduled - clock()) > 0:
+            await sleep(wait)
+        got[i] = (await stream_chat(client, payloads[i], scenario.target_tokens_out, clock=clock,
+                                    t_scheduled=t_scheduled, sleep=sleep), arrivals_s[i])
+
+    try:
+        await asyncio.gather(*(one(i) for i in range(len(payloads))))
+    finally:
+        done = [dataclasses.replace(r if isinstance(r, Sample) else r.measure(),
+                                    start_s=start_s) for r, start_s in filter(None, got)]
+        if measured is not None:
+            measured.extend(done)
+    ends = [s.start_s + (s.total_s or 0.0) for s in done if s.ok]
+    return done, (max(ends) if ends else clock() - t_start)
+
+
+def level_requests(cfg: RunConfig, streams: int) -> int:
+    """Requests of a throughput level or probe: --throughput-requests, else
+    4 per stream (at least 8), and with --slo at least what the strictest
+    percentile needs (p99: 100), so that it is more than the worst request."""
+    if cfg.throughput_requests:
+        return cfg.throughput_requests
+    need = max((r.min_requests for r in parse_slo(cfg.slo)), default=1) if cfg.slo else 1
+    return max(4 * streams, 8, need)
+
+
+async def run_level(client: Any, payloads: Sequence[bytes], scenario: Scenario, cfg: RunConfig, *,
+                    clock: Clock = time.perf_counter, sleep: Sleep = asyncio.sleep,
+                    measured: list[Sample] | None = None) -> tuple[list[Sample], float]:
+    """A throughput level: `concurrency` streams (closed loop), or arrivals at
+    `request_rate` from the seeded schedule (open loop)."""
+    if scenario.request_rate is None:
+        return await run_concurrent(client, payloads, scenario, clock=clock, sleep=sleep,
+                                    measured=measured)
+    arrivals = scheduled_arrivals(len(payloads), scenario.request_rate, cfg.burstiness,
+                                  random.Random(f"{cfg.arrival_seed}:{scenario.name}"))
+    return await run_open_loop(client, payloads, scenario, arrivals, clock=clock, sleep=sleep,
+                               measured=measured)
+
+
+def level_aggregate(samples: Sequence[Sample], duration_s: float, scenario: Scenario,
+                    cfg: RunConfig, peak: Mapping[str, float]) -> Aggregate:
+    """A level's whole figures, the /metrics peaks, and with --slo its goodput;
+    an open-loop level also says how well the client kept its rate."""
+    aggregate = dataclasses.replace(throughput_aggregate(samples, duration_s), **peak)
+    if scenario.request_rate is not None:
+        aggregate = dataclasses.replace(aggregate,
+                                        **open_loop_aggregate(samples, scenario.request_rate))
+    if cfg.slo:
+        aggregate = dataclasses.replace(aggregate,
+                                        **slo_aggregate(samples, duration_s, parse_slo(cfg.slo)))
+    return aggregate
+
+
+async def _requests_at_once(client: Any, spec: ModelSpec, scenario: Scenario, cfg: RunConfig,
+                            events: Events, payload: Callable[[], Awaitable[bytes]],
+                            samples: list[Sample], *, check_alive: Callable[[], None] | None,
+                            clock: Clock, sleep: Sleep) -> tuple[Aggregate, ModelFailed | None]:
+    """A level's requests, `concurrency` streams (or open-loop arrivals) at a
+    time, into `samples`: its whole-level figures, and a dead server if
+    every request failed because of one."""
+    payloads = LazyPayloads(payload, scenario.requests)
+    await payloads.prebuild(PREBUILT_PAYLOADS)
+    stop = asyncio.Event()
+    peak_task = asyncio.create_task(_peak_metrics(client, stop))
+    done, duration_s = await run_level(client, payloads, scenario, cfg, clock=clock,
+                                       sleep=sleep, measured=samples)
+    samples[:] = done  # payload order, not completion order
+    stop.set()
+    peak = await peak_task
+    for i, s in enumerate(samples):
+        events.sample(spec.name, scenario, i, s)
+    failure = None
+    if all(not s.ok for s in samples) and check_alive is not None:
+        try:
+            await asyncio.to_thread(check_alive)
+        except ModelFailed as exc:
+            failure = exc
+    return level_aggregate(samples, duration_s, scenario, cfg, peak), failure
+
+
+async def run_scenario(client: Any, spec: ModelSpec, scenario: Scenario, cfg: RunConfig,
+                       builder: PromptBuilder, events: Events, *, failures_left: int,
+                       check_alive: Callable[[], None] | None = None,
+                       clock: Clock = time.perf_counter, sleep: Sleep = asyncio.sleep,
+                       measured: list[Sample] | None = None) -> ScenarioResult:
+    """Send a scenario's requests (sequentially, or `concurrency` at a time)
+    and summarize them. Every request has a unique prompt head. Each sample
+    is also appended to `measured` as it completes, so that a caller that is
+    interrupted mid-scenario still holds what was measured."""
+    kwargs = spec.chat_template_kwargs
+    exact: list[bool] = []  # per prompt: its size was counted, not calibrated
+
+    async def payload() -> bytes:
+        nonce = new_nonce()
+        if scenario.target_tokens_in is None:
+            messages = latency_messages(nonce)
+        else:
+            messages, n = await builder.build(scenario.target_tokens_in, nonce)
+            exact.append(n is not None)
+        return chat_payload(spec.model_id, messages, scenario.target_tokens_out, cfg.temperature,
+                            kwargs, nonce, builder.knobs)
+
+    before = await scrape_metrics(client)
+    samples: list[Sample] = [] if measured is None else measured
+    aggregate: Aggregate | None = None
+    if scenario.concurrency == 1 and scenario.kind != "throughput":
+        failure = await _requests_in_turn(client, spec, scenario, builder, events, payload,
+                                          samples, failures_left=failures_left,
+                                          check_alive=check_alive, clock=clock, sleep=sleep)
+    else:
+        aggregate, failure = await _requests_at_once(client, spec, scenario, cfg, events,
+                                                     payload, samples, check_alive=check_alive,
+                                                     clock=clock, sleep=sleep)
+    after = await scrape_metrics(client)
+    result = ScenarioResult(scenario, tuple(samples), summarize_samples(samples),
+                            aggregate, metrics_delta(before, after),
+                            all(exact) if exact else None,
+                            output_forced(samples, scenario.target_tokens_out))
+    if failure is not None:
+        raise ScenarioAborted(result, failure)
+    return result
+
+
+# --- Capacity under service levels: the search is pure, the probe does I/O ----
+
+
 def probe_from_samples(concurrency: int, samples: Sequence[Sample], duration_s: float,
                        rules: Sequence[SloRule]) -> Probe:
     """One capacity-search level's record, from its requests (pure)."""
@@ -4648,9 +4864,6 @@ def probe_from_samples(concurrency: int, samples: Sequence[Sample], duration_s: 
                  goodput_rps=good["goodput_rps"], output_tps=agg.output_tps,
                  decode_tps=statistics.fmean(rates) if rates else None,
                  values=values, failed=failed, too_few=too_few)
-
-
-# ---- Capacity under service levels: the search is pure, the probe does I/O ----
 
 
 def next_concurrency(probes: Sequence[Probe], max_concurrency: int) -> int | None:
@@ -4732,91 +4945,6 @@ async def search_capacity(probe: Callable[[int], Any], slo: str, *, max_concurre
                                 budget_s=budget_s, elapsed_s=clock() - t0)
 
 
-def level_requests(cfg: RunConfig, streams: int) -> int:
-    """Requests of a throughput level or probe: --throughput-requests, else
-    4 per stream (at least 8), and with --slo at least what the strictest
-    percentile needs (p99: 100), so that it is more than the worst request."""
-    if cfg.throughput_requests:
-        return cfg.throughput_requests
-    need = max((r.min_requests for r in parse_slo(cfg.slo)), default=1) if cfg.slo else 1
-    return max(4 * streams, 8, need)
-
-
-async def run_level(client: Any, payloads: Sequence[bytes], scenario: Scenario, cfg: RunConfig, *,
-                    clock: Clock = time.perf_counter, sleep: Sleep = asyncio.sleep,
-                    measured: list[Sample] | None = None) -> tuple[list[Sample], float]:
-    """A throughput level: `concurrency` streams (closed loop), or arrivals at
-    `request_rate` from the seeded schedule (open loop)."""
-    if scenario.request_rate is None:
-        return await run_concurrent(client, payloads, scenario, clock=clock, sleep=sleep,
-                                    measured=measured)
-    arrivals = scheduled_arrivals(len(payloads), scenario.request_rate, cfg.burstiness,
-                                  random.Random(f"{cfg.arrival_seed}:{scenario.name}"))
-    return await run_open_loop(client, payloads, scenario, arrivals, clock=clock, sleep=sleep,
-                               measured=measured)
-
-
-def level_aggregate(samples: Sequence[Sample], duration_s: float, scenario: Scenario,
-                    cfg: RunConfig, peak: Mapping[str, float]) -> Aggregate:
-    """A level's whole figures, the /metrics peaks, and with --slo its goodput;
-    an open-loop level also says how well the client kept its rate."""
-    aggregate = dataclasses.replace(throughput_aggregate(samples, duration_s), **peak)
-    if scenario.request_rate is not None:
-        aggregate = dataclasses.replace(aggregate,
-                                        **open_loop_aggregate(samples, scenario.request_rate))
-    if cfg.slo:
-        aggregate = dataclasses.replace(aggregate,
-                                        **slo_aggregate(samples, duration_s, parse_slo(cfg.slo)))
-    return aggregate
-
-
-def client_streams(cfg: RunConfig) -> int:
-    """Connections the client must be able to hold at once: the largest
-    throughput level, capacity probe, or open-loop level (whose requests may
-    all be in flight), so that no request waits for a connection."""
-    rates = [sc.requests for sc in rate_scenarios(cfg, 1)]
-    return max(1, *cfg.concurrency, *rates, cfg.max_concurrency if cfg.slo else 1)
-
-
-def rate_scenarios(cfg: RunConfig, tokens_in: int) -> list[Scenario]:
-    """Open-loop levels: about 20 s of arrivals each (at least 16 requests)."""
-    out = []
-    for rate in cfg.request_rates or ():
-        n = cfg.throughput_requests or max(level_requests(cfg, 1), 16, math.ceil(20 * rate))
-        out.append(Scenario(f"rate-{rate:g}", "throughput", tokens_in, cfg.throughput_tokens_out,
-                            n, concurrency=n, request_rate=rate))
-    return out
-
-
-async def run_open_loop(client: Any, payloads: Sequence[bytes], scenario: Scenario,
-                        arrivals_s: Sequence[float], *, clock: Clock = time.perf_counter,
-                        sleep: Sleep = asyncio.sleep,
-                        measured: list[Sample] | None = None) -> tuple[list[Sample], float]:
-    """Send payload i at `arrivals_s[i]` after the start, whatever the server
-    is doing (open loop). TTFT counts from the scheduled arrival, so a server
-    that falls behind shows it; a request the client itself sent late has the
-    lag in its `queued_ms`. Returns the samples in payload order and the wall time."""
-    got: list[tuple[RawStream | Sample, float] | None] = [None] * len(payloads)
-    t_start = clock()
-
-    async def one(i: int) -> None:
-        t_scheduled = t_start + arrivals_s[i]
-        if (wait := t_scheduled - clock()) > 0:
-            await sleep(wait)
-        got[i] = (await stream_chat(client, payloads[i], scenario.target_tokens_out, clock=clock,
-                                    t_scheduled=t_scheduled, sleep=sleep), arrivals_s[i])
-
-    try:
-        await asyncio.gather(*(one(i) for i in range(len(payloads))))
-    finally:
-        done = [dataclasses.replace(r if isinstance(r, Sample) else r.measure(),
-                                    start_s=start_s) for r, start_s in filter(None, got)]
-        if measured is not None:
-            measured.extend(done)
-    ends = [s.start_s + (s.total_s or 0.0) for s in done if s.ok]
-    return done, (max(ends) if ends else clock() - t_start)
-
-
 async def capacity_probe(client: Any, spec: ModelSpec, cfg: RunConfig, builder: PromptBuilder,
                          concurrency: int, *, clock: Clock = time.perf_counter,
                          sleep: Sleep = asyncio.sleep,
@@ -4864,111 +4992,7 @@ async def find_capacity(client: Any, spec: ModelSpec, cfg: RunConfig, builder: P
                                  budget_s=cfg.capacity_budget_s, clock=clock, probes=probes)
 
 
-def engine_facts(server: ServerInfo, engine: EngineInfo, knobs: RequestKnobs,
-                 ignored: Sequence[str]) -> ServerInfo:
-    """What the report records of a model's engine (its version where
-    /version had none: llama.cpp's build, SGLang's and TGI's own)."""
-    return dataclasses.replace(server, engine=engine.name, engine_forced=engine.forced,
-                               version=server.version or engine.version,
-                               context_tokens=engine.context_tokens,
-                               knobs_refused=tuple(knobs.refused), knobs_ignored=tuple(ignored))
-
-
-def fit_context(spec: ModelSpec, context_tokens: int | None) -> ModelSpec:
-    """The spec with the server's context window where it is smaller than
-    the table's: scenarios are then clamped to what the server takes."""
-    if context_tokens is None or context_tokens >= spec.max_context_tokens:
-        return spec
-    return dataclasses.replace(spec, max_context_tokens=context_tokens)
-
-
-MAX_REFUSED_FIELDS = 8  # more than the tool sends beyond OpenAI's fields
-# What a chat request cannot do without: a server that refuses one of these
-# fails the warm-up instead of being sent something else.
-CORE_FIELDS = frozenset({"model", "messages", "stream", "max_tokens", "stream_options",
-                         "stream_options.include_usage"})
-
-
-async def warm_up(client: Any, spec: ModelSpec, cfg: RunConfig, builder: PromptBuilder, *,
-                  clock: Clock = time.perf_counter, sleep: Sleep = asyncio.sleep
-                  ) -> tuple[RequestKnobs, tuple[str, ...]]:
-    """The warm-up request, which also learns what the server does with the
-    fields beyond OpenAI's own: each it refuses as unknown (400
-    "Unrecognized request argument supplied: X") is dropped and the request
-    sent again; one it accepts but ignores shows in the answer (see
-    ignored_knobs). Tried WARMUP_TRIES times: a server just out of loading
-    may fail one request. Returns the knobs (also set on `builder`) and the
-    names of those ignored."""
-    knobs = builder.knobs = RequestKnobs(extra=ENGINE_EXTRA_FIELDS.get(builder.engine))
-    tries = 0
-    while True:
-        nonce = new_nonce()
-        payload = chat_payload(spec.model_id, latency_messages(nonce), cfg.warmup_tokens,
-                               cfg.temperature, spec.chat_template_kwargs, nonce, knobs)
-        got = await stream_chat(client, payload, cfg.warmup_tokens, clock=clock, sleep=sleep)
-        warm = got if isinstance(got, Sample) else await measure_counted(got, payload, builder)
-        refused = refused_argument(warm.error)
-        if refused and refused not in knobs.refused and refused not in CORE_FIELDS \
-                and len(knobs.refused) < MAX_REFUSED_FIELDS:
-            knobs = builder.knobs = dataclasses.replace(knobs, refused=(*knobs.refused, refused))
-            continue
-        if warm.ok:
-            break
-        tries += 1
-        if tries >= WARMUP_TRIES:
-            raise ModelFailed(f"warm-up request failed {WARMUP_TRIES} times: {warm.error}")
-    chunk_usage = isinstance(got, RawStream) and chunk_usage_seen(got.reads)
-    builder.usage_less = bool(warm.tokens_counted)
-    return knobs, ignored_knobs(knobs, warm, cfg.warmup_tokens, chunk_usage)
-
-
-def ignored_knobs(knobs: RequestKnobs, warm: Sample, asked: int, chunk_usage: bool
-                  ) -> tuple[str, ...]:
-    """The fields sent and accepted that had no effect on the warm-up answer
-    (pure): an answer shorter than asked ignored min_tokens and ignore_eos
-    (whichever was sent); a stream without usage ignored include_usage; usage
-    only in the trailer ignored continuous_usage_stats. (cache_salt leaves
-    no trace in an answer: it is not judged.)"""
-    sent = lambda name: name not in knobs.refused and name.rpartition(".")[2] not in knobs.refused  # noqa: E731
-    out: list[str] = []
-    if warm.tokens_counted:
-        out.append("stream_options.include_usage")
-    elif warm.ok and (warm.tokens_out or 0) > 1 and not chunk_usage \
-            and sent("stream_options.continuous_usage_stats"):
-        out.append("stream_options.continuous_usage_stats")
-    if warm.ok and warm.tokens_out is not None and warm.tokens_out < asked:
-        out.extend(k for k in ("min_tokens", "ignore_eos") if sent(k))
-    return tuple(out)
-
-
-async def measure_counted(raw: RawStream, payload: bytes, builder: PromptBuilder | None) -> Sample:
-    """raw.measure(); a stream that came without usage is counted with the
-    server's tokenizer instead (the prompt's chat template, the received
-    text) and marked `tokens_counted`; without a tokenizer it stays failed."""
-    sample = raw.measure()
-    if sample.ok or builder is None or not (sample.error or "").startswith(NO_USAGE_ERROR):
-        return sample
-    body = json.loads(payload)
-    tokens_in = await builder.count(body.get("messages") or [])
-    tokens_out = await builder.count_text(stream_text(raw.reads))
-    if tokens_in is None or tokens_out is None:
-        return sample
-    counted = measure_stream(raw.t_sent, raw.reads, raw.target_tokens_out, raw.t_scheduled,
-                             raw.retries, usage_fallback={"prompt_tokens": tokens_in,
-                                                          "completion_tokens": tokens_out})
-    return dataclasses.replace(counted, tokens_counted=True) if counted.ok else counted
-
-
-async def send_measured(client: Any, payload: bytes, target_tokens_out: int | None,
-                        builder: PromptBuilder | None, *, clock: Clock = time.perf_counter,
-                        sleep: Sleep = asyncio.sleep) -> Sample:
-    """send_chat; when the warm-up found that the server never sends usage,
-    its streams are counted (see measure_counted). (A stream without usage
-    from a server that sends it is a failed sample.)"""
-    got = await stream_chat(client, payload, target_tokens_out, clock=clock, sleep=sleep)
-    if isinstance(got, Sample):
-        return got
-    return await measure_counted(got, payload, builder if builder and builder.usage_less else None)
+# --- One model's measurement, from ready to its last scenario -----------------
 
 
 async def benchmark_model(client: Any, result: ModelResult, cfg: RunConfig, events: Events, *,
@@ -6096,36 +6120,6 @@ def retry_notes(model: str, sr: ScenarioResult) -> list[str]:
             "each one's figures count from its last try"]
 
 
-def scenario_table(models: Sequence[ModelResult], winners: ScenarioWinners,
-                   bandwidth_gbs: float) -> TextTable:
-    """One scenario as a table: a row per model, a trophy per ranked metric."""
-    name = winners.scenario
-    results = {mr.spec.name: sr for mr in models for sr in mr.scenarios if sr.scenario.name == name}
-    columns = _Columns(
-        kind=winners.kind,
-        thinking=any(_answers_late(scenario_stat(mr, name, "ttft_ms"),
-                                   scenario_stat(mr, name, "ttfo_ms")) for mr in models),
-        goodput=any(sr.aggregate is not None and sr.aggregate.good_requests is not None
-                    for sr in results.values()))
-    headers = columns.headers()
-    rows: list[tuple[str, ...]] = []
-    notes: list[str] = []
-    for mr in models:
-        sr = results.get(mr.spec.name)
-        if sr is not None:
-            row, row_notes = scenario_row(mr, sr, winners, columns, bandwidth_gbs)
-            rows.append(row)
-            notes.extend(row_notes)
-        elif mr.status in ("failed", "interrupted"):
-            rows.append((mr.spec.name, f"{mr.status.upper()}: {mr.error or ''}"[:70],
-                         *[""] * (len(headers) - 2)))
-    notes.extend(format_ranking(r) for r in winners.rankings)
-    notes.extend(format_unranked(u) for u in winners.unranked)
-    sc = next(sr.scenario for sr in results.values()) if results else None
-    title = scenario_title(sc, list(results.values())) if sc else name
-    return TextTable(title, headers, tuple(rows), tuple(dict.fromkeys(notes)))
-
-
 @dataclass(frozen=True)
 class _Columns:
     """Which columns a scenario's table has: by its kind, a TTFO column when
@@ -6158,46 +6152,6 @@ class _RowCells:
     in_mark: str
     failed: str
     server: ServerDelta
-
-
-def scenario_row(mr: ModelResult, sr: ScenarioResult, winners: ScenarioWinners,
-                 columns: _Columns, bandwidth_gbs: float) -> tuple[tuple[str, ...], list[str]]:
-    """A model's row of one scenario, and the notes that its marks refer to."""
-    notes: list[str] = []
-    if not mr.ranked and mr.answer_check is not None:
-        notes.append(f"(w) {mr.spec.name}: {describe_answer_check(mr.answer_check)}")
-    bursty = sum(s.bursty for s in sr.samples)
-    if bursty:
-        notes.append(f"(b) {mr.spec.name}: in {bursty} of {len(sr.samples)} requests the tokens "
-                     "arrived in bursts (over 4 per network read): decode and ITL show how "
-                     "the server flushed its output, not how fast it decoded")
-    tokens_out = fmt_stat(sr.summary.get("tokens_out"))
-    if any(s.ok and s.tokens_out_exact is False for s in sr.samples):
-        tokens_out += " (!)"
-        notes.append(output_note(mr, sr))
-    in_mark, out_mark, marks = measured_as_asked(mr, sr)
-    notes.extend(marks)
-    cells = _RowCells(label=mr.spec.name if mr.ranked else f"{mr.spec.name} (w)",
-                      decode=_cell(mr, "tps", winners) + (" (b)" if bursty else ""),
-                      tokens_out=tokens_out + out_mark, in_mark=in_mark,
-                      failed=str(sr.failed) if sr.failed else "",
-                      server=sr.server or ServerDelta())
-    if columns.kind == "throughput":
-        row = _throughput_row(mr, sr, cells, columns, notes)
-    elif columns.kind == "context":
-        row = _context_row(mr, sr, cells, winners, notes)
-    else:
-        row = _latency_row(mr, sr, cells, winners, columns, bandwidth_gbs)
-    if sr.gpu:  # NVML: mark a throttled GPU on the model's row, the figures below
-        if sr.gpu.throttled:
-            row = (f"{row[0]} (t)", *row[1:])
-        notes.append(format_gpu_note(mr.spec.name, sr.gpu))
-    if cells.server.prefix_cache_hits and columns.kind != "throughput":
-        notes.append(f"warning: {mr.spec.name}: the server reports "
-                     f"{cells.server.prefix_cache_hits} prefix-cache hit tokens during this "
-                     "cold scenario")
-    notes.extend(retry_notes(mr.spec.name, sr))
-    return row, notes
 
 
 def _throughput_row(mr: ModelResult, sr: ScenarioResult, cells: _RowCells, columns: _Columns,
@@ -6241,6 +6195,76 @@ def _latency_row(mr: ModelResult, sr: ScenarioResult, cells: _RowCells, winners:
             f"{fmt_num(itl.median, 1)} / {fmt_num(itl.p99, 1)}" if itl else "-",
             fmt_stat(sr.summary.get("tokens_in")), cells.tokens_out,
             _cell(mr, "total_s", winners), roof, cells.failed)
+
+
+def scenario_row(mr: ModelResult, sr: ScenarioResult, winners: ScenarioWinners,
+                 columns: _Columns, bandwidth_gbs: float) -> tuple[tuple[str, ...], list[str]]:
+    """A model's row of one scenario, and the notes that its marks refer to."""
+    notes: list[str] = []
+    if not mr.ranked and mr.answer_check is not None:
+        notes.append(f"(w) {mr.spec.name}: {describe_answer_check(mr.answer_check)}")
+    bursty = sum(s.bursty for s in sr.samples)
+    if bursty:
+        notes.append(f"(b) {mr.spec.name}: in {bursty} of {len(sr.samples)} requests the tokens "
+                     "arrived in bursts (over 4 per network read): decode and ITL show how "
+                     "the server flushed its output, not how fast it decoded")
+    tokens_out = fmt_stat(sr.summary.get("tokens_out"))
+    if any(s.ok and s.tokens_out_exact is False for s in sr.samples):
+        tokens_out += " (!)"
+        notes.append(output_note(mr, sr))
+    in_mark, out_mark, marks = measured_as_asked(mr, sr)
+    notes.extend(marks)
+    cells = _RowCells(label=mr.spec.name if mr.ranked else f"{mr.spec.name} (w)",
+                      decode=_cell(mr, "tps", winners) + (" (b)" if bursty else ""),
+                      tokens_out=tokens_out + out_mark, in_mark=in_mark,
+                      failed=str(sr.failed) if sr.failed else "",
+                      server=sr.server or ServerDelta())
+    if columns.kind == "throughput":
+        row = _throughput_row(mr, sr, cells, columns, notes)
+    elif columns.kind == "context":
+        row = _context_row(mr, sr, cells, winners, notes)
+    else:
+        row = _latency_row(mr, sr, cells, winners, columns, bandwidth_gbs)
+    if sr.gpu:  # NVML: mark a throttled GPU on the model's row, the figures below
+        if sr.gpu.throttled:
+            row = (f"{row[0]} (t)", *row[1:])
+        notes.append(format_gpu_note(mr.spec.name, sr.gpu))
+    if cells.server.prefix_cache_hits and columns.kind != "throughput":
+        notes.append(f"warning: {mr.spec.name}: the server reports "
+                     f"{cells.server.prefix_cache_hits} prefix-cache hit tokens during this "
+                     "cold scenario")
+    notes.extend(retry_notes(mr.spec.name, sr))
+    return row, notes
+
+
+def scenario_table(models: Sequence[ModelResult], winners: ScenarioWinners,
+                   bandwidth_gbs: float) -> TextTable:
+    """One scenario as a table: a row per model, a trophy per ranked metric."""
+    name = winners.scenario
+    results = {mr.spec.name: sr for mr in models for sr in mr.scenarios if sr.scenario.name == name}
+    columns = _Columns(
+        kind=winners.kind,
+        thinking=any(_answers_late(scenario_stat(mr, name, "ttft_ms"),
+                                   scenario_stat(mr, name, "ttfo_ms")) for mr in models),
+        goodput=any(sr.aggregate is not None and sr.aggregate.good_requests is not None
+                    for sr in results.values()))
+    headers = columns.headers()
+    rows: list[tuple[str, ...]] = []
+    notes: list[str] = []
+    for mr in models:
+        sr = results.get(mr.spec.name)
+        if sr is not None:
+            row, row_notes = scenario_row(mr, sr, winners, columns, bandwidth_gbs)
+            rows.append(row)
+            notes.extend(row_notes)
+        elif mr.status in ("failed", "interrupted"):
+            rows.append((mr.spec.name, f"{mr.status.upper()}: {mr.error or ''}"[:70],
+                         *[""] * (len(headers) - 2)))
+    notes.extend(format_ranking(r) for r in winners.rankings)
+    notes.extend(format_unranked(u) for u in winners.unranked)
+    sc = next(sr.scenario for sr in results.values()) if results else None
+    title = scenario_title(sc, list(results.values())) if sc else name
+    return TextTable(title, headers, tuple(rows), tuple(dict.fromkeys(notes)))
 
 
 def _late_note(model: str, sr: ScenarioResult) -> str | None:
@@ -6954,7 +6978,6 @@ def format_hardware(runs: Sequence[HistoryRun], styled: bool = False) -> str:
     return "\n".join(parts)
 
 
-
 # ============================================================================
 # Exports (pure: return text/bytes)
 # ============================================================================
@@ -7485,7 +7508,6 @@ def format_history_html(history: History, charts: Mapping[str, bytes], last: int
     parts.append("<h2>Regressions standing</h2>" + (_html_notes(standing) if standing else "<p>None.</p>"))
     parts.append("</body></html>\n")
     return "\n".join(parts)
-
 
 
 # ============================================================================
@@ -8054,6 +8076,9 @@ class ReportFiles:
 # ============================================================================
 
 
+# --- Options: the run's, compare's and history's ------------------------------
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> Any:  # one line, exit 2, via main()
         raise UsageError(f"{message} (see --help)")
@@ -8128,39 +8153,17 @@ def _slo_rules(text: str) -> str:
     return ",".join(p.strip() for p in text.split(",") if p.strip())
 
 
+def _thresholds(text: str) -> dict[str, float | None]:
+    try:
+        return parse_thresholds(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _model_help(models: Sequence[ModelSpec]) -> str:
     rows = [f"  {m.name:<20} {m.service or '-':<26} {m.model_id} ({m.max_context_tokens} ctx)"
             for m in models]
     return "models (name for --skip/--only, service, model id):\n" + "\n".join(rows)
-
-
-def add_slo_options(p: argparse.ArgumentParser) -> None:
-    """--slo and the bounds of the capacity search."""
-    slo = p.add_argument_group("service levels and capacity")
-    slo.add_argument("--slo", type=_slo_rules, metavar="RULES",
-                     help=f"service levels, e.g. {SLO_EXAMPLE} (also itl_p99_ms, e2e_p99_s, "
-                          "decode_tps>=N; no _pNN: every request): goodput in the throughput "
-                          "tables, and a capacity search per model (docs/metrics.md)")
-    slo.add_argument("--max-concurrency", type=_positive_int, metavar="N",
-                     help="the capacity search's upper bound in streams (default 256)")
-    slo.add_argument("--capacity-budget", type=_positive_float, metavar="SECONDS",
-                     help="time the capacity search may take per model (default 900)")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
-        prog="perftest_models.py", description=__doc__.split("\n\n", 1)[0],
-        epilog=__doc__.split("\n\n", 1)[1] + "\n" + _model_help(MODELS)
-        + f"\n\nhardware profiles for --hardware: {', '.join(HARDWARE_BANDWIDTH_GBS)}",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--version", action="version", version=f"{TOOL_NAME} {__version__}")
-    add_selection_options(p)
-    add_measure_options(p)
-    add_slo_options(p)
-    add_service_options(p)
-    add_campaign_options(p)
-    add_output_options(p, run=True)
-    return p
 
 
 def add_selection_options(p: argparse.ArgumentParser) -> None:
@@ -8211,6 +8214,19 @@ def add_measure_options(p: argparse.ArgumentParser) -> None:
                        help="skip the known-answer check at warm-up (recorded in the report)")
 
 
+def add_slo_options(p: argparse.ArgumentParser) -> None:
+    """--slo and the bounds of the capacity search."""
+    slo = p.add_argument_group("service levels and capacity")
+    slo.add_argument("--slo", type=_slo_rules, metavar="RULES",
+                     help=f"service levels, e.g. {SLO_EXAMPLE} (also itl_p99_ms, e2e_p99_s, "
+                          "decode_tps>=N; no _pNN: every request): goodput in the throughput "
+                          "tables, and a capacity search per model (docs/metrics.md)")
+    slo.add_argument("--max-concurrency", type=_positive_int, metavar="N",
+                     help="the capacity search's upper bound in streams (default 256)")
+    slo.add_argument("--capacity-budget", type=_positive_float, metavar="SECONDS",
+                     help="time the capacity search may take per model (default 900)")
+
+
 def add_service_options(p: argparse.ArgumentParser) -> None:
     env = p.add_argument_group("where and how long")
     env.add_argument("--compose-file", type=Path, default=Path("docker-compose.yml"), metavar="PATH",
@@ -8233,6 +8249,164 @@ def add_service_options(p: argparse.ArgumentParser) -> None:
     env.add_argument("--parallel", action="store_true",
                      help="run models on different Docker hosts (docker_host: in the --models "
                           "file) at the same time, one at a time per host")
+
+
+def add_campaign_options(p: argparse.ArgumentParser) -> None:
+    """The options of a long campaign: the plan, a resume, the estimate."""
+    g = p.add_argument_group("long campaigns")
+    g.add_argument("--dry-run", action="store_true",
+                   help="check the compose file, the services, Docker, the port, the report folder "
+                        "and the baseline, print the plan, and start nothing")
+    g.add_argument("--resume", type=Path, metavar="REPORT.json",
+                   help="continue the interrupted (or killed) run of this report: what it measured "
+                        "completely is kept and not run again, the rest runs, and its files are "
+                        "updated in place; the options that decide the numbers must be the same")
+    g.add_argument("--rerun-failed", action="store_true",
+                   help="with --resume: also run again the models that failed")
+    g.add_argument("--estimate-from", type=Path, metavar="REPORT.json",
+                   help="estimate the time left also from this earlier report of the same models")
+
+
+def add_output_options(p: argparse.ArgumentParser, run: bool) -> None:
+    """The comparison and export options, shared by a run and `compare`."""
+    defaults = ", ".join(f"{k}:{v:g}%%" for k, v in DEFAULT_THRESHOLDS_PCT.items())
+    g = p.add_argument_group("compare with a baseline, export" if run else "thresholds and exports")
+    if run:
+        g.add_argument("--baseline", type=Path, metavar="FILE",
+                       help="after the run, compare with this saved JSON report and print the "
+                            "comparison; exit 3 when a metric regressed past its threshold "
+                            "(the file is checked before any model starts)")
+    g.add_argument("--threshold", type=_thresholds, metavar="RULES",
+                   help=f"regression thresholds in percent, e.g. ttft_ms:10%%,tps:5%%, on top of "
+                        f"the defaults {defaults}; METRIC:off stops judging one")
+    g.add_argument("--markdown", metavar="FILE|-",
+                   help="also write Markdown tables (for a PR comment or a wiki); - writes to stdout")
+    if run:
+        g.add_argument("--csv", metavar="FILE|-",
+                       help="also write one CSV row per request (sample); - writes to stdout")
+    g.add_argument("--html", metavar="FILE|-",
+                   help="also write one self-contained HTML page with tables and charts "
+                        "(needs matplotlib: pip install 'perftest-models[charts]')")
+    g.add_argument("--charts", type=Path, metavar="DIR",
+                   help="also write the charts as PNG files into DIR (needs matplotlib)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="perftest_models.py", description=__doc__.split("\n\n", 1)[0],
+        epilog=__doc__.split("\n\n", 1)[1] + "\n" + _model_help(MODELS)
+        + f"\n\nhardware profiles for --hardware: {', '.join(HARDWARE_BANDWIDTH_GBS)}",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"{TOOL_NAME} {__version__}")
+    add_selection_options(p)
+    add_measure_options(p)
+    add_slo_options(p)
+    add_service_options(p)
+    add_campaign_options(p)
+    add_output_options(p, run=True)
+    return p
+
+
+def _compare_epilog() -> str:
+    metrics = "\n".join(f"  {k:<15} {metric_label(k):<28} "
+                        f"{'higher' if m.higher_is_better else 'lower'} is better"
+                        for k, m in COMPARED_METRICS.items())
+    return f"""\
+verdicts:
+  regressed, improved  past the metric's threshold, in its worse or better direction
+  noise                past the threshold, but the 95% intervals of the two means
+                       overlap: the change is within the runs' own spread
+  unchanged            within the threshold
+  not gated            the metric has no threshold (add one with --threshold)
+  missing in baseline, missing in candidate
+                       one report lacks the model, the scenario or the metric
+  A side with a single run has no interval: the threshold alone decides, and the
+  verdict says "(untested)".
+
+metrics (for --threshold):
+{metrics}
+
+examples:
+  perftest_models.py compare main.json pr.json
+  perftest_models.py compare main.json pr.json --threshold ttft_ms:5%,tps:3%,ttfo_ms:off
+  perftest_models.py compare main.json pr.json --markdown - > pr-comment.md
+  perftest_models.py compare main.json pr.json --html compare.html
+
+exit codes: 0 no regression, 2 usage error (a file that is not a report of this
+            tool, or has another schema_version), 3 a metric regressed past its
+            threshold (missing models or scenarios are reported, not failed).
+"""
+
+
+def build_compare_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="perftest_models.py compare",
+                description="Compare two saved JSON reports of this tool: every model, scenario "
+                            "and metric, both values (mean ± stddev), the change, and a verdict.",
+                epilog=_compare_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("baseline_report", type=Path, metavar="BASELINE.json",
+                   help="the report to compare against (e.g. from the main branch)")
+    p.add_argument("candidate_report", type=Path, metavar="CANDIDATE.json",
+                   help="the report to judge")
+    add_output_options(p, run=False)
+    return p
+
+
+def _history_epilog() -> str:
+    return f"""\
+A folder stands for every {REPORT_GLOB} in it. The reports are put in the
+order they were started (oldest first), whatever order they are given in.
+
+step changes:
+  For every run k, the level of the {HISTORY_WINDOW} runs before k (their means' mean and
+  interval; one run: its own) is judged against the level of the {HISTORY_WINDOW} runs from
+  k on, as compare judges two reports: past the metric's threshold and with
+  intervals that do not overlap, and with each of those runs past the
+  threshold on its own, is a change. Neighbouring runs that qualify in
+  the same direction are one step, placed where the change is largest. Its
+  run is named with what differed in its environment record (image digest,
+  vLLM version, command, GPU, host).
+
+--fail-on-change:
+  exit 3 while a regression stands: the newest level ({HISTORY_WINDOW} runs at most, none
+  from before the last step) is worse than the level before the last step,
+  past its threshold, however many runs ago it entered. Fixing it (a step
+  back) or accepting it (leave the runs before it out of the history) ends it.
+
+examples:
+  perftest_models.py history docs/reports
+  perftest_models.py history docs/reports --fail-on-change --markdown summary.md
+  perftest_models.py history spark/ h100/ --by hardware
+"""
+
+
+def build_history_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="perftest_models.py history",
+                description="Show saved JSON reports over time: per model, scenario and metric "
+                            "the series of means with their intervals, the runs where a step "
+                            "change entered, and regressions that still stand.",
+                epilog=_history_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("reports", type=Path, nargs="+", metavar="REPORT.json|DIR",
+                   help="saved reports, or folders of them")
+    p.add_argument("--by", choices=("run", "hardware"), default="run",
+                   help="run: the series over time (default); hardware: the newest run on each "
+                        "hardware side by side, with the share of each box's roofline")
+    p.add_argument("--fail-on-change", action="store_true",
+                   help="exit 3 while a regression past its threshold stands")
+    p.add_argument("--last", type=_positive_int, default=12, metavar="N",
+                   help="runs shown in the tables (default 12, the newest); all are judged")
+    g = p.add_argument_group("thresholds and exports")
+    defaults = ", ".join(f"{k}:{v:g}%%" for k, v in DEFAULT_THRESHOLDS_PCT.items())
+    g.add_argument("--threshold", type=_thresholds, metavar="RULES",
+                   help=f"step thresholds in percent on top of the defaults {defaults}")
+    g.add_argument("--markdown", metavar="FILE|-", help="also write it as Markdown (- for stdout)")
+    g.add_argument("--html", metavar="FILE|-",
+                   help="also write one HTML page with the trend charts (needs matplotlib)")
+    g.add_argument("--charts", type=Path, metavar="DIR",
+                   help="also write the trend charts as PNG files into DIR (needs matplotlib)")
+    return p
+
+
+# --- The plan: the options checked into a Plan before anything starts ---------
 
 
 @dataclass(frozen=True)
@@ -8352,22 +8526,6 @@ def make_plan(args: argparse.Namespace, environ: Mapping[str, str] = os.environ)
     return campaign_plan(plan, args)
 
 
-def add_campaign_options(p: argparse.ArgumentParser) -> None:
-    """The options of a long campaign: the plan, a resume, the estimate."""
-    g = p.add_argument_group("long campaigns")
-    g.add_argument("--dry-run", action="store_true",
-                   help="check the compose file, the services, Docker, the port, the report folder "
-                        "and the baseline, print the plan, and start nothing")
-    g.add_argument("--resume", type=Path, metavar="REPORT.json",
-                   help="continue the interrupted (or killed) run of this report: what it measured "
-                        "completely is kept and not run again, the rest runs, and its files are "
-                        "updated in place; the options that decide the numbers must be the same")
-    g.add_argument("--rerun-failed", action="store_true",
-                   help="with --resume: also run again the models that failed")
-    g.add_argument("--estimate-from", type=Path, metavar="REPORT.json",
-                   help="estimate the time left also from this earlier report of the same models")
-
-
 def check_campaign_options(args: argparse.Namespace) -> None:
     if getattr(args, "rerun_failed", False) and getattr(args, "resume", None) is None:
         raise UsageError("--rerun-failed reruns the failed models of a report: add --resume REPORT.json")
@@ -8397,35 +8555,44 @@ def campaign_plan(plan: Plan, args: argparse.Namespace) -> Plan:
                                history=history, dry_run=bool(get("dry_run")))
 
 
-def dry_run(plan: Plan, err: Any) -> int:
-    """--dry-run: every check a run makes before its first model, then the
-    plan; nothing is started and no request is sent."""
-    checked = ["options"]
-    if plan.compose is not None:
-        compose = Compose(plan.compose, find_compose_command())
-        client = docker_client()
-        checked += [f"compose file {plan.compose.path} ({compose.version_label})",
-                    f"services {', '.join(m.service or '-' for m in plan.models)}", "Docker"]
-        port = plan.cfg.port
-        if port_in_use(port):
-            holder = who_holds_port(port, client, plan.compose.project, inference_services(plan))
-            if holder.kind != "inference":
-                raise SetupError(f"port {port} is already in use by {holder.description}: stop it, "
-                                 "or publish the services on another port and pass --port")
-            checked.append(f"port {port} (held by {holder.description}: a run stops it)")
-        else:
-            checked.append(f"port {port} (free)")
-    else:
-        checked.append(f"endpoint {plan.base_url}")
-    folder = plan.resume.parent if plan.resume is not None else plan.report_dir
-    prepare_report_dir(folder)
-    checked.append(f"report folder {folder}")
-    if plan.baseline is not None:
-        checked.append(f"baseline {plan.baseline.path}")
-    err.write(format_plan(plan.steps, plan.cfg, managed=plan.compose is not None,
-                          resumed_from=str(plan.resume) if plan.resume else None))
-    err.write(f"dry run: checked {', '.join(checked)}; nothing started\n")
-    return 0
+def check_output_options(args: argparse.Namespace) -> tuple[Baseline | None, ExportTargets]:
+    """Check the baseline and the export targets before anything runs: the
+    baseline is a report of this tool, export folders exist, at most one
+    export takes stdout, and matplotlib is there when charts are wanted."""
+    get = lambda name: getattr(args, name, None)  # noqa: E731 (tests build partial Namespaces)
+    targets = ExportTargets(markdown=get("markdown"), csv=get("csv"), html=get("html"),
+                            charts=get("charts"))
+    on_stdout = [f"--{k}" for k in ("markdown", "csv", "html") if get(k) == "-"]
+    if len(on_stdout) > 1:
+        raise UsageError(f"{' and '.join(on_stdout)} both write to stdout (-): send one to a file")
+    for key in ("markdown", "csv", "html"):
+        dest = get(key)
+        if dest in (None, "-"):
+            continue
+        path = Path(dest)
+        if path.is_dir():
+            raise UsageError(f"--{key} {dest} is a folder: give a file name, "
+                             f"e.g. {path / ('results.' + key)}")
+        if not path.parent.is_dir():
+            raise UsageError(f"--{key} {dest}: folder {path.parent} does not exist: create it first")
+    if targets.charts is not None and targets.charts.exists() and not targets.charts.is_dir():
+        raise UsageError(f"--charts {targets.charts} is a file: give a folder for the PNG files")
+    wants_charts = [flag for flag, value in (("--html", targets.html), ("--charts", targets.charts))
+                    if value is not None]
+    if wants_charts:
+        import importlib.util  # noqa: PLC0415
+
+        if importlib.util.find_spec("matplotlib") is None:
+            raise UsageError(f"{' and '.join(wants_charts)} draw charts with matplotlib, which is not "
+                             "installed: pip install 'perftest-models[charts]' (or pip install matplotlib)")
+    baseline = None
+    if get("baseline") is not None:
+        path = Path(get("baseline"))
+        baseline = Baseline(path, load_report(path, "--baseline file"),
+                            effective_thresholds(get("threshold") or {}))
+    elif get("threshold") is not None and hasattr(args, "baseline"):
+        raise UsageError("--threshold judges the comparison with a baseline: add --baseline FILE")
+    return baseline, targets
 
 
 def select_models(models: Sequence[ModelSpec], skip: Sequence[str], only: Sequence[str],
@@ -8507,256 +8674,38 @@ def unreachable_message(base_url: str, exc: BaseException) -> str:
     return f"cannot reach {base_url} ({type(exc).__name__}: {why}): is the server running?"
 
 
-def _thresholds(text: str) -> dict[str, float | None]:
-    try:
-        return parse_thresholds(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def add_output_options(p: argparse.ArgumentParser, run: bool) -> None:
-    """The comparison and export options, shared by a run and `compare`."""
-    defaults = ", ".join(f"{k}:{v:g}%%" for k, v in DEFAULT_THRESHOLDS_PCT.items())
-    g = p.add_argument_group("compare with a baseline, export" if run else "thresholds and exports")
-    if run:
-        g.add_argument("--baseline", type=Path, metavar="FILE",
-                       help="after the run, compare with this saved JSON report and print the "
-                            "comparison; exit 3 when a metric regressed past its threshold "
-                            "(the file is checked before any model starts)")
-    g.add_argument("--threshold", type=_thresholds, metavar="RULES",
-                   help=f"regression thresholds in percent, e.g. ttft_ms:10%%,tps:5%%, on top of "
-                        f"the defaults {defaults}; METRIC:off stops judging one")
-    g.add_argument("--markdown", metavar="FILE|-",
-                   help="also write Markdown tables (for a PR comment or a wiki); - writes to stdout")
-    if run:
-        g.add_argument("--csv", metavar="FILE|-",
-                       help="also write one CSV row per request (sample); - writes to stdout")
-    g.add_argument("--html", metavar="FILE|-",
-                   help="also write one self-contained HTML page with tables and charts "
-                        "(needs matplotlib: pip install 'perftest-models[charts]')")
-    g.add_argument("--charts", type=Path, metavar="DIR",
-                   help="also write the charts as PNG files into DIR (needs matplotlib)")
-
-
-def check_output_options(args: argparse.Namespace) -> tuple[Baseline | None, ExportTargets]:
-    """Check the baseline and the export targets before anything runs: the
-    baseline is a report of this tool, export folders exist, at most one
-    export takes stdout, and matplotlib is there when charts are wanted."""
-    get = lambda name: getattr(args, name, None)  # noqa: E731 (tests build partial Namespaces)
-    targets = ExportTargets(markdown=get("markdown"), csv=get("csv"), html=get("html"),
-                            charts=get("charts"))
-    on_stdout = [f"--{k}" for k in ("markdown", "csv", "html") if get(k) == "-"]
-    if len(on_stdout) > 1:
-        raise UsageError(f"{' and '.join(on_stdout)} both write to stdout (-): send one to a file")
-    for key in ("markdown", "csv", "html"):
-        dest = get(key)
-        if dest in (None, "-"):
-            continue
-        path = Path(dest)
-        if path.is_dir():
-            raise UsageError(f"--{key} {dest} is a folder: give a file name, "
-                             f"e.g. {path / ('results.' + key)}")
-        if not path.parent.is_dir():
-            raise UsageError(f"--{key} {dest}: folder {path.parent} does not exist: create it first")
-    if targets.charts is not None and targets.charts.exists() and not targets.charts.is_dir():
-        raise UsageError(f"--charts {targets.charts} is a file: give a folder for the PNG files")
-    wants_charts = [flag for flag, value in (("--html", targets.html), ("--charts", targets.charts))
-                    if value is not None]
-    if wants_charts:
-        import importlib.util  # noqa: PLC0415
-
-        if importlib.util.find_spec("matplotlib") is None:
-            raise UsageError(f"{' and '.join(wants_charts)} draw charts with matplotlib, which is not "
-                             "installed: pip install 'perftest-models[charts]' (or pip install matplotlib)")
-    baseline = None
-    if get("baseline") is not None:
-        path = Path(get("baseline"))
-        baseline = Baseline(path, load_report(path, "--baseline file"),
-                            effective_thresholds(get("threshold") or {}))
-    elif get("threshold") is not None and hasattr(args, "baseline"):
-        raise UsageError("--threshold judges the comparison with a baseline: add --baseline FILE")
-    return baseline, targets
-
-
-def finish_run(plan: Plan, report: Report, code: int, *, out: Any, stdout: Any, err: Any,
-               styled: bool = False, winners: Sequence[ScenarioWinners] | None = None) -> int:
-    """After the reports are saved: compare with --baseline (the table goes to
-    `out`), then write the exports. A regression turns exit 0 into 3; a failed
-    model (1) or an interrupt (130, 143) keeps its code."""
-    comparison, labels = None, None
-    if plan.baseline is not None:
-        comparison = compare_reports(plan.baseline.report, report, plan.baseline.thresholds_pct)
-        labels = (report_label(str(plan.baseline.path), plan.baseline.report),
-                  report_label("this run", report))
-        out.write("\n" + format_comparison(comparison, labels, styled=styled))
-        out.flush()
-    try:
-        write_exports(plan.exports, report, stdout, err, comparison=comparison, labels=labels,
-                      baseline=plan.baseline.report if plan.baseline else None, winners=winners)
-    except PerftestError as exc:
-        err.write(f"warning: {exc}; the JSON report holds every result\n")
-    if comparison is None:
-        return code
-    return regression_gate(comparison, code, err, f"{TOOL_NAME}: ")
-
-
-def regression_gate(comparison: Comparison, code: int, err: Any, prefix: str) -> int:
-    """The regression exit of both compare and --baseline: past a threshold,
-    one stderr line names each regression and the exit is REGRESSION, unless
-    an earlier code stands (a failed model, an interrupt)."""
-    if not comparison.regressions:
-        return code
-    err.write(f"{prefix}{shown(regression_message(comparison))}\n")  # names from a file
-    return code or ExitCode.REGRESSION
-
-
-def _compare_epilog() -> str:
-    metrics = "\n".join(f"  {k:<15} {metric_label(k):<28} "
-                        f"{'higher' if m.higher_is_better else 'lower'} is better"
-                        for k, m in COMPARED_METRICS.items())
-    return f"""\
-verdicts:
-  regressed, improved  past the metric's threshold, in its worse or better direction
-  noise                past the threshold, but the 95% intervals of the two means
-                       overlap: the change is within the runs' own spread
-  unchanged            within the threshold
-  not gated            the metric has no threshold (add one with --threshold)
-  missing in baseline, missing in candidate
-                       one report lacks the model, the scenario or the metric
-  A side with a single run has no interval: the threshold alone decides, and the
-  verdict says "(untested)".
-
-metrics (for --threshold):
-{metrics}
-
-examples:
-  perftest_models.py compare main.json pr.json
-  perftest_models.py compare main.json pr.json --threshold ttft_ms:5%,tps:3%,ttfo_ms:off
-  perftest_models.py compare main.json pr.json --markdown - > pr-comment.md
-  perftest_models.py compare main.json pr.json --html compare.html
-
-exit codes: 0 no regression, 2 usage error (a file that is not a report of this
-            tool, or has another schema_version), 3 a metric regressed past its
-            threshold (missing models or scenarios are reported, not failed).
-"""
-
-
-def build_compare_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="perftest_models.py compare",
-                description="Compare two saved JSON reports of this tool: every model, scenario "
-                            "and metric, both values (mean ± stddev), the change, and a verdict.",
-                epilog=_compare_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("baseline_report", type=Path, metavar="BASELINE.json",
-                   help="the report to compare against (e.g. from the main branch)")
-    p.add_argument("candidate_report", type=Path, metavar="CANDIDATE.json",
-                   help="the report to judge")
-    add_output_options(p, run=False)
-    return p
-
-
-def _history_epilog() -> str:
-    return f"""\
-A folder stands for every {REPORT_GLOB} in it. The reports are put in the
-order they were started (oldest first), whatever order they are given in.
-
-step changes:
-  For every run k, the level of the {HISTORY_WINDOW} runs before k (their means' mean and
-  interval; one run: its own) is judged against the level of the {HISTORY_WINDOW} runs from
-  k on, as compare judges two reports: past the metric's threshold and with
-  intervals that do not overlap, and with each of those runs past the
-  threshold on its own, is a change. Neighbouring runs that qualify in
-  the same direction are one step, placed where the change is largest. Its
-  run is named with what differed in its environment record (image digest,
-  vLLM version, command, GPU, host).
-
---fail-on-change:
-  exit 3 while a regression stands: the newest level ({HISTORY_WINDOW} runs at most, none
-  from before the last step) is worse than the level before the last step,
-  past its threshold, however many runs ago it entered. Fixing it (a step
-  back) or accepting it (leave the runs before it out of the history) ends it.
-
-examples:
-  perftest_models.py history docs/reports
-  perftest_models.py history docs/reports --fail-on-change --markdown summary.md
-  perftest_models.py history spark/ h100/ --by hardware
-"""
-
-
-def build_history_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="perftest_models.py history",
-                description="Show saved JSON reports over time: per model, scenario and metric "
-                            "the series of means with their intervals, the runs where a step "
-                            "change entered, and regressions that still stand.",
-                epilog=_history_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("reports", type=Path, nargs="+", metavar="REPORT.json|DIR",
-                   help="saved reports, or folders of them")
-    p.add_argument("--by", choices=("run", "hardware"), default="run",
-                   help="run: the series over time (default); hardware: the newest run on each "
-                        "hardware side by side, with the share of each box's roofline")
-    p.add_argument("--fail-on-change", action="store_true",
-                   help="exit 3 while a regression past its threshold stands")
-    p.add_argument("--last", type=_positive_int, default=12, metavar="N",
-                   help="runs shown in the tables (default 12, the newest); all are judged")
-    g = p.add_argument_group("thresholds and exports")
-    defaults = ", ".join(f"{k}:{v:g}%%" for k, v in DEFAULT_THRESHOLDS_PCT.items())
-    g.add_argument("--threshold", type=_thresholds, metavar="RULES",
-                   help=f"step thresholds in percent on top of the defaults {defaults}")
-    g.add_argument("--markdown", metavar="FILE|-", help="also write it as Markdown (- for stdout)")
-    g.add_argument("--html", metavar="FILE|-",
-                   help="also write one HTML page with the trend charts (needs matplotlib)")
-    g.add_argument("--charts", type=Path, metavar="DIR",
-                   help="also write the trend charts as PNG files into DIR (needs matplotlib)")
-    return p
-
-
-def history_files(paths: Sequence[Path]) -> list[Path]:
-    """The report files: each file as given, each folder's saved reports."""
-    files: list[Path] = []
-    for path in paths:
-        if path.is_dir():
-            found = sorted(path.glob(REPORT_GLOB))
-            if not found:
-                raise UsageError(f"{path} holds no {REPORT_GLOB}: give report files or the "
-                                 "folder the runs saved them in (--report-dir)")
-            files.extend(found)
+def dry_run(plan: Plan, err: Any) -> int:
+    """--dry-run: every check a run makes before its first model, then the
+    plan; nothing is started and no request is sent."""
+    checked = ["options"]
+    if plan.compose is not None:
+        compose = Compose(plan.compose, find_compose_command())
+        client = docker_client()
+        checked += [f"compose file {plan.compose.path} ({compose.version_label})",
+                    f"services {', '.join(m.service or '-' for m in plan.models)}", "Docker"]
+        port = plan.cfg.port
+        if port_in_use(port):
+            holder = who_holds_port(port, client, plan.compose.project, inference_services(plan))
+            if holder.kind != "inference":
+                raise SetupError(f"port {port} is already in use by {holder.description}: stop it, "
+                                 "or publish the services on another port and pass --port")
+            checked.append(f"port {port} (held by {holder.description}: a run stops it)")
         else:
-            files.append(path)
-    return list(dict.fromkeys(files))
+            checked.append(f"port {port} (free)")
+    else:
+        checked.append(f"endpoint {plan.base_url}")
+    folder = plan.resume.parent if plan.resume is not None else plan.report_dir
+    prepare_report_dir(folder)
+    checked.append(f"report folder {folder}")
+    if plan.baseline is not None:
+        checked.append(f"baseline {plan.baseline.path}")
+    err.write(format_plan(plan.steps, plan.cfg, managed=plan.compose is not None,
+                          resumed_from=str(plan.resume) if plan.resume else None))
+    err.write(f"dry run: checked {', '.join(checked)}; nothing started\n")
+    return 0
 
 
-def load_history(paths: Sequence[Path]) -> list[HistoryRun]:
-    runs = [HistoryRun(p.name, load_report(p)) for p in history_files(paths)]
-    return sorted(runs, key=lambda r: r.report.started_at)
-
-
-def history_main(argv: Sequence[str], out: Any, err: Any) -> int:
-    """history REPORT.json... | DIR: the trends on stdout (or the export named
-    '-'); exit REGRESSION with --fail-on-change while one stands."""
-    args = build_history_parser().parse_args(list(argv))
-    _, exports = check_output_options(args)
-    runs = load_history(args.reports)
-    history = build_history(runs, effective_thresholds(args.threshold or {}))
-    text_out = err if exports.to_stdout else out
-    styled = text_out.isatty() and not os.environ.get("NO_COLOR")
-    text_out.write(format_hardware(runs, styled) if args.by == "hardware"
-                   else format_history(history, args.last, styled))
-    text_out.flush()
-    charts: dict[str, bytes] = {}
-
-    def get_charts() -> dict[str, bytes]:
-        if not charts:
-            charts.update({f"{c.name}.png": figure_png(draw_chart(c)) for c in history_charts(history)})
-        return charts
-
-    emit_exports(exports, {"markdown": lambda: format_history_markdown(history, args.last),
-                           "html": lambda: format_history_html(history, get_charts(), args.last)},
-                 get_charts, out, err)
-    if args.fail_on_change and history.standing:
-        worst = "; ".join(f"{t.model} {t.scenario} {t.metric} {fmt_change(t.standing.change_pct)}"
-                          for t in history.standing if t.standing)
-        err.write(f"{TOOL_NAME}: error: {one_line(f'a regression stands: {worst}')}\n")
-        return ExitCode.REGRESSION
-    return ExitCode.OK
+# --- One model's run: its image, start, measure, always stop ------------------
 
 
 def _last_log_line(watch: DockerWatch) -> Callable[[], str | None]:
@@ -8766,6 +8715,52 @@ def _last_log_line(watch: DockerWatch) -> Callable[[], str | None]:
             return tail[-1] if tail else None
         return None
     return read
+
+
+def inference_services(plan: Plan) -> list[str]:
+    """The compose file's services that run a model of the table: the only
+    containers the tool ever stops."""
+    services = plan.compose.services if plan.compose else {}
+    return [m.service for m in plan.table if m.service and m.service in services]
+
+
+def ensure_image(plan: Plan, compose: Compose, docker: Any, result: ModelResult,
+                 events: Events, *, service: str | None = None,
+                 host: DockerHost | None = None) -> PullRecord | None:
+    """The image step before `up`, by --pull, on the engine `docker` that
+    will run `service` (default: the model's; `host` None: the local engine):
+    pull a missing image (or any, with `always`) with progress; with `never`,
+    a missing image fails the model. Recorded in `lifecycle.pull`, apart from
+    the load; for a model of several services, the last one's."""
+    name, policy = result.spec.name, plan.cfg.pull or "missing"
+    image = service_image(compose.config(), service or result.spec.service or "")
+    if image is None:  # built by Compose, or no image: nothing to pull
+        return None
+    remote = host is not None and host.url is not None
+    present = image_present(docker, image)
+    if present and policy != "always":
+        record = PullRecord(image, policy, skipped=True)
+    elif policy == "never":
+        raise ModelFailed(f"image {image} is not on {host.label if remote else 'this machine'} "
+                          "and --pull never forbids pulling it: pull it by hand, or use "
+                          "--pull missing")
+    else:
+        events.info(f"{name}: pulling {image}" + (f" on {host.label}" if remote else ""))
+        try:
+            done = pull_image(image, plan.cfg.pull_timeout_s or PULL_TIMEOUT_S,
+                              lambda p: events.pulling(name, p),
+                              connect=lambda timeout_s: _pull_client(timeout_s, host))
+        except PullFailed as exc:  # how far it got is recorded too
+            result.lifecycle = dataclasses.replace(result.lifecycle, pull=PullRecord(
+                image, policy, skipped=False, pull_s=round(exc.progress.elapsed_s, 2),
+                bytes=exc.progress.bytes_done, layers=exc.progress.layers))
+            raise
+        record = PullRecord(image, policy, skipped=False, pull_s=round(done.elapsed_s, 2),
+                            bytes=done.bytes_done, layers=done.layers)
+        events.info(f"{name}: pulled {fmt_bytes(done.bytes_done)} in "
+                    f"{fmt_took(done.elapsed_s)} ({done.layers} layers)")
+    result.lifecycle = dataclasses.replace(result.lifecycle, pull=record)
+    return record
 
 
 async def measure_model(plan: Plan, result: ModelResult, events: Events, *,
@@ -8833,52 +8828,6 @@ def record_load_facts(result: ModelResult, watch: DockerWatch) -> None:
         result.lifecycle = dataclasses.replace(result.lifecycle, vllm_load=facts)
 
 
-def inference_services(plan: Plan) -> list[str]:
-    """The compose file's services that run a model of the table: the only
-    containers the tool ever stops."""
-    services = plan.compose.services if plan.compose else {}
-    return [m.service for m in plan.table if m.service and m.service in services]
-
-
-def ensure_image(plan: Plan, compose: Compose, docker: Any, result: ModelResult,
-                 events: Events, *, service: str | None = None,
-                 host: DockerHost | None = None) -> PullRecord | None:
-    """The image step before `up`, by --pull, on the engine `docker` that
-    will run `service` (default: the model's; `host` None: the local engine):
-    pull a missing image (or any, with `always`) with progress; with `never`,
-    a missing image fails the model. Recorded in `lifecycle.pull`, apart from
-    the load; for a model of several services, the last one's."""
-    name, policy = result.spec.name, plan.cfg.pull or "missing"
-    image = service_image(compose.config(), service or result.spec.service or "")
-    if image is None:  # built by Compose, or no image: nothing to pull
-        return None
-    remote = host is not None and host.url is not None
-    present = image_present(docker, image)
-    if present and policy != "always":
-        record = PullRecord(image, policy, skipped=True)
-    elif policy == "never":
-        raise ModelFailed(f"image {image} is not on {host.label if remote else 'this machine'} "
-                          "and --pull never forbids pulling it: pull it by hand, or use "
-                          "--pull missing")
-    else:
-        events.info(f"{name}: pulling {image}" + (f" on {host.label}" if remote else ""))
-        try:
-            done = pull_image(image, plan.cfg.pull_timeout_s or PULL_TIMEOUT_S,
-                              lambda p: events.pulling(name, p),
-                              connect=lambda timeout_s: _pull_client(timeout_s, host))
-        except PullFailed as exc:  # how far it got is recorded too
-            result.lifecycle = dataclasses.replace(result.lifecycle, pull=PullRecord(
-                image, policy, skipped=False, pull_s=round(exc.progress.elapsed_s, 2),
-                bytes=exc.progress.bytes_done, layers=exc.progress.layers))
-            raise
-        record = PullRecord(image, policy, skipped=False, pull_s=round(done.elapsed_s, 2),
-                            bytes=done.bytes_done, layers=done.layers)
-        events.info(f"{name}: pulled {fmt_bytes(done.bytes_done)} in "
-                    f"{fmt_took(done.elapsed_s)} ({done.layers} layers)")
-    result.lifecycle = dataclasses.replace(result.lifecycle, pull=record)
-    return record
-
-
 def run_model(plan: Plan, result: ModelResult, events: Events,
               services: ServiceLifecycle | None, *, sleep: Sleep = asyncio.sleep) -> None:
     """One model's whole life: its image, start, measure, and always stop what
@@ -8913,45 +8862,7 @@ def run_model(plan: Plan, result: ModelResult, events: Events,
                 nvml.close()
 
 
-def start_report(plan: Plan, err: Any) -> tuple[Report, ReportFiles]:
-    """The report a run fills in, and its files: a new one, or with --resume
-    the report continued, its kept models as measured, under its own names."""
-    started = _now()
-    environment = collect_environment()
-    part = RunPart(started.isoformat(), environment=environment)
-    if plan.resumed is None or plan.resume is None:
-        report_dir = prepare_report_dir(plan.report_dir)
-        report = Report(plan.cfg, started.isoformat(), [ModelResult(m) for m in plan.models],
-                        environment=environment, parts=[part])
-        first = json.dumps(report_to_dict(report), indent=1) + "\n"  # the reserved name holds it
-        return report, ReportFiles(report_dir, reserve_stem(report_dir, report_stem(started), first),
-                                   err)
-    old = plan.resumed
-    parts = list(old.parts) or [RunPart(old.started_at, old.finished_at, old.interrupted,
-                                        old.environment, first_part_models(old))]
-    report = Report(old.config, old.started_at, [resumed_result(step) for step in plan.steps],
-                    environment=old.environment, parts=[*parts, part])
-    folder = prepare_report_dir(plan.resume.parent)
-    return report, ReportFiles(folder, plan.resume.name.removesuffix(".json"), err)
-
-
-def first_part_models(old: Report) -> dict[str, PartModel]:
-    """A report written before parts were recorded: its one part ran every
-    model it holds (the scenarios plan_resume keeps are the complete ones)."""
-    out = {}
-    for mr in old.models:
-        out[mr.spec.name] = PartModel(tuple(sr.scenario.name for sr in mr.scenarios),
-                                      *served_by(mr), mr.lifecycle.load_s)
-    return out
-
-
-def record_part(report: Report, progress: CampaignProgress,
-                finished_at: str | None = None) -> Report:
-    """Bring the report's last part (this run's) up to date; returns the report."""
-    part = report.parts[-1]
-    report.parts[-1] = dataclasses.replace(part, models=progress.part_models(),
-                                           finished_at=finished_at, interrupted=report.interrupted)
-    return report
+# --- Models on named Docker hosts, and --parallel -----------------------------
 
 
 def _compose_step(p: Placement, step: Callable[..., Any], *args: Any) -> Any:
@@ -8961,23 +8872,6 @@ def _compose_step(p: Placement, step: Callable[..., Any], *args: Any) -> Any:
     except SetupError as exc:
         raise ModelFailed(str(exc), Failure(service=p.ref.service, docker_host=p.host.label)
                           ) from None
-
-
-def record_hosts(result: ModelResult, url: str, placed: Sequence[Placement]) -> None:
-    """The report's record of where a model ran: each service's host and that
-    engine's machine, one hardware profile for the model, its url."""
-    hosts = []
-    for p in placed:
-        hw = None
-        with contextlib.suppress(Exception):
-            hw = engine_hardware(p.watch.client)
-        hosts.append(HostRecord(p.ref.service, p.host.label, hw))
-    profiles = [h.hardware.profile for h in hosts if h.hardware]
-    result.lifecycle = dataclasses.replace(
-        result.lifecycle, hosts=tuple(hosts), url=url,
-        services=tuple(p.ref.service for p in placed),
-        docker_host=" + ".join(dict.fromkeys(h.docker_host for h in hosts)),
-        hardware=" + ".join(dict.fromkeys(profiles)) or None)
 
 
 def place_services(plan: Plan, spec: ModelSpec, command: Sequence[str]) -> list[Placement]:
@@ -9020,6 +8914,23 @@ def start_services(result: ModelResult, url: str, placed: Sequence[Placement], e
         result.lifecycle = dataclasses.replace(placed[-1].watch.image(),
                                                pull=result.lifecycle.pull)
     record_hosts(result, url, placed)
+
+
+def record_hosts(result: ModelResult, url: str, placed: Sequence[Placement]) -> None:
+    """The report's record of where a model ran: each service's host and that
+    engine's machine, one hardware profile for the model, its url."""
+    hosts = []
+    for p in placed:
+        hw = None
+        with contextlib.suppress(Exception):
+            hw = engine_hardware(p.watch.client)
+        hosts.append(HostRecord(p.ref.service, p.host.label, hw))
+    profiles = [h.hardware.profile for h in hosts if h.hardware]
+    result.lifecycle = dataclasses.replace(
+        result.lifecycle, hosts=tuple(hosts), url=url,
+        services=tuple(p.ref.service for p in placed),
+        docker_host=" + ".join(dict.fromkeys(h.docker_host for h in hosts)),
+        hardware=" + ".join(dict.fromkeys(profiles)) or None)
 
 
 def stop_services(name: str, started: Sequence[Placement], events: Events) -> None:
@@ -9188,47 +9099,48 @@ def run_in_parallel(plan: Plan, report: Report, err: Any, services: ServiceLifec
         raise
 
 
-def run_benchmark(plan: Plan, out: Any, err: Any, *, styled: bool = False,
-                  err_tty: bool = False) -> int:
-    """The main job: every selected model in turn; exit OK, FAILED, REGRESSION,
-    INTERRUPTED or TERMINATED (ExitCode)."""
-    out, stdout = (err, out) if plan.exports.to_stdout else (out, out)  # '-' export owns stdout
-    ensure_descriptors(max(plan.cfg.concurrency, default=1))
-    report, files = start_report(plan, err)
-    progress = CampaignProgress(plan.steps or plan_campaign(plan.cfg, plan.models), report,
-                                managed=plan.compose is not None, history=plan.history)
-    save = lambda: files.save_json(record_part(report, progress))  # noqa: E731
-    events = ConsoleEvents(err, err_tty, on_scenario=save, progress=progress)
-    signals = SignalGuard()
-    services = managed_services(plan, report, events, signals)
-    err.write(format_plan(progress.steps, plan.cfg, managed=plan.compose is not None,
-                          resumed_from=str(plan.resume) if plan.resume else None))
-    code: int = ExitCode.OK
-    signals.install()
-    try:
-        if plan.cfg.parallel:
-            run_in_parallel(plan, report, err, services, lambda: files.save_json(report), signals,
-                            keep=[step.keep_whole for step in progress.steps])
-        else:
-            run_models_in_turn(plan, report, progress, events, services, save)
-        code = ExitCode.FAILED if any(m.status == "failed" for m in report.models) else ExitCode.OK
-    except (KeyboardInterrupt, Interrupted) as exc:
-        code = mark_interrupted(report, exc)
-    finally:
-        winners: Sequence[ScenarioWinners] | None = None  # ranked once the run is over
-        try:
-            with signals.held():
-                winners = rank_scenarios(report.models)  # once, for every output
-                write_final_report(report, progress, files, winners, out, err, styled=styled)
-        except (KeyboardInterrupt, Interrupted) as exc:
-            # A signal held back while the report was written: the report is
-            # complete, so exit as interrupted (a first signal's code stands).
-            if not report.interrupted:
-                code = interrupted_exit_code(exc)
-        finally:
-            signals.restore()
-    return finish_run(plan, report, code, out=out, stdout=stdout, err=err, styled=styled,
-                      winners=winners)
+# --- The run: every model in turn, the report, the exit code ------------------
+
+
+def start_report(plan: Plan, err: Any) -> tuple[Report, ReportFiles]:
+    """The report a run fills in, and its files: a new one, or with --resume
+    the report continued, its kept models as measured, under its own names."""
+    started = _now()
+    environment = collect_environment()
+    part = RunPart(started.isoformat(), environment=environment)
+    if plan.resumed is None or plan.resume is None:
+        report_dir = prepare_report_dir(plan.report_dir)
+        report = Report(plan.cfg, started.isoformat(), [ModelResult(m) for m in plan.models],
+                        environment=environment, parts=[part])
+        first = json.dumps(report_to_dict(report), indent=1) + "\n"  # the reserved name holds it
+        return report, ReportFiles(report_dir, reserve_stem(report_dir, report_stem(started), first),
+                                   err)
+    old = plan.resumed
+    parts = list(old.parts) or [RunPart(old.started_at, old.finished_at, old.interrupted,
+                                        old.environment, first_part_models(old))]
+    report = Report(old.config, old.started_at, [resumed_result(step) for step in plan.steps],
+                    environment=old.environment, parts=[*parts, part])
+    folder = prepare_report_dir(plan.resume.parent)
+    return report, ReportFiles(folder, plan.resume.name.removesuffix(".json"), err)
+
+
+def first_part_models(old: Report) -> dict[str, PartModel]:
+    """A report written before parts were recorded: its one part ran every
+    model it holds (the scenarios plan_resume keeps are the complete ones)."""
+    out = {}
+    for mr in old.models:
+        out[mr.spec.name] = PartModel(tuple(sr.scenario.name for sr in mr.scenarios),
+                                      *served_by(mr), mr.lifecycle.load_s)
+    return out
+
+
+def record_part(report: Report, progress: CampaignProgress,
+                finished_at: str | None = None) -> Report:
+    """Bring the report's last part (this run's) up to date; returns the report."""
+    part = report.parts[-1]
+    report.parts[-1] = dataclasses.replace(part, models=progress.part_models(),
+                                           finished_at=finished_at, interrupted=report.interrupted)
+    return report
 
 
 def managed_services(plan: Plan, report: Report, events: ConsoleEvents,
@@ -9303,6 +9215,153 @@ def write_final_report(report: Report, progress: CampaignProgress, files: Report
     err.write(f"report: {where}\n")
 
 
+def run_benchmark(plan: Plan, out: Any, err: Any, *, styled: bool = False,
+                  err_tty: bool = False) -> int:
+    """The main job: every selected model in turn; exit OK, FAILED, REGRESSION,
+    INTERRUPTED or TERMINATED (ExitCode)."""
+    out, stdout = (err, out) if plan.exports.to_stdout else (out, out)  # '-' export owns stdout
+    ensure_descriptors(max(plan.cfg.concurrency, default=1))
+    report, files = start_report(plan, err)
+    progress = CampaignProgress(plan.steps or plan_campaign(plan.cfg, plan.models), report,
+                                managed=plan.compose is not None, history=plan.history)
+    save = lambda: files.save_json(record_part(report, progress))  # noqa: E731
+    events = ConsoleEvents(err, err_tty, on_scenario=save, progress=progress)
+    signals = SignalGuard()
+    services = managed_services(plan, report, events, signals)
+    err.write(format_plan(progress.steps, plan.cfg, managed=plan.compose is not None,
+                          resumed_from=str(plan.resume) if plan.resume else None))
+    code: int = ExitCode.OK
+    signals.install()
+    try:
+        if plan.cfg.parallel:
+            run_in_parallel(plan, report, err, services, lambda: files.save_json(report), signals,
+                            keep=[step.keep_whole for step in progress.steps])
+        else:
+            run_models_in_turn(plan, report, progress, events, services, save)
+        code = ExitCode.FAILED if any(m.status == "failed" for m in report.models) else ExitCode.OK
+    except (KeyboardInterrupt, Interrupted) as exc:
+        code = mark_interrupted(report, exc)
+    finally:
+        winners: Sequence[ScenarioWinners] | None = None  # ranked once the run is over
+        try:
+            with signals.held():
+                winners = rank_scenarios(report.models)  # once, for every output
+                write_final_report(report, progress, files, winners, out, err, styled=styled)
+        except (KeyboardInterrupt, Interrupted) as exc:
+            # A signal held back while the report was written: the report is
+            # complete, so exit as interrupted (a first signal's code stands).
+            if not report.interrupted:
+                code = interrupted_exit_code(exc)
+        finally:
+            signals.restore()
+    return finish_run(plan, report, code, out=out, stdout=stdout, err=err, styled=styled,
+                      winners=winners)
+
+
+def regression_gate(comparison: Comparison, code: int, err: Any, prefix: str) -> int:
+    """The regression exit of both compare and --baseline: past a threshold,
+    one stderr line names each regression and the exit is REGRESSION, unless
+    an earlier code stands (a failed model, an interrupt)."""
+    if not comparison.regressions:
+        return code
+    err.write(f"{prefix}{shown(regression_message(comparison))}\n")  # names from a file
+    return code or ExitCode.REGRESSION
+
+
+def finish_run(plan: Plan, report: Report, code: int, *, out: Any, stdout: Any, err: Any,
+               styled: bool = False, winners: Sequence[ScenarioWinners] | None = None) -> int:
+    """After the reports are saved: compare with --baseline (the table goes to
+    `out`), then write the exports. A regression turns exit 0 into 3; a failed
+    model (1) or an interrupt (130, 143) keeps its code."""
+    comparison, labels = None, None
+    if plan.baseline is not None:
+        comparison = compare_reports(plan.baseline.report, report, plan.baseline.thresholds_pct)
+        labels = (report_label(str(plan.baseline.path), plan.baseline.report),
+                  report_label("this run", report))
+        out.write("\n" + format_comparison(comparison, labels, styled=styled))
+        out.flush()
+    try:
+        write_exports(plan.exports, report, stdout, err, comparison=comparison, labels=labels,
+                      baseline=plan.baseline.report if plan.baseline else None, winners=winners)
+    except PerftestError as exc:
+        err.write(f"warning: {exc}; the JSON report holds every result\n")
+    if comparison is None:
+        return code
+    return regression_gate(comparison, code, err, f"{TOOL_NAME}: ")
+
+
+# --- main, compare and history ------------------------------------------------
+
+
+def history_files(paths: Sequence[Path]) -> list[Path]:
+    """The report files: each file as given, each folder's saved reports."""
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            found = sorted(path.glob(REPORT_GLOB))
+            if not found:
+                raise UsageError(f"{path} holds no {REPORT_GLOB}: give report files or the "
+                                 "folder the runs saved them in (--report-dir)")
+            files.extend(found)
+        else:
+            files.append(path)
+    return list(dict.fromkeys(files))
+
+
+def load_history(paths: Sequence[Path]) -> list[HistoryRun]:
+    runs = [HistoryRun(p.name, load_report(p)) for p in history_files(paths)]
+    return sorted(runs, key=lambda r: r.report.started_at)
+
+
+def history_main(argv: Sequence[str], out: Any, err: Any) -> int:
+    """history REPORT.json... | DIR: the trends on stdout (or the export named
+    '-'); exit REGRESSION with --fail-on-change while one stands."""
+    args = build_history_parser().parse_args(list(argv))
+    _, exports = check_output_options(args)
+    runs = load_history(args.reports)
+    history = build_history(runs, effective_thresholds(args.threshold or {}))
+    text_out = err if exports.to_stdout else out
+    styled = text_out.isatty() and not os.environ.get("NO_COLOR")
+    text_out.write(format_hardware(runs, styled) if args.by == "hardware"
+                   else format_history(history, args.last, styled))
+    text_out.flush()
+    charts: dict[str, bytes] = {}
+
+    def get_charts() -> dict[str, bytes]:
+        if not charts:
+            charts.update({f"{c.name}.png": figure_png(draw_chart(c)) for c in history_charts(history)})
+        return charts
+
+    emit_exports(exports, {"markdown": lambda: format_history_markdown(history, args.last),
+                           "html": lambda: format_history_html(history, get_charts(), args.last)},
+                 get_charts, out, err)
+    if args.fail_on_change and history.standing:
+        worst = "; ".join(f"{t.model} {t.scenario} {t.metric} {fmt_change(t.standing.change_pct)}"
+                          for t in history.standing if t.standing)
+        err.write(f"{TOOL_NAME}: error: {one_line(f'a regression stands: {worst}')}\n")
+        return ExitCode.REGRESSION
+    return ExitCode.OK
+
+
+def compare_main(argv: Sequence[str], out: Any, err: Any) -> int:
+    """compare BASELINE CANDIDATE: a table per scenario on stdout (or the
+    export named '-'); exit OK, or REGRESSION past a threshold."""
+    args = build_compare_parser().parse_args(list(argv))
+    _, exports = check_output_options(args)
+    baseline = load_report(args.baseline_report, "baseline")
+    candidate = load_report(args.candidate_report, "candidate")
+    comparison = compare_reports(baseline, candidate, effective_thresholds(args.threshold or {}))
+    labels = (report_label(str(args.baseline_report), baseline),
+              report_label(str(args.candidate_report), candidate))
+    text_out = err if exports.to_stdout else out
+    styled = text_out.isatty() and not os.environ.get("NO_COLOR")
+    text_out.write(format_comparison(comparison, labels, styled=styled))
+    text_out.flush()
+    write_exports(exports, candidate, out, err, comparison=comparison, labels=labels,
+                  baseline=baseline, compare_only=True)
+    return regression_gate(comparison, ExitCode.OK, err, f"{TOOL_NAME}: error: ")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse, plan, run; every PerftestError becomes its one-line message and exit code."""
     args_list = list(sys.argv[1:] if argv is None else argv)
@@ -9323,25 +9382,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (KeyboardInterrupt, Interrupted) as exc:  # before the run started, or a second signal
         err.write("perftest-models: interrupted\n")
         return interrupted_exit_code(exc)
-
-
-def compare_main(argv: Sequence[str], out: Any, err: Any) -> int:
-    """compare BASELINE CANDIDATE: a table per scenario on stdout (or the
-    export named '-'); exit OK, or REGRESSION past a threshold."""
-    args = build_compare_parser().parse_args(list(argv))
-    _, exports = check_output_options(args)
-    baseline = load_report(args.baseline_report, "baseline")
-    candidate = load_report(args.candidate_report, "candidate")
-    comparison = compare_reports(baseline, candidate, effective_thresholds(args.threshold or {}))
-    labels = (report_label(str(args.baseline_report), baseline),
-              report_label(str(args.candidate_report), candidate))
-    text_out = err if exports.to_stdout else out
-    styled = text_out.isatty() and not os.environ.get("NO_COLOR")
-    text_out.write(format_comparison(comparison, labels, styled=styled))
-    text_out.flush()
-    write_exports(exports, candidate, out, err, comparison=comparison, labels=labels,
-                  baseline=baseline, compare_only=True)
-    return regression_gate(comparison, ExitCode.OK, err, f"{TOOL_NAME}: error: ")
 
 
 if __name__ == "__main__":

@@ -463,3 +463,31 @@ def test_the_section_check_sees_a_name_used_before_its_section():
     assert ("First", "early", "late", "Second") in uses
     assert ("Second", "late", "early", "First") in uses
     assert not [u for u in uses if u[1] == "fine"]  # type hints are not uses
+
+
+def test_the_walk_of_a_latency_scenario_in_the_index_reads_top_to_bottom():
+    # The header names the definitions one latency scenario passes through;
+    # each must exist and sit below the one before it in the file.
+    import re
+
+    text = (ROOT / "perftest_models.py").read_text(encoding="utf-8")
+    header = text[text.index("# One latency scenario, read top to bottom"):
+                  text.index("from __future__ import annotations")]
+    walk = re.findall(r"\w+", header.split(":", 1)[1].replace("#", " "))
+    assert len(walk) >= 15 and walk[0] == "measure_stream" and walk[-1] == "main"
+    lines = {m.group(2): text[:m.start()].count("\n")
+             for m in re.finditer(r"(?m)^(async def|def|class) (\w+)\b", text)}
+    at = [lines[name] for name in walk]  # a KeyError names a walk step that is gone
+    assert at == sorted(at), list(zip(walk, at))
+
+
+def test_the_section_index_lists_every_section_in_file_order():
+    import re
+
+    text = (ROOT / "perftest_models.py").read_text(encoding="utf-8")
+    header = text[text.index("# Sections, in the order"):text.index("# One latency scenario")]
+    index = [m.group(1) for m in re.finditer(r"(?m)^#   (\S+(?: \S+)?)\s{2,}", header)]
+    order, _ = sections_and_uses(text)
+    banners = order[1:]  # "(top)" is the imports and constants above the first banner
+    assert len(index) == len(banners) >= 15
+    assert all(b.startswith(i) for i, b in zip(index, banners)), list(zip(index, banners))
