@@ -5964,6 +5964,7 @@ def build_history(runs: Sequence[HistoryRun], thresholds_pct: Mapping[str, float
     for run in runs:
         table = {(mr.spec.name, sr.scenario.name): scenario_stats(sr)
                  for mr in run.report.models for sr in mr.scenarios}
+        table.update(capacity_points(run.report, runs[-1].report))
         keys.update(dict.fromkeys(table))
         per_run.append(table)
     trends = []
@@ -5979,6 +5980,17 @@ def build_history(runs: Sequence[HistoryRun], thresholds_pct: Mapping[str, float
             trends.append(Trend(model, scenario, metric, points, tuple(steps),
                                 standing_regression(metric, points, steps, threshold)))
     return History(tuple(runs), tuple(trends), dict(thresholds_pct))
+
+
+def capacity_points(report: Report, newest: Report) -> dict[tuple[str, str], dict[str, Stat]]:
+    """A run's capacities as history points, (model, "capacity") -> its
+    streams: only those searched under the SLO the model's newest capacity
+    has (another SLO is another question), and not a search cut by its time
+    budget (a lower bound, which would look like a step)."""
+    slo = {mr.spec.name: mr.capacity.slo for mr in newest.models if mr.capacity is not None}
+    return {(mr.spec.name, CAPACITY_ROW): {CAPACITY_METRIC.key: summarize([float(cap.streams)])}
+            for mr in report.models if (cap := mr.capacity) is not None
+            and cap.slo == slo.get(mr.spec.name) and cap.limited_by != "budget"}
 
 
 def hardware_key(report: Report) -> str:

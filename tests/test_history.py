@@ -183,3 +183,46 @@ def test_by_hardware_sets_each_box_beside_the_other_with_its_roofline_share(run_
 def test_by_hardware_says_so_when_every_report_ran_on_one_box(run_main):
     rc, out, _ = run_main(["history", str(SERIES), "--by", "hardware"])
     assert rc == 0 and "nothing to set side by side" in out
+
+
+# -- capacity under --slo --------------------------------------------------------------
+
+def with_capacities(capacities):
+    """The committed series, each run's model given a capacity: (streams,
+    slo, limited_by) or None."""
+    runs = pm.load_history([SERIES])
+    assert len(runs) == len(capacities)
+    for run, cap in zip(runs, capacities):
+        if cap is not None:
+            streams, slo, limited_by = cap
+            run.report.models[0].capacity = pm.Capacity(slo, streams, 1.0, 100.0, limited_by,
+                                                        streams + 1, 1, ())
+    return runs
+
+
+SLO = "tpot_p99_ms<=50"
+
+
+def capacity_trend(runs):
+    history = pm.build_history(runs, pm.DEFAULT_THRESHOLDS_PCT)
+    (trend,) = [t for t in history.trends if t.scenario == "capacity"]
+    assert trend.metric == "capacity_streams"
+    return history, trend
+
+
+def test_a_capacity_that_fell_is_a_step_that_stands():
+    runs = with_capacities([(12, SLO, "tpot_p99_ms")] * 3 + [(8, SLO, "tpot_p99_ms")] * 3)
+    history, trend = capacity_trend(runs)
+    assert [p.mean for p in trend.points] == [12, 12, 12, 8, 8, 8]
+    (step,) = trend.steps
+    assert (step.run, step.verdict) == (3, pm.REGRESSED)
+    assert trend.standing is not None and trend in history.standing
+
+
+def test_capacities_under_another_slo_or_cut_by_the_budget_are_left_out_of_the_series():
+    runs = with_capacities([(4, "tpot_p99_ms<=25", "tpot_p99_ms"), (12, SLO, "tpot_p99_ms"),
+                            (2, SLO, "budget"), (12, SLO, "tpot_p99_ms"),
+                            (12, SLO, "tpot_p99_ms"), (12, SLO, "tpot_p99_ms")])
+    _, trend = capacity_trend(runs)
+    assert [p and p.mean for p in trend.points] == [None, 12, None, 12, 12, 12]
+    assert trend.steps == () and trend.standing is None
