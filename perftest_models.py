@@ -4276,6 +4276,22 @@ def _scenario_left_s(t: ModelTimes, s: Scenario, pos: CampaignPosition) -> float
     return max(0.0, left * one - pos.request_s) if left > 0 else 0.0
 
 
+def parallel_estimate(lanes: Sequence[frozenset[str]], left: Sequence[Estimate | None]
+                      ) -> Estimate:
+    """--parallel: the time left when each engine runs its models one at a
+    time (pure): the busiest engine's sum of what its models have left (a
+    model on two engines counts on both); `left[i]` is None for a model done."""
+    per_engine: dict[str, float] = {}
+    unknown: list[tuple[str, str]] = []
+    for need, est in zip(lanes, left):
+        if est is None:
+            continue
+        unknown.extend(est.unknown)
+        for engine in need:
+            per_engine[engine] = per_engine.get(engine, 0.0) + est.known_s
+    return Estimate(max(per_engine.values(), default=0.0), tuple(unknown))
+
+
 # --- Readiness: the server up, listing the model ------------------------------
 
 
@@ -7870,6 +7886,35 @@ class CampaignProgress:
         return out
 
 
+class ParallelProgress:
+    """--parallel's view of a campaign: each model's own CampaignProgress (fed
+    by the events of the thread that runs it), and one line for all of them."""
+
+    def __init__(self, steps: Sequence[CampaignStep], report: Report,
+                 lanes: Sequence[frozenset[str]], history: Mapping[str, ModelTimes] | None = None):
+        self.steps, self.report, self.lanes = tuple(steps), report, tuple(lanes)
+        self.models = [CampaignProgress((step,), report, managed=True, history=history)
+                       for step in self.steps]
+
+    def left(self, running: Iterable[int]) -> list[Estimate | None]:
+        """Each model's time left (None: done, or kept whole by a resume);
+        the stop time is the mean of the stops seen so far, of any model."""
+        running = set(running)
+        stops = [w["stop_s"] for p in self.models for w in p.walls.values() if "stop_s" in w]
+        stop_s = statistics.fmean(stops) if stops else None
+        return [None if step.keep_whole or self.report.models[i].status not in ("pending", "running")
+                else estimate_left((step,), p.position() if i in running else CampaignPosition(0),
+                                   p.times(), warmup_tokens=self.report.config.warmup_tokens,
+                                   stop_s=stop_s)
+                for i, (step, p) in enumerate(zip(self.steps, self.models))]
+
+    def line(self, running: Sequence[int] | Mapping[int, Any]) -> str:
+        """'campaign: 1 of 4 models done, 2 running; about 35 m left'."""
+        left = self.left(running)
+        return (f"campaign: {sum(est is None for est in left)} of {len(left)} models done, "
+                f"{len(running)} running; {format_estimate(parallel_estimate(self.lanes, left))}")
+
+
 async def watch_live_reads(events: Events, coro: Any, interval_s: float = 0.25) -> Any:
     """Await `coro` while, a few times a second, a task outside the streams
     counts the events of the request in flight (bytes.count over the reads
@@ -8984,6 +9029,7 @@ def run_hosted_model(plan: Plan, result: ModelResult, events: Events, command: S
     measure at its url, and always stop them in reverse order (under `hold`)."""
     url = plan.hosting.urls[result.spec.name]
     started: list[Placement] = []
+    events.phase(result.spec.name, "load")  # the campaign's clock: pulls and starts are the load
     try:
         placed = place_services(plan, result.spec, command)
         for p in placed:  # each image on its own engine, before any `up`
@@ -8997,6 +9043,7 @@ def run_hosted_model(plan: Plan, result: ModelResult, events: Events, command: S
         run_async(measure_watched(dataclasses.replace(plan, base_url=url), result, events,
                                   running, clock=clock, sleep=sleep))
     finally:
+        events.phase(result.spec.name, "stop")
         with hold():
             stop_services(result.spec.name, started, events)
 
@@ -9047,6 +9094,7 @@ def run_one_model(plan: Plan, mr: ModelResult, events: Events, command: Sequence
     except Exception as exc:  # a bug must not leave the other models waiting forever
         mr.status, mr.error = "failed", f"internal error: {type(exc).__name__}: {exc}"
         events.info(f"{mr.spec.name}: FAILED: {mr.error}")
+    events.phase(mr.spec.name, "done")
 
 
 def stop_all_services(plan: Plan, models: Sequence[ModelResult], command: Sequence[str],
@@ -9063,15 +9111,20 @@ def stop_all_services(plan: Plan, models: Sequence[ModelResult], command: Sequen
 
 
 def run_in_parallel(plan: Plan, report: Report, err: Any, services: ServiceLifecycle | None,
-                    save: Callable[[], Any], signals: SignalGuard, keep: Sequence[bool] = ()
-                    ) -> None:
+                    save: Callable[[], Any], signals: SignalGuard,
+                    steps: Sequence[CampaignStep] = (), every_s: float = 60.0) -> None:
     """--parallel: models on different engines at the same time, one at a
-    time per engine, each in a thread; the main thread only schedules.
+    time per engine, each in a thread; the main thread schedules them and,
+    every `every_s` and as each model ends, says how far the campaign is.
     Every model of such a run takes the per-host path (plan_hosting)."""
     assert services is not None  # --parallel needs Compose (make_plan)
     command = services.compose.command
     import queue  # noqa: PLC0415
 
+    steps = tuple(steps) or plan_campaign(plan.cfg, [mr.spec for mr in report.models])
+    lanes = [plan.hosting.lanes(mr.spec) for mr in report.models]
+    campaign = ParallelProgress(steps, report, lanes, plan.history)
+    last_said = time.monotonic()
     lock, save_lock = threading.Lock(), threading.Lock()
     done: queue.Queue[int] = queue.Queue()
 
@@ -9082,8 +9135,7 @@ def run_in_parallel(plan: Plan, report: Report, err: Any, services: ServiceLifec
                     save()
                     return
 
-    lanes = [plan.hosting.lanes(mr.spec) for mr in report.models]
-    kept = set(i for i, whole in enumerate(keep) if whole)  # a resume keeps them as measured
+    kept = {i for i, step in enumerate(steps) if step.keep_whole}  # a resume keeps them as measured
     pending, running = [i for i in range(len(report.models)) if i not in kept], {}
     try:
         while pending or running:
@@ -9092,7 +9144,7 @@ def run_in_parallel(plan: Plan, report: Report, err: Any, services: ServiceLifec
                 pending.remove(i)
                 mr = report.models[i]
                 events = ConsoleEvents(LinePrefixer(err, f"{mr.spec.name} | ", lock), False,
-                                       on_scenario=save_safely)
+                                       on_scenario=save_safely, progress=campaign.models[i])
                 t = threading.Thread(target=lambda m=mr, e=events, j=i: (
                     run_one_model(plan, m, e, command), done.put(j)), daemon=True)
                 running[i] = t
@@ -9100,6 +9152,11 @@ def run_in_parallel(plan: Plan, report: Report, err: Any, services: ServiceLifec
             with contextlib.suppress(queue.Empty):
                 running.pop(done.get(timeout=0.5)).join()
                 save_safely()
+                last_said = 0.0  # a model ended: say where the campaign is now
+            if (pending or running) and time.monotonic() - last_said >= every_s:
+                with lock:
+                    err.write(campaign.line(running) + "\n")
+                last_said = time.monotonic()
     except (KeyboardInterrupt, Interrupted):
         cut = [report.models[i] for i in running]
         with signals.held():
@@ -9247,7 +9304,7 @@ def run_benchmark(plan: Plan, out: Any, err: Any, *, styled: bool = False,
     try:
         if plan.cfg.parallel:
             run_in_parallel(plan, report, err, services, lambda: files.save_json(report), signals,
-                            keep=[step.keep_whole for step in progress.steps])
+                            steps=progress.steps)
         else:
             run_models_in_turn(plan, report, progress, events, services, save)
         code = ExitCode.FAILED if any(m.status == "failed" for m in report.models) else ExitCode.OK

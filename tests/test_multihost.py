@@ -253,8 +253,12 @@ def test_parallel_runs_one_model_per_engine_in_about_the_time_of_one(run):
     assert err.index("model-far | model-far: healthy") < err.index("model-near | model-near: stopped")
     run_lines = err.splitlines()
     run_lines = run_lines[next(i for i, line in enumerate(run_lines) if " | === " in line):]
-    assert all(line.startswith(("model-near | ", "model-far | ", "report: "))  # after the plan
-               for line in run_lines), err
+    assert all(line.startswith(("model-near | ", "model-far | ", "report: ", "campaign: "))
+               for line in run_lines), err  # after the plan
+    # as the first model ends, the campaign says how far it is, the other one's time left too
+    assert "campaign: 1 of 2 models done, 1 running; " in err, err
+    assert " |   model 1/1, scenario 1/2, elapsed " in err  # each model's own progress
+    print("\n".join(line for line in err.splitlines() if line.startswith("campaign: ")))
     wall = max(at(together, f"{m}: stopped") for m in ("model-near", "model-far")) - min(
         at(together, f"=== {m}") for m in ("model-near", "model-far"))
     longer, total = max(took), sum(took)

@@ -211,6 +211,43 @@ def test_parallel_starts_each_waiting_model_whose_engines_are_all_free(lanes, bu
     assert pm.startable([frozenset(x) for x in lanes], busy) == chosen
 
 
+def test_the_parallel_time_left_is_the_busiest_engines_sum():
+    lanes = [frozenset(x) for x in ({"a"}, {"a"}, {"b"}, {"a", "b"}, {"b"})]
+    left = [pm.Estimate(100.0), pm.Estimate(50.0), pm.Estimate(30.0), pm.Estimate(20.0),
+            None]  # the last model is done
+    assert pm.parallel_estimate(lanes, left) == pm.Estimate(170.0)  # a: 100 + 50 + 20
+    unknown = [pm.Estimate(10.0, (("m1", "load"),)), None, pm.Estimate(500.0), None, None]
+    assert pm.parallel_estimate(lanes, unknown) == pm.Estimate(500.0, (("m1", "load"),))
+    assert pm.parallel_estimate(lanes, [None] * 5) == pm.Estimate(0.0)
+
+
+def test_the_parallel_campaign_line_counts_models_and_estimates_from_what_was_measured():
+    specs = [pm.ModelSpec(n, f"svc-{n}", n, 40960) for n in ("near", "far", "later")]
+    cfg = pm.RunConfig(iterations=1, context_sizes=(1000,))
+    steps = pm.plan_campaign(cfg, specs)
+    report = pm.Report(cfg, "2026-12-01T00:00:00+00:00", [pm.ModelResult(s) for s in specs])
+    lanes = [frozenset({"local"}), frozenset({"far"}), frozenset({"local"})]
+    measured = pm.ModelTimes(load_s=30.0, points=((44, 500, 0.1, 5.1), (1000, 100, 0.5, 1.5)))
+    history = {"near": measured, "far": measured, "later": measured}
+    campaign = pm.ParallelProgress(steps, report, lanes, history)
+    report.models[0].status = report.models[1].status = "running"
+    campaign.models[0].phase("near", "load")  # as run_hosted_model says when it starts
+    campaign.models[1].phase("far", "load")
+    one = pm.estimate_left((steps[0],), pm.CampaignPosition(0), {"near": measured})
+    assert one.unknown == (("near", "stop"),)  # no stop seen yet: said, not guessed
+    line = campaign.line({0: None, 1: None})
+    # the local engine has two models to go (near, then later), the far one one
+    assert line == ("campaign: 0 of 3 models done, 2 running; at least "
+                    f"{pm.fmt_duration(2 * one.known_s)} left (unknown yet: near stop, far stop, "
+                    "later stop)")
+    report.models[0].status = "ok"
+    report.models[1].status = "failed"
+    campaign.models[0].walls["near"] = {"stop_s": 4.0}
+    line = campaign.line({})
+    assert line.startswith("campaign: 2 of 3 models done, 0 running; about ")
+    assert line.endswith(f"about {pm.fmt_duration(one.known_s + 4.0)} left")
+
+
 def test_parallel_progress_lines_carry_the_model_name_and_never_interleave():
     err, lock = io.StringIO(), threading.Lock()
     a, b = pm.LinePrefixer(err, "a | ", lock), pm.LinePrefixer(err, "b | ", lock)
