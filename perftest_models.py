@@ -7908,11 +7908,13 @@ class ParallelProgress:
                                    stop_s=stop_s)
                 for i, (step, p) in enumerate(zip(self.steps, self.models))]
 
-    def line(self, running: Sequence[int] | Mapping[int, Any]) -> str:
-        """'campaign: 1 of 4 models done, 2 running; about 35 m left'."""
+    def line(self, running: Iterable[int]) -> str:
+        """'campaign: 1 of 4 models done, 2 running; about 35 m left' (a
+        model whose thread ended but is not yet joined counts as done)."""
         left = self.left(running)
+        busy = sum(self.report.models[i].status == "running" for i in running)
         return (f"campaign: {sum(est is None for est in left)} of {len(left)} models done, "
-                f"{len(running)} running; {format_estimate(parallel_estimate(self.lanes, left))}")
+                f"{busy} running; {format_estimate(parallel_estimate(self.lanes, left))}")
 
 
 async def watch_live_reads(events: Events, coro: Any, interval_s: float = 0.25) -> Any:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -255,8 +256,9 @@ def test_parallel_runs_one_model_per_engine_in_about_the_time_of_one(run):
     run_lines = run_lines[next(i for i, line in enumerate(run_lines) if " | === " in line):]
     assert all(line.startswith(("model-near | ", "model-far | ", "report: ", "campaign: "))
                for line in run_lines), err  # after the plan
-    # as the first model ends, the campaign says how far it is, the other one's time left too
-    assert "campaign: 1 of 2 models done, 1 running; " in err, err
+    # as the first model ends, the campaign says how far it is (the other may
+    # end within the same half second: then both are done)
+    assert re.search(r"campaign: (1 of 2 models done, 1|2 of 2 models done, 0) running; ", err), err
     assert " |   model 1/1, scenario 1/2, elapsed " in err  # each model's own progress
     print("\n".join(line for line in err.splitlines() if line.startswith("campaign: ")))
     wall = max(at(together, f"{m}: stopped") for m in ("model-near", "model-far")) - min(

@@ -235,7 +235,7 @@ def test_the_parallel_campaign_line_counts_models_and_estimates_from_what_was_me
     campaign.models[1].phase("far", "load")
     one = pm.estimate_left((steps[0],), pm.CampaignPosition(0), {"near": measured})
     assert one.unknown == (("near", "stop"),)  # no stop seen yet: said, not guessed
-    line = campaign.line({0: None, 1: None})
+    line = campaign.line([0, 1])
     # the local engine has two models to go (near, then later), the far one one
     assert line == ("campaign: 0 of 3 models done, 2 running; at least "
                     f"{pm.fmt_duration(2 * one.known_s)} left (unknown yet: near stop, far stop, "
@@ -243,7 +243,7 @@ def test_the_parallel_campaign_line_counts_models_and_estimates_from_what_was_me
     report.models[0].status = "ok"
     report.models[1].status = "failed"
     campaign.models[0].walls["near"] = {"stop_s": 4.0}
-    line = campaign.line({})
+    line = campaign.line([1])  # its thread ended, not yet joined: done, not running
     assert line.startswith("campaign: 2 of 3 models done, 0 running; about ")
     assert line.endswith(f"about {pm.fmt_duration(one.known_s + 4.0)} left")
 
