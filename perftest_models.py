@@ -8942,8 +8942,8 @@ def place_services(plan: Plan, spec: ModelSpec, command: Sequence[str]) -> list[
         try:
             client = host_client(host)
         except ModelFailed as exc:
-            raise ModelFailed(f"{exc} (service {ref.service})", {**exc.details,
-                                                                 "service": ref.service}) from None
+            raise ModelFailed(f"{exc} (service {ref.service})", dataclasses.replace(
+                exc.details or Failure(), service=ref.service)) from None
         out.append(Placement(ref, host, compose, DockerWatch(compose.file.project, ref.service,
                                                              client)))
     return out

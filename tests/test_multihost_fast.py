@@ -320,3 +320,16 @@ def test_a_comparison_of_one_model_on_two_machines_says_so():
             "candidate on x86_64, 2 CPUs, 24 GiB") in "\n".join(comparison.notes)
     same = pm.compare_reports(base, base, pm.DEFAULT_THRESHOLDS_PCT)
     assert not any("baseline ran on" in n for n in same.notes)
+
+
+def test_an_unreachable_host_fails_its_model_naming_the_service_not_with_a_type_error():
+    # a real Docker SDK client against a socket that does not exist: no engine needed
+    gone = "unix:///nonexistent/perftest-gone.sock"
+    spec = pm.ModelSpec("far", "svc-far", "far", 40960, docker_host=gone)
+    compose = pm.load_compose_file(Path(__file__).parent / "docker" / "compose.multihost.yml")
+    plan = pm.Plan(pm.RunConfig(), (spec,), (spec,), compose, "http://127.0.0.1:8000",
+                   Path("reports"), hosting=pm.Hosting(hosts={gone: pm.DockerHost(gone, gone)},
+                                                      compose_files={"": compose}))
+    with pytest.raises(pm.ModelFailed, match=r"is not reachable.*\(service svc-far\)") as caught:
+        pm.place_services(plan, spec, ["docker", "compose"])
+    assert caught.value.details == pm.Failure(docker_host=gone, service="svc-far")
