@@ -7908,6 +7908,15 @@ class ParallelProgress:
                                    stop_s=stop_s)
                 for i, (step, p) in enumerate(zip(self.steps, self.models))]
 
+    def part_models(self) -> dict[str, PartModel]:
+        """This part's record of each model it touched (as CampaignProgress's):
+        what a --resume of this run keeps."""
+        return {name: pm for p in self.models for name, pm in p.part_models().items()}
+
+    def close(self) -> None:
+        for p in self.models:
+            p.close()
+
     def line(self, running: Iterable[int]) -> str:
         """'campaign: 1 of 4 models done, 2 running; about 35 m left' (a
         model whose thread ended but is not yet joined counts as done)."""
@@ -9113,8 +9122,8 @@ def stop_all_services(plan: Plan, models: Sequence[ModelResult], command: Sequen
 
 
 def run_in_parallel(plan: Plan, report: Report, err: Any, services: ServiceLifecycle | None,
-                    save: Callable[[], Any], signals: SignalGuard,
-                    steps: Sequence[CampaignStep] = (), every_s: float = 60.0) -> None:
+                    save: Callable[[], Any], signals: SignalGuard, campaign: ParallelProgress,
+                    every_s: float = 60.0) -> None:
     """--parallel: models on different engines at the same time, one at a
     time per engine, each in a thread; the main thread schedules them and,
     every `every_s` and as each model ends, says how far the campaign is.
@@ -9123,9 +9132,7 @@ def run_in_parallel(plan: Plan, report: Report, err: Any, services: ServiceLifec
     command = services.compose.command
     import queue  # noqa: PLC0415
 
-    steps = tuple(steps) or plan_campaign(plan.cfg, [mr.spec for mr in report.models])
-    lanes = [plan.hosting.lanes(mr.spec) for mr in report.models]
-    campaign = ParallelProgress(steps, report, lanes, plan.history)
+    steps, lanes = campaign.steps, campaign.lanes
     last_said = time.monotonic()
     lock, save_lock = threading.Lock(), threading.Lock()
     done: queue.Queue[int] = queue.Queue()
@@ -9205,7 +9212,7 @@ def first_part_models(old: Report) -> dict[str, PartModel]:
     return out
 
 
-def record_part(report: Report, progress: CampaignProgress,
+def record_part(report: Report, progress: CampaignProgress | ParallelProgress,
                 finished_at: str | None = None) -> Report:
     """Bring the report's last part (this run's) up to date; returns the report."""
     part = report.parts[-1]
@@ -9268,7 +9275,8 @@ def mark_interrupted(report: Report, exc: BaseException) -> int:
     return interrupted_exit_code(exc)
 
 
-def write_final_report(report: Report, progress: CampaignProgress, files: ReportFiles,
+def write_final_report(report: Report, progress: CampaignProgress | ParallelProgress,
+                       files: ReportFiles,
                        winners: Sequence[ScenarioWinners], out: Any, err: Any, *,
                        styled: bool) -> None:
     """The finished report: the JSON and the text files, the results on
@@ -9295,7 +9303,11 @@ def run_benchmark(plan: Plan, out: Any, err: Any, *, styled: bool = False,
     report, files = start_report(plan, err)
     progress = CampaignProgress(plan.steps or plan_campaign(plan.cfg, plan.models), report,
                                 managed=plan.compose is not None, history=plan.history)
-    save = lambda: files.save_json(record_part(report, progress))  # noqa: E731
+    # --parallel: each model's own progress (its thread's events), merged for the report
+    parts: CampaignProgress | ParallelProgress = ParallelProgress(
+        progress.steps, report, [plan.hosting.lanes(mr.spec) for mr in report.models],
+        plan.history) if plan.cfg.parallel else progress
+    save = lambda: files.save_json(record_part(report, parts))  # noqa: E731
     events = ConsoleEvents(err, err_tty, on_scenario=save, progress=progress)
     signals = SignalGuard()
     services = managed_services(plan, report, events, signals)
@@ -9305,8 +9317,7 @@ def run_benchmark(plan: Plan, out: Any, err: Any, *, styled: bool = False,
     signals.install()
     try:
         if plan.cfg.parallel:
-            run_in_parallel(plan, report, err, services, lambda: files.save_json(report), signals,
-                            steps=progress.steps)
+            run_in_parallel(plan, report, err, services, save, signals, parts)  # type: ignore[arg-type]
         else:
             run_models_in_turn(plan, report, progress, events, services, save)
         code = ExitCode.FAILED if any(m.status == "failed" for m in report.models) else ExitCode.OK
@@ -9317,7 +9328,7 @@ def run_benchmark(plan: Plan, out: Any, err: Any, *, styled: bool = False,
         try:
             with signals.held():
                 winners = rank_scenarios(report.models)  # once, for every output
-                write_final_report(report, progress, files, winners, out, err, styled=styled)
+                write_final_report(report, parts, files, winners, out, err, styled=styled)
         except (KeyboardInterrupt, Interrupted) as exc:
             # A signal held back while the report was written: the report is
             # complete, so exit as interrupted (a first signal's code stands).

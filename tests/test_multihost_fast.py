@@ -333,3 +333,22 @@ def test_an_unreachable_host_fails_its_model_naming_the_service_not_with_a_type_
     with pytest.raises(pm.ModelFailed, match=r"is not reachable.*\(service svc-far\)") as caught:
         pm.place_services(plan, spec, ["docker", "compose"])
     assert caught.value.details == pm.Failure(docker_host=gone, service="svc-far")
+
+
+def test_a_parallel_runs_part_records_each_models_completed_scenarios_for_a_resume():
+    specs = [pm.ModelSpec(n, f"svc-{n}", n, 40960) for n in ("near", "far")]
+    cfg = pm.RunConfig(iterations=1, context_sizes=(1000,))
+    steps = pm.plan_campaign(cfg, specs)
+    report = pm.Report(cfg, "2026-12-01T00:00:00+00:00", [pm.ModelResult(s) for s in specs],
+                       parts=[pm.RunPart("2026-12-01T00:00:00+00:00")])
+    campaign = pm.ParallelProgress(steps, report, [frozenset({"a"}), frozenset({"b"})])
+    for i, p in enumerate(campaign.models):  # what each model's thread's events say
+        name, first = specs[i].name, steps[i].to_run[0]
+        p.phase(name, "load")
+        p.phase(name, "measure")
+        p.scenario_done(name, pm.ScenarioResult(first, (pm.Sample(ok=True),) * first.requests,
+                                                {}))
+    parts = pm.record_part(report, campaign).parts[-1].models
+    assert {n: m.scenarios for n, m in parts.items()} == {"near": ("latency",),
+                                                          "far": ("latency",)}
+    assert parts["far"].load_s is not None  # each model's own walls, not one shared clock
