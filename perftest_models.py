@@ -2227,6 +2227,7 @@ class StreamTransport:
         key = (url.scheme, url.host, url.port or (443 if url.scheme == "https" else 80))
         head = b"".join([request.method.encode(), b" ", url.raw_path, b" HTTP/1.1\r\n",
                          *(b"%s: %s\r\n" % kv for kv in request.headers.raw), b"\r\n"])
+        data = head + body  # built once, before the stamp: a long prompt's copy is not TTFT
         while True:
             conn = None
             idle = self._idle.get(key)
@@ -2241,7 +2242,7 @@ class StreamTransport:
             conn.start_response()
             t_sent = clock() if clock is not None else None
             try:
-                conn.transport.write(head + body)
+                conn.transport.write(data)
             except RuntimeError:  # uvloop: the server closed it under us (asyncio ignores it)
                 self._release(conn, key, False)
                 if reused:
@@ -2436,15 +2437,18 @@ class _Connection(asyncio.Protocol):
         if self.parser is None or self.done or self.broken is not None:
             self.extra = True  # after the response, or while idle: the connection is spoilt
             return
-        httptools = _httptools()
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:  # 101 Switching Protocols: no HTTP body follows
-            self.done = self.extra = True
-        except httptools.HttpParserError as exc:
-            self.extra = True
-            if not self.done and self.broken is None:
-                self.broken = ValueError(f"malformed response: {exc}")
+        except Exception as exc:  # httptools is looked up only when it raised, not per read
+            httptools = _httptools()
+            if isinstance(exc, httptools.HttpParserUpgrade):  # 101: no HTTP body follows
+                self.done = self.extra = True
+            elif isinstance(exc, httptools.HttpParserError):
+                self.extra = True
+                if not self.done and self.broken is None:
+                    self.broken = ValueError(f"malformed response: {exc}")
+            else:
+                raise
 
     def eof_received(self) -> bool:
         self._ended(None)
