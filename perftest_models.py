@@ -768,6 +768,17 @@ class Capacity:
     budget_s: float | None = None
     elapsed_s: float = 0.0
 
+    @property
+    def cut_short(self) -> bool:
+        """The search did not finish (its time budget, or an interrupt): its
+        capacity is a lower bound, not an answer to compare."""
+        return self.limited_by in ("budget", "interrupted")
+
+    @property
+    def lower_bound(self) -> bool:
+        """The capacity is "at least": cut short, or it held at --max-concurrency."""
+        return self.cut_short or self.limited_by == "max-concurrency"
+
 
 @dataclass
 class ModelResult:
@@ -5796,9 +5807,9 @@ def capacity_change(model: str, base: ModelResult | None, cand: ModelResult | No
     if b.slo != c.slo:
         notes.append(f"note: {model} capacity: the baseline searched under {b.slo}, the "
                      f"candidate under {c.slo}: not the same service levels, not judged")
-    elif "budget" in (b.limited_by, c.limited_by):
-        notes.append(f"note: {model} capacity: a search ran out of its --capacity-budget, so "
-                     "its capacity is only a lower bound: not judged")
+    elif b.cut_short or c.cut_short:
+        notes.append(f"note: {model} capacity: a search was cut short (its --capacity-budget, "
+                     "or an interrupt), so its capacity is only a lower bound: not judged")
     if notes or threshold_pct is None:
         verdict = NOT_GATED
     elif abs(c.streams - b.streams) <= max(b.step, c.step, 1) or (
@@ -5981,10 +5992,11 @@ def build_history(runs: Sequence[HistoryRun], thresholds_pct: Mapping[str, float
     (in the order given: oldest first), with its step changes."""
     keys: dict[tuple[str, str], None] = {}
     per_run: list[dict[tuple[str, str], dict[str, Stat]]] = []
+    slos = newest_slos(runs)
     for run in runs:
         table = {(mr.spec.name, sr.scenario.name): scenario_stats(sr)
                  for mr in run.report.models for sr in mr.scenarios}
-        table.update(capacity_points(run.report, runs[-1].report))
+        table.update(capacity_points(run.report, slos))
         keys.update(dict.fromkeys(table))
         per_run.append(table)
     trends = []
@@ -6002,15 +6014,21 @@ def build_history(runs: Sequence[HistoryRun], thresholds_pct: Mapping[str, float
     return History(tuple(runs), tuple(trends), dict(thresholds_pct))
 
 
-def capacity_points(report: Report, newest: Report) -> dict[tuple[str, str], dict[str, Stat]]:
+def newest_slos(runs: Sequence[HistoryRun]) -> dict[str, str]:
+    """Each model's SLO of its newest capacity, however old that run is."""
+    return {mr.spec.name: mr.capacity.slo for run in runs for mr in run.report.models
+            if mr.capacity is not None}  # later runs overwrite earlier ones
+
+
+def capacity_points(report: Report, slo: Mapping[str, str]
+                    ) -> dict[tuple[str, str], dict[str, Stat]]:
     """A run's capacities as history points, (model, "capacity") -> its
-    streams: only those searched under the SLO the model's newest capacity
-    has (another SLO is another question), and not a search cut by its time
-    budget (a lower bound, which would look like a step)."""
-    slo = {mr.spec.name: mr.capacity.slo for mr in newest.models if mr.capacity is not None}
+    streams: only those searched under the SLO of the model's newest capacity
+    (`slo`, from newest_slos: another SLO is another question), and not a
+    search cut short (a lower bound, which would look like a step)."""
     return {(mr.spec.name, CAPACITY_ROW): {CAPACITY_METRIC.key: summarize([float(cap.streams)])}
             for mr in report.models if (cap := mr.capacity) is not None
-            and cap.slo == slo.get(mr.spec.name) and cap.limited_by != "budget"}
+            and cap.slo == slo.get(mr.spec.name) and not cap.cut_short}
 
 
 def hardware_key(report: Report) -> str:
@@ -6315,7 +6333,7 @@ def capacity_line(name: str, cap: Capacity) -> str:
     """'m: capacity 12 streams (goodput 3.1 req/s, output 610 tok/s); 16 streams broke ...'."""
     if cap.streams == 0:
         return f"{name}: capacity 0 streams: even 1 stream is too many; {cap.detail}"
-    more = "at least " if cap.limited_by in ("max-concurrency", "budget", "interrupted") else ""
+    more = "at least " if cap.lower_bound else ""
     return (f"{name}: capacity {more}{cap.streams} streams (goodput {fmt_num(cap.goodput_rps, 2)} "
             f"req/s, output {fmt_num(cap.output_tps)} tok/s); {cap.detail}")
 

@@ -640,3 +640,8 @@ def test_compare_exits_3_when_a_capacity_fell_and_names_it(tmp_path, capsys):
     assert ("alpha", "Capacity (streams)", "12", "8", "-33.3%", "10%", "regressed") \
         in table_rows(out)
     assert pm.main(["compare", *map(str, paths), "--threshold", "capacity_streams:off"]) == 0
+
+
+def test_an_interrupted_capacity_search_is_not_judged_as_a_regression():
+    verdict, notes = capacity_verdict(with_capacity(16), with_capacity(4, limited_by="interrupted"))
+    assert verdict == "not gated" and "cut short" in notes[0]

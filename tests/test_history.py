@@ -226,3 +226,17 @@ def test_capacities_under_another_slo_or_cut_by_the_budget_are_left_out_of_the_s
     _, trend = capacity_trend(runs)
     assert [p and p.mean for p in trend.points] == [None, 12, None, 12, 12, 12]
     assert trend.steps == () and trend.standing is None
+
+
+def test_a_newest_run_without_slo_keeps_the_capacity_series_of_the_runs_before():
+    runs = with_capacities([(12, SLO, "tpot_p99_ms")] * 3 + [(8, SLO, "tpot_p99_ms")] * 2 + [None])
+    _, trend = capacity_trend(runs)
+    assert [p and p.mean for p in trend.points] == [12, 12, 12, 8, 8, None]
+    assert [s.run for s in trend.steps] == [3]
+
+
+def test_an_interrupted_capacity_search_is_a_gap_not_a_step_down():
+    runs = with_capacities([(12, SLO, "tpot_p99_ms")] * 3 + [(2, SLO, "interrupted")] * 3)
+    _, trend = capacity_trend(runs)
+    assert [p and p.mean for p in trend.points] == [12, 12, 12, None, None, None]
+    assert trend.steps == ()
