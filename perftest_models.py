@@ -1922,6 +1922,15 @@ def _add_event(events: list[tuple[float, bytes]], t: float, block: bytes) -> Non
         events.append((t, data[0] if len(data) == 1 else b"\n".join(data)))
 
 
+def _chunk_delta(chunk: Any) -> dict[str, Any] | None:
+    """The first choice's delta of a chat chunk, or None when it has none."""
+    choices = chunk.get("choices") if isinstance(chunk, dict) else None
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        return None
+    delta = choices[0].get("delta")
+    return delta if isinstance(delta, dict) else None
+
+
 def _delta_tokens(chunk: Mapping[str, Any]) -> tuple[bool, bool]:
     """(carries a generated token, carries answer text) for a chat chunk.
 
@@ -1930,11 +1939,8 @@ def _delta_tokens(chunk: Mapping[str, Any]) -> tuple[bool, bool]:
     the next token), so an empty content delta counts as a token unless it is
     the role chunk. A delta without content (a final finish chunk) is no token.
     """
-    choices = chunk.get("choices")
-    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-        return False, False
-    delta = choices[0].get("delta")
-    if not isinstance(delta, dict):
+    delta = _chunk_delta(chunk)
+    if delta is None:
         return False, False
     reasoning = delta.get("reasoning_content") or delta.get("reasoning")
     content = delta.get("content")
@@ -2082,10 +2088,8 @@ def stream_text(reads: Sequence[Read]) -> str:
             chunk = _json_loads(raw) if raw != b"[DONE]" else None
         except (ValueError, RecursionError):
             continue
-        choices = chunk.get("choices") if isinstance(chunk, dict) else None
-        delta = choices[0].get("delta") if isinstance(choices, list) and choices \
-            and isinstance(choices[0], dict) else None
-        if isinstance(delta, dict):  # vLLM ~0.11-0.15 sent both reasoning fields: one counts
+        delta = _chunk_delta(chunk)
+        if delta is not None:  # vLLM ~0.11-0.15 sent both reasoning fields: one counts
             for text in (delta.get("reasoning_content") or delta.get("reasoning"), delta.get("content")):
                 if isinstance(text, str):
                     parts.append(text)
@@ -2560,8 +2564,6 @@ class _Connection(asyncio.Protocol):
             if self.body_left < 0:
                 raise _too_long(max_bytes)
             reads.append((clock(), data))
-        if self.paused:
-            self.take_body()
         if self.broken is not None:
             raise self.broken
         if self.done:
