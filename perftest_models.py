@@ -8954,6 +8954,28 @@ def run_model(plan: Plan, result: ModelResult, events: Events,
                 nvml.close()
 
 
+def run_recorded(mr: ModelResult, events: Events, run: Callable[[], None], *,
+                 internal_errors: bool = False) -> None:
+    """Run one model, its status and failure recorded in `mr`: a failed model
+    is data and the campaign goes on. `internal_errors`: a bug fails the model
+    too (in a thread of --parallel); otherwise it ends the run with its traceback."""
+    mr.status = "running"
+    events.info(f"=== {mr.spec.name} ({mr.spec.model_id})")
+    try:
+        run()
+        mr.status = "ok"
+    except (ModelFailed, SetupError) as exc:
+        mr.status, mr.error = "failed", str(exc)
+        mr.failure = exc.details if isinstance(exc, ModelFailed) else None
+    except Exception as exc:
+        if not internal_errors:
+            raise
+        mr.status, mr.error = "failed", f"internal error: {type(exc).__name__}: {exc}"
+    if mr.status == "failed":
+        events.info(f"{mr.spec.name}: FAILED: {mr.error}")
+    events.phase(mr.spec.name, "done")
+
+
 # --- Models on named Docker hosts, and --parallel -----------------------------
 
 
@@ -9115,21 +9137,12 @@ class LinePrefixer:
 
 
 def run_one_model(plan: Plan, mr: ModelResult, events: Events, command: Sequence[str]) -> None:
-    """One model of a --parallel run, in its own thread; failures are recorded.
-    Signals reach the main thread only, which stops every model's services itself."""
-    mr.status = "running"
-    events.info(f"=== {mr.spec.name} ({mr.spec.model_id})")
-    try:
-        run_hosted_model(plan, mr, events, command, hold=contextlib.nullcontext)
-        mr.status = "ok"
-    except (ModelFailed, SetupError) as exc:
-        mr.status, mr.error = "failed", str(exc)
-        mr.failure = exc.details if isinstance(exc, ModelFailed) else None
-        events.info(f"{mr.spec.name}: FAILED: {exc}")
-    except Exception as exc:  # a bug must not leave the other models waiting forever
-        mr.status, mr.error = "failed", f"internal error: {type(exc).__name__}: {exc}"
-        events.info(f"{mr.spec.name}: FAILED: {mr.error}")
-    events.phase(mr.spec.name, "done")
+    """One model of a --parallel run, in its own thread; failures are recorded,
+    a bug too (it must not leave the other models waiting forever). Signals
+    reach the main thread only, which stops every model's services itself."""
+    run_recorded(mr, events, lambda: run_hosted_model(plan, mr, events, command,
+                                                      hold=contextlib.nullcontext),
+                 internal_errors=True)
 
 
 def stop_all_services(plan: Plan, models: Sequence[ModelResult], command: Sequence[str],
@@ -9271,18 +9284,7 @@ def run_models_in_turn(plan: Plan, report: Report, progress: CampaignProgress,
         if progress.steps[i].keep_whole:
             continue
         events.model_started(i, mr.spec)
-        mr.status = "running"
-        events.info(f"=== {mr.spec.name} ({mr.spec.model_id})")
-        try:
-            run_model(plan, mr, events, services)
-            mr.status = "ok"
-        except ModelFailed as exc:
-            mr.status, mr.error, mr.failure = "failed", str(exc), exc.details
-            events.info(f"{mr.spec.name}: FAILED: {exc}")
-        except SetupError as exc:
-            mr.status, mr.error = "failed", str(exc)
-            events.info(f"{mr.spec.name}: FAILED: {exc}")
-        events.phase(mr.spec.name, "done")
+        run_recorded(mr, events, lambda m=mr: run_model(plan, m, events, services))
         save()
 
 
