@@ -1293,6 +1293,8 @@ def find_compose_command(runner: Runner = subprocess.run,
 class Compose:
     """`docker compose` / `docker-compose` for one compose file and project."""
 
+    env: Mapping[str, str] | None = None  # None: ours (the local engine, or our DOCKER_HOST)
+
     def __init__(self, file: ComposeFile, command: Sequence[str], runner: Runner = subprocess.run):
         self.file = file
         self.command = tuple(command)
@@ -1304,15 +1306,17 @@ class Compose:
 
     def _compose(self, *args: str, timeout_s: float = 600) -> subprocess.CompletedProcess[str]:
         argv = [*self.command, "-f", str(self.file.path), "-p", self.file.project, *args]
-        proc = _run(argv, self.runner, timeout_s)
+        proc = _run(argv, self.runner, timeout_s, env=self.env)
         if proc.returncode != 0:
             err = (proc.stderr or proc.stdout).strip()
-            hint = _docker_daemon_hint(err)
-            if hint:
-                raise SetupError(hint)
-            raise SetupError(f"`{' '.join(argv)}` failed (exit {proc.returncode}): "
-                             f"{err.splitlines()[-1] if err else 'no output'}")
+            raise SetupError(self._failure(argv, args, proc.returncode,
+                                           err.splitlines()[-1] if err else "no output", err))
         return proc
+
+    def _failure(self, argv: Sequence[str], args: Sequence[str], code: int, last: str,
+                 err: str) -> str:
+        """What a failed Compose command says: the local daemon's hint, or its last line."""
+        return _docker_daemon_hint(err) or f"`{' '.join(argv)}` failed (exit {code}): {last}"
 
     def up(self, service: str) -> None:
         self._compose("up", "-d", service)
@@ -1522,16 +1526,13 @@ class HostCompose(Compose):
                  runner: Runner = subprocess.run):
         super().__init__(file, command, runner)
         self.host = host
+        self.env = host.environ()
 
-    def _compose(self, *args: str, timeout_s: float = 600) -> subprocess.CompletedProcess[str]:
-        argv = [*self.command, "-f", str(self.file.path), "-p", self.file.project, *args]
-        proc = _run(argv, self.runner, timeout_s, env=self.host.environ())
-        if proc.returncode != 0:
-            err = (proc.stderr or proc.stdout).strip()
-            last = err.splitlines()[-1] if err else "no output"
-            raise SetupError(f"`{' '.join(self.command)} {' '.join(args)}` on Docker host "
-                             f"{self.host.label} failed (exit {proc.returncode}): {last}")
-        return proc
+    def _failure(self, argv: Sequence[str], args: Sequence[str], code: int, last: str,
+                 err: str) -> str:
+        # not the local daemon's hint (systemctl, the docker group): the host is named
+        return (f"`{' '.join(self.command)} {' '.join(args)}` on Docker host {self.host.label} "
+                f"failed (exit {code}): {last}")
 
 
 @dataclass(frozen=True)
